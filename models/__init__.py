@@ -1,0 +1,10 @@
+"""ViTFreeze models: the model registry and, on import, every registered model.
+
+Registry after timm's ``register_model`` / ``create_model``; models from MAE (He et al., CVPR 2022) and LocalMIM
+(Wang et al., CVPR 2023), see ``models/mim.py``.
+"""
+from models.registry import MODELS, create_model, list_models, register_model
+
+from models import mim  # noqa: E402,F401  (importing registers the MAE and LocalMIM factories)
+
+__all__ = ["MODELS", "create_model", "list_models", "register_model"]

@@ -1,0 +1,76 @@
+import argparse
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, save_checkpoint
+
+
+def test_roundtrip_weights_only_and_plain_args(tmp_path):
+    model = nn.Linear(3, 2)
+    path = save_checkpoint(tmp_path / "checkpoint-last.pth", {"model": model.state_dict(), "epoch": 4,
+                                                               "args": {"lr": 0.1, "model": "x"}})
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 4 and loaded["args"]["model"] == "x"
+    assert torch.equal(loaded["model"]["weight"], model.weight)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-last.pth"]  # no temp files left
+
+
+def test_mae_style_namespace_loads_but_other_objects_do_not(tmp_path):
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1.0)}, tmp_path / "mae.pth")
+    assert load_checkpoint(tmp_path / "mae.pth")["args"].lr == 1.0
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": {}, "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="cannot load"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_and_corrupt(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(tmp_path / "nope.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        load_checkpoint(tmp_path / "bad.pth")
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "checkpoint-last.pth", {"epoch": 1})
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth"]
+
+
+def test_find_latest(tmp_path):
+    assert find_latest(tmp_path) is None
+    for epoch in (3, 19, 7):
+        save_checkpoint(tmp_path / f"checkpoint-{epoch}.pth", {"epoch": epoch})
+    assert find_latest(tmp_path).name == "checkpoint-19.pth"
+    save_checkpoint(tmp_path / "checkpoint-last.pth", {"epoch": 20})
+    assert find_latest(tmp_path).name == "checkpoint-last.pth"
+
+
+def test_mismatch_names_keys_and_shapes():
+    model = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    state = model.state_dict()
+    state["0.weight"] = torch.zeros(5, 3)
+    del state["1.bias"]
+    state["extra"] = torch.zeros(1)
+    with pytest.raises(ValueError) as exc:
+        load_model_state(model, state)
+    msg = str(exc.value)
+    assert "missing keys (1): 1.bias" in msg and "unexpected keys (1): extra" in msg
+    assert "shape of 0.weight: checkpoint (5, 3), model (2, 3)" in msg

@@ -1,0 +1,132 @@
+"""End-to-end pretraining on the demo data and on real images, resume, and bad input (tiny models, CPU)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_pretrain
+import models
+from engine.train import NonFiniteLossError
+from util.checkpoint import load_checkpoint
+from util.datasets import DemoDataset
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
+TINY = ["--input_size", "32", "--batch_size", "16", "--num_workers", "0", "--print_freq", "1", "--warmup_epochs", "1",
+        "--data_path", "demo", "--blr", "1e-2", "--seed", "0"]
+
+
+def epochs_logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model, extra", [("mae_vit_tiny_patch16", ["--norm_pix_loss"]),
+                                          ("MIM_vit_tiny_patch16", [])])
+def test_demo_pretraining_loss_goes_down(tmp_path, model, extra):
+    out = tmp_path / "run"
+    stats = main_pretrain.main(["--model", model, *TINY, "--epochs", "4", "--output_dir", str(out), *extra])
+    logged = epochs_logged(out)
+    assert [e["epoch"] for e in logged] == [0, 1, 2, 3]
+    assert logged[-1]["train_loss"] < 0.9 * logged[0]["train_loss"]
+    assert stats["loss"] == pytest.approx(logged[-1]["train_loss"])
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["epoch"] == 3 and isinstance(checkpoint["args"], dict)
+    assert (out / "checkpoint-3.pth").is_file() and (out / "args.yaml").is_file()
+    record = json.loads((out / "run_info.json").read_text())
+    assert record["derived"]["lr"] == pytest.approx(1e-2 * 16 / 256)
+    fresh = models.create_model(model, img_size=32)
+    fresh.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    argv = ["--model", "mae_vit_tiny_patch16", *TINY, "--epochs", "3", "--save_every", "1"]
+    main_pretrain.main([*argv, "--output_dir", str(tmp_path / "full")])
+
+    real = main_pretrain.train_one_epoch
+
+    def dies_in_epoch_2(*args, **kwargs):
+        if kwargs["header"].endswith("[2]"):
+            raise KeyboardInterrupt("killed")  # mid-run death after epoch 1 was saved
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(main_pretrain, "train_one_epoch", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        main_pretrain.main([*argv, "--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(main_pretrain, "train_one_epoch", real)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint-last.pth")["epoch"] == 1
+    main_pretrain.main([*argv, "--output_dir", str(tmp_path / "cut"), "--auto_resume"])
+
+    full = load_checkpoint(tmp_path / "full" / "checkpoint-last.pth")
+    resumed = load_checkpoint(tmp_path / "cut" / "checkpoint-last.pth")
+    assert resumed["epoch"] == 2
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_imagenette_few_images_localmim(tmp_path):
+    if not IMAGENETTE.is_dir():
+        pytest.skip("shared imagenette data not present")
+    root = tmp_path / "data" / "train"
+    for class_dir in sorted((IMAGENETTE / "train").iterdir()):
+        (root / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:3]:
+            (root / class_dir.name / image.name).symlink_to(image)
+    out = tmp_path / "run"
+    main_pretrain.main(["--model", "MIM_vit_tiny_patch16", "--input_size", "64", "--batch_size", "8",
+                        "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0", "--data_path",
+                        str(tmp_path / "data"), "--output_dir", str(out), "--vis_every", "1"])
+    logged = epochs_logged(out)
+    assert len(logged) == 1 and torch.isfinite(torch.tensor(logged[0]["train_loss"]))
+    assert (out / "vis-0000.png").stat().st_size > 0
+    assert load_checkpoint(out / "checkpoint-last.pth")["step"] == 30 // 8
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real = main_pretrain.mim_step
+    steps_per_epoch = len(DemoDataset(per_class=8)) // 16  # --debug demo subset, batch 16
+
+    def nan_after_first_epoch(model, batch, step, **kwargs):
+        out = real(model, batch, step, **kwargs)
+        if step >= steps_per_epoch:  # from epoch 1 on
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(main_pretrain, "mim_step", nan_after_first_epoch)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=f"at step {steps_per_epoch + 1}"):
+        main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY, "--epochs", "3", "--max_skipped_steps", "1",
+                            "--output_dir", str(out), "--debug"])
+    checkpoint = load_checkpoint(out / "checkpoint-last.pth")
+    assert checkpoint["epoch"] == 0 and all(torch.isfinite(v).all() for v in checkpoint["model"].values()
+                                            if v.is_floating_point())
+
+
+def test_resume_from_other_model_names_differences(tmp_path):
+    out = tmp_path / "run"
+    main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY, "--epochs", "1", "--output_dir", str(out), "--debug"])
+    with pytest.raises(ValueError, match=r"does not match the model(.|\n)*(missing|unexpected|shape)"):
+        main_pretrain.main(["--model", "MIM_vit_tiny_patch16", *TINY, "--epochs", "2", "--output_dir",
+                            str(tmp_path / "b"), "--resume", str(out / "checkpoint-last.pth")])
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY, "--output_dir", str(tmp_path / "c"),
+                            "--resume", str(tmp_path / "nope.pth")])
+
+
+def test_bad_model_and_data_path(tmp_path):
+    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
+        main_pretrain.main(["--model", "mae_vit_bass_patch16", *TINY, "--output_dir", str(tmp_path / "a")])
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY[:-4], "--data_path", str(tmp_path / "no_such_dir"),
+                            "--output_dir", str(tmp_path / "b")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY[:-4], "--data_path", str(tmp_path / "empty"),
+                            "--output_dir", str(tmp_path / "c")])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_dry_runs(config, capsys):
+    assert main_pretrain.main(["--config", str(config), "--dry_run"]) == {}
+    printed = capsys.readouterr().out
+    assert "model:" in printed and "epochs:" in printed

@@ -1,0 +1,108 @@
+"""Checkpoints as plain data: atomic writes, ``weights_only`` loads, exact reports of what does not match.
+
+Layout follows MAE's ``save_model`` (``{'model', 'optimizer', 'epoch', 'scaler', 'args'}``) so MAE-style
+fine-tuning code loads our files, with ``args`` stored as a dict rather than a pickled ``Namespace``
+(MAE pickles it, which forces ``weights_only=False``). Writes go to a temporary file in the same folder
+followed by ``os.replace``, so a crash never leaves a half-written file where the last good one was.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger("vitfreeze")
+
+LAST_NAME = "checkpoint-last.pth"
+_EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint without executing code from it.
+
+    Only tensors and plain Python values are unpickled; ``argparse.Namespace`` is allow-listed so that
+    official MAE / LocalMIM checkpoints (which pickle their args) still load.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a loadable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ValueError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+    return checkpoint
+
+
+def find_latest(output_dir: str | Path) -> Path | None:
+    """``checkpoint-last.pth`` if present, else the ``checkpoint-<epoch>.pth`` with the highest epoch."""
+    output_dir = Path(output_dir)
+    if (output_dir / LAST_NAME).is_file():
+        return output_dir / LAST_NAME
+    numbered = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*.pth") if (m := _EPOCH_RE.search(p.name))]
+    return max(numbered)[1] if numbered else None
+
+
+def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Human-readable differences between ``model``'s state dict and ``state_dict`` (empty if they match)."""
+    own = model.state_dict()
+    problems = []
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    for key in sorted(set(own) & set(state_dict)):
+        if tuple(own[key].shape) != tuple(state_dict[key].shape):
+            problems.append(f"shape of {key}: checkpoint {tuple(state_dict[key].shape)}, "
+                            f"model {tuple(own[key].shape)}")
+    return problems
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
+    """Strict load that says exactly which keys or shapes differ.
+
+    Raises:
+        ValueError: keys are missing or unexpected, or shapes differ.
+    """
+    problems = state_dict_mismatch(model, state_dict)
+    if problems:
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")

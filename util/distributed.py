@@ -1,0 +1,115 @@
+"""Process-group setup and the few collective helpers the loops need.
+
+Single-process is the default path: every helper degrades to rank 0 / world size 1. Supports torchrun
+(``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment, ``env://``) and the legacy
+``torch.distributed.launch --use_env`` / ``--local_rank`` form, as MAE's ``init_distributed_mode`` does.
+NCCL on GPUs, gloo on CPU. Nothing else in the code base reads these environment variables.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def init_distributed(*, dist_url: str = "env://", local_rank: int = -1, device: str = "auto") -> DistInfo:
+    """Join the process group described by the environment, or stay single-process.
+
+    Args:
+        dist_url: init method (``env://`` for torchrun, or ``tcp://host:port`` / ``file://...``).
+        local_rank: value of ``--local_rank`` from ``torch.distributed.launch`` (-1 when absent).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=resolve_device(device, max(local_rank, 0)))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local, device=dev)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over ranks (identity when single-process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank only if ``flag`` is true on every rank (so all ranks take the same branch)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = torch.tensor(1 if flag else 0, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return bool(tensor.item())
+    return flag
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Wrap in DistributedDataParallel when distributed; the module itself otherwise."""
+    if not info.distributed:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    # buffers (fixed sin-cos tables) never change, so there is nothing to broadcast every step
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP and/or ``torch.compile`` wrapper."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""Logging for people (stdlib ``logging``, one greppable line per event) and for machines (JSON lines).
+
+- ``setup_logging``: logger ``vitfreeze``; rank 0 prints INFO to the console and appends to
+  ``<output_dir>/cli_logs.txt``; other ranks only print warnings (MAE silences them by patching ``print``).
+- ``SmoothedValue`` / ``format_eta``: the per-iteration progress line (MAE's ``MetricLogger``, trimmed).
+- ``MetricWriter``: ``log(metrics, step)`` to TensorBoard at log steps; ``log_epoch(stats)`` appends one JSON
+  line per epoch to ``<output_dir>/log.txt`` (MAE's format).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "vitfreeze"
+
+
+def setup_logging(output_dir: str | Path | None, rank: int = 0) -> logging.Logger:
+    """Configure the ``vitfreeze`` logger for this process (idempotent: handlers are replaced)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = True  # lets pytest's caplog see records
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir is not None and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(Path(output_dir) / "cli_logs.txt", mode="a")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+    return logger
+
+
+class SmoothedValue:
+    """Running window median/average plus the global average of a scalar series."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / max(1, len(self.values))
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(1, self.count)
+
+
+def format_eta(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
+
+
+class MetricWriter:
+    """Metrics to TensorBoard (per log step) and ``log.txt`` (one JSON line per epoch); rank 0 only."""
+
+    def __init__(self, output_dir: str | Path | None, log_dir: str | Path | None, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.log_file = Path(output_dir) / "log.txt" if (enabled and output_dir) else None
+        self._tb = None
+        if enabled and log_dir:
+            from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard import costs ~1 s
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._tb is not None:
+            for key, value in metrics.items():
+                self._tb.add_scalar(key, value, step)
+
+    def log_epoch(self, stats: dict[str, Any]) -> None:
+        if self.log_file is not None:
+            with open(self.log_file, "a") as handle:
+                handle.write(json.dumps(stats) + "\n")
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

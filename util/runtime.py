@@ -1,0 +1,74 @@
+"""Run setup: seeds, backend flags, output folder and the record of what ran.
+
+Every run writes, into its output folder, the exact command line, the resolved arguments (``args.yaml``,
+loadable as a recipe), git commit and dirty flag, library versions and devices (``run_info.json``),
+as DINOv2 and modded-nanogpt do at start.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_backend_flags() -> None:
+    """TF32 matmuls/convs on Ampere+ (MAE-scale runs are bandwidth bound; accuracy unaffected in practice)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def git_state(root: Path | None = None) -> dict[str, Any]:
+    """Commit sha and dirty flag of the source tree, or nulls outside a git checkout."""
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return {"git_sha": sha, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def run_record(argv: list[str] | None = None) -> dict[str, Any]:
+    """Provenance of this process: command line, versions, devices, git state."""
+    import timm
+    import torchvision
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {
+        "command": " ".join([sys.executable, *(sys.argv if argv is None else [sys.argv[0], *argv])]),
+        **git_state(),
+        "python": platform.python_version(),
+        "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+        "numpy": np.__version__,
+        "host": platform.node(),
+        "devices": devices or ["cpu"],
+    }
+
+
+def write_run_record(output_dir: str | Path, resolved_args: dict[str, Any], derived: dict[str, Any],
+                     argv: list[str] | None = None) -> dict[str, Any]:
+    """Write ``args.yaml`` (resolved arguments) and ``run_info.json`` (provenance + derived values)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "args.yaml").write_text(yaml.safe_dump(resolved_args, sort_keys=True))
+    record = {**run_record(argv), "derived": derived}
+    (output_dir / "run_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

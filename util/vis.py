@@ -1,0 +1,151 @@
+"""Pictures of masked-image-model reconstructions, written as PNG with PIL only (no matplotlib).
+
+One row per image: original | masked input (removed patches grey) | then two tiles per stage:
+- pixel stage (MAE, He et al. 2022: [B, L, p*p*3] at scale 1; LocalMIM's pixel variant: regions of p / scale
+  pixels): reconstruction with the visible patches pasted back | reconstruction alone. With ``norm_pix_loss``
+  the prediction is in per-region normalized units and is mapped back with the original region's mean and
+  unbiased variance (+1e-6), as MAE's demo does.
+- HOG stage (LocalMIM, Wang et al. 2023; [B, h*w, 3*nbins]): target map | prediction map, where a cell's value
+  is the largest bin of its per-channel histogram averaged over the colour channels (the histograms are
+  L2-normalized per cell, so this measures how dominant one orientation is), shown grey, nearest-upscaled.
+
+Tiles are separated by 2 px white gaps; files are written atomically (temp file + ``os.replace``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from util.transforms import denormalize
+
+__all__ = ["save_reconstruction_png"]
+
+GAP = 2  # pixels between tiles
+
+
+def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, L, p*p*C] in MAE order (row-in-patch, col-in-patch, channel; channel fastest)."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def _unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    """[B, L, p*p*C] -> [B, C, h*p, w*p]; inverse of ``_patchify`` for an h x w grid of patches."""
+    b, _, d = x.shape
+    c = d // (p * p)
+    return x.reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h * p, w * p)
+
+
+def _grid_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Row-major per-token values [B, h*w] -> [B, 1, height, width] by nearest upscaling of a square grid."""
+    side = math.isqrt(mask.shape[1])
+    if side * side != mask.shape[1]:
+        raise ValueError(f"expected a square token grid, got {mask.shape[1]} tokens")
+    grid = mask.reshape(-1, 1, side, side).float()
+    return torch.nn.functional.interpolate(grid, size=(height, width), mode="nearest")
+
+
+def _pixel_region(pred: torch.Tensor, scale: float, patch_size: int, height: int, width: int) -> int | None:
+    """Region side r = p / scale if ``pred`` [B, N, C] has the pixel-target shape N = HW / r^2, C = 3 r^2."""
+    r = patch_size / float(scale)
+    if r != int(r) or height % int(r) or width % int(r):
+        return None
+    r = int(r)
+    return r if pred.shape[1:] == ((height // r) * (width // r), 3 * r * r) else None
+
+
+def _pixel_tiles(imgs: torch.Tensor, shown: torch.Tensor, pred: torch.Tensor, removed: torch.Tensor,
+                 region: int, norm_pix_loss: bool) -> list[torch.Tensor]:
+    """Reconstruction tiles in [0, 1]: visible patches pasted back, and the prediction alone.
+
+    ``pred`` [B, N, 3 r^2] holds one r x r region per row (r = p for MAE).
+    """
+    _, _, height, width = imgs.shape
+    if norm_pix_loss:  # back from per-region normalized units (MAE's rule, unbiased var + 1e-6)
+        target = _patchify(imgs, region)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+    recon = denormalize(_unpatchify(pred, region, height // region, width // region))
+    return [shown * (1 - removed) + recon * removed, recon]
+
+
+def _hog_tiles(pred: torch.Tensor, target: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
+    """Target and prediction maps [B, 3, H, W] in [0, 1], both mapped by the target map's per-image min..max."""
+    groups = 3 if pred.shape[2] % 3 == 0 else 1
+
+    def cell_map(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, N]
+        return x.reshape(x.shape[0], x.shape[1], groups, -1).amax(dim=-1).mean(dim=-1)
+
+    t_map, p_map = cell_map(target), cell_map(pred)
+    low, high = t_map.amin(dim=1, keepdim=True), t_map.amax(dim=1, keepdim=True)
+    span = (high - low).clamp_min(1e-6)  # contrast stretch: the target's range maps to black..white
+    return [_grid_mask(((m - low) / span).clamp(0, 1), height, width).expand(-1, 3, -1, -1) for m in (t_map, p_map)]
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] in [0, 1] -> [H, W, 3] uint8 (round half up)."""
+    return (x * 255.0 + 0.5).floor().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def save_reconstruction_png(path: str | Path, imgs: torch.Tensor, out: dict[str, Any], patch_size: int, *,
+                            norm_pix_loss: bool, max_images: int = 8, target: str | None = None) -> Path:
+    """Draw originals, masked inputs and per-stage reconstructions of a masked image model into one PNG.
+
+    Args:
+        path: output file; parent folders are created.
+        imgs: normalized input batch [B, 3, H, W].
+        out: the model's forward output: ``'mask'`` [B, L] (1 = removed, L = (H/p)^2), ``'preds'``, ``'targets'``
+            (lists of [B, N_k, C_k]), ``'scales'`` (list of floats).
+        patch_size: encoder patch size p in pixels.
+        norm_pix_loss: the pixel prediction is per-patch (per-region) normalized (MAE ``--norm_pix_loss``).
+        max_images: draw at most this many rows.
+        target: ``'pixel'``, ``'hog'`` or None. None draws a stage as pixels when its shape is the pixel target's
+            (regions of r = p / scale pixels: N_k = HW / r^2, C_k = 3 r^2; MAE: r = p), else as a HOG map; pass
+            the kind when the shapes are ambiguous (e.g. 16 HOG bins at scale 4 with p = 16).
+
+    Returns:
+        The written path.
+    """
+    n = min(max_images, imgs.shape[0])
+    imgs = imgs[:n].detach().float().cpu()
+    _, _, height, width = imgs.shape
+    removed = _grid_mask(out["mask"][:n].detach().float().cpu(), height, width)
+    original = denormalize(imgs)
+    masked = original * (1 - removed) + 0.5 * removed
+    columns = [original, masked]
+    if target not in (None, "pixel", "hog"):
+        raise ValueError(f"target must be 'pixel', 'hog' or None, got {target!r}")
+    for pred, tgt, scale in zip(out["preds"], out["targets"], out["scales"]):
+        pred, tgt = pred[:n].detach().float().cpu(), tgt[:n].detach().float().cpu()
+        region = None if target == "hog" else _pixel_region(pred, scale, patch_size, height, width)
+        if target == "pixel" and region is None:
+            raise ValueError(f"stage of shape {tuple(pred.shape)} at scale {scale} is not a pixel target")
+        if region is not None:
+            columns += _pixel_tiles(imgs, original, pred, removed, region, norm_pix_loss)
+        else:
+            columns += _hog_tiles(pred, tgt, height, width)
+    canvas = torch.full((n * (height + GAP) - GAP, len(columns) * (width + GAP) - GAP, 3), 255, dtype=torch.uint8)
+    for col, tiles in enumerate(columns):
+        for row in range(n):
+            y, x = row * (height + GAP), col * (width + GAP)
+            canvas[y:y + height, x:x + width] = _to_uint8(tiles[row])
+    return _write_png(Path(path), canvas)
+
+
+def _write_png(path: Path, canvas: torch.Tensor) -> Path:
+    """Save an [H, W, 3] uint8 tensor as PNG atomically."""
+    from PIL import Image  # lazy: pictures are optional at import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(canvas.numpy()).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
