@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ddp_model = wrap_ddp(model, info)
     schedule = partial(cosine_lr, base_lr=lr, min_lr=args.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
     step_fn = partial(mim_step, ddp_model, mask_ratio=args.mask_ratio, device=info.device)
-    vis_imgs = torch.stack([dataset[i][0] for i in range(min(8, len(dataset)))]).to(info.device) \
+    vis_imgs = torch.stack([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]).to(info.device) \
         if args.vis_every and info.is_main else None
 
     stats: dict[str, float] = {}
