@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +19,10 @@ from engine.train import NonFiniteLossError, train_one_epoch
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, save_checkpoint
 from util.datasets import build_pretrain_dataset
-from util.distributed import cleanup, init_distributed, unwrap, wrap_ddp
+from util.distributed import cleanup, init_distributed
+from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
-from util.lr_sched import apply_lr, cosine_lr
 from util.param_groups import param_groups
 from util.runtime import seed_everything, set_backend_flags, write_run_record
 from util.transforms import pretrain_transform
@@ -39,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_mim_args(parser)
     cli.add_data_args(parser)
     cli.add_optim_args(parser, blr=1.5e-4, weight_decay=0.05, epochs=400, warmup_epochs=40, batch_size=64)
+    cli.add_freezeout_args(parser)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=20)
     return parser
@@ -77,39 +77,58 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     logger.info("base lr: %.3e  effective batch: %d  actual lr: %.3e%s", args.blr, eff_batch, lr,
                 "  (--lr given)" if args.lr is not None else "")
 
-    model = models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                hog_nbins=args.hog_nbins, target=args.target).to(info.device)
+    model = build_model(args).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=model.unit_of),
                                   lr=lr, betas=(0.9, 0.95))
     amp_dtype = resolve_amp(args.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, skipped = args.start_epoch, 0
+    start_epoch, skipped, resumed_optimizer = args.start_epoch, 0, None
     resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
     if resume:
         checkpoint = load_checkpoint(resume)
         load_model_state(model, checkpoint["model"], source=f"checkpoint {resume}")
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"optimizer state in {resume} does not match this run: {err}") from err
+        resumed_optimizer = checkpoint["optimizer"]
         if "scaler" in checkpoint:
             scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
         logger.info("resumed from %s (epoch %d done)", resume, checkpoint["epoch"])
 
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    # Without --freezeout the schedule has t_0 = 1: every unit follows MAE's cosine and nothing freezes early.
+    schedule = FreezeOutSchedule(num_units=model.num_units, total_steps=total_steps, base_lr=lr,
+                                 warmup_steps=warmup_steps, t_0=args.t_0 if args.freezeout else 1.0,
+                                 how_scale=args.how_scale, scale_lr=not args.not_scale_lr,
+                                 layerwise_lr=not args.non_layerwise_lr, min_lr=args.min_lr,
+                                 warmup_jump=args.vitfreeze_compat)
+    freezer = Freezer(model, optimizer, schedule, unit_of=model.unit_of, dist=info, describe_unit=partial_describe(model))
     if info.is_main:
         write_run_record(args.output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch,
                          "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs from %d", args.model,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs,
                 start_epoch)
+    if resumed_optimizer is not None:  # the group structure is a function of the step: re-freeze, then load
+        freezer.sync(start_epoch * steps_per_epoch - 1)  # as it was after the last update the checkpoint saw
+        try:
+            optimizer.load_state_dict(resumed_optimizer)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"optimizer state in {resume} does not match this run: {err}") from err
     writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard",
                           enabled=info.is_main)
-    ddp_model = wrap_ddp(model, info)
-    schedule = partial(cosine_lr, base_lr=lr, min_lr=args.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-    step_fn = partial(mim_step, ddp_model, mask_ratio=args.mask_ratio, device=info.device)
+    if info.is_main and args.freezeout:
+        for line in schedule.describe(steps_per_epoch):
+            logger.info("FreezeOut schedule: %s", line)
+        save_schedule_png(Path(args.output_dir) / "freezeout_schedule.png", schedule, steps_per_epoch)
+
+    def before_update(step: int) -> None:
+        freezer.before_update(step)
+        if step % args.print_freq == 0 and args.freezeout:
+            writer.log({f"lr/unit_{u:02d}": schedule.lr(u, step) for u in range(schedule.num_units)}, step)
+
+    def step_fn(batch, step: int) -> dict:
+        return mim_step(freezer.module, batch, step, mask_ratio=args.mask_ratio, device=info.device,
+                        num_frozen=freezer.num_frozen)
     vis_imgs = torch.stack([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]).to(info.device) \
         if args.vis_every and info.is_main else None
 
@@ -117,26 +136,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     for epoch in range(start_epoch, args.epochs):
         seed_everything(epoch_seed(args.seed, epoch, info.rank))
         set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
-        model.train()
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=lambda s: apply_lr(optimizer,
-                                schedule(s)), start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
+        freezer.train()
+        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=before_update,
+                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
                                 accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
-                                device=info.device, model=ddp_model, max_skipped_steps=args.max_skipped_steps,
+                                device=info.device, model=freezer, max_skipped_steps=args.max_skipped_steps,
                                 skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
                                 header=f"Epoch: [{epoch}]")
         skipped = int(stats["skipped_steps"])
         if info.is_main:
-            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "epoch": epoch, "step": int(stats["step"]),
                      "skipped_steps": skipped, "args": vars(args), "rng": {"torch": torch.get_rng_state()}}
             save_checkpoint(Path(args.output_dir) / "checkpoint-last.pth", state)
             if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
                 save_checkpoint(Path(args.output_dir) / f"checkpoint-{epoch}.pth", state)
-            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                              "num_frozen": freezer.num_frozen})
             if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
                 save_reconstruction(model, vis_imgs, args, Path(args.output_dir) / f"vis-{epoch:04d}.png")
     writer.close()
     return stats
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    kwargs = {}
+    if args.all_stages:  # ViTFreeze's 12 decoders, one after every block of a depth-12 model (SPEC 3.9)
+        if not args.model.startswith("MIM_"):
+            raise ValueError(f"--all_stages needs a LocalMIM model (MIM_*), got {args.model}")
+        kwargs = {"stage_blocks": list(range(12)), "scales": [8, 4, 4, 2, 2, 2, 2, 2, 2, 1, 1, 0.5]}
+    return models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                               hog_nbins=args.hog_nbins, target=args.target, freeze_patch_embed=not args.dont_freeze_pe,
+                               freeze_cls_token=not args.vitfreeze_compat, **kwargs)
+
+
+def partial_describe(model: torch.nn.Module):
+    """Names a unit for the freeze log line."""
+    first_block = int(model.freeze_patch_embed)
+    return lambda unit: (f"blocks.{unit - first_block} (unit {unit})" if unit >= first_block
+                         else "patch embedding + cls token (unit 0)")
+
+
+def save_schedule_png(path: Path, schedule: FreezeOutSchedule, steps_per_epoch: int) -> None:
+    from util.vis import save_schedule_png as draw  # lazy: pictures are optional
+    draw(path, schedule, steps_per_epoch=steps_per_epoch)
+    logger.info("wrote %s", path)
 
 
 def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argparse.Namespace, path: Path) -> None:

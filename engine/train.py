@@ -52,7 +52,8 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
         clip_grad: clip the global gradient 2-norm to this value (None: no clipping).
         amp_dtype: autocast dtype (None: full precision).
         device: where the forward runs (decides the autocast device type).
-        model: the (possibly DDP-wrapped) model, used for ``no_sync()`` on non-final micro-batches.
+        model: anything with a ``no_sync()`` context (a DDP wrapper, or a ``Freezer`` that knows the current
+            wrapper), used on non-final micro-batches.
         max_skipped_steps: total updates with a non-finite loss tolerated over the run.
         skipped_before: such updates already skipped in earlier epochs.
         print_freq: log a progress line and TensorBoard scalars every this many updates.
@@ -68,9 +69,9 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
     """
     data_iter = iter(loader)
     no_sync = getattr(model, "no_sync", None)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_meter, timer = SmoothedValue(), SmoothedValue()
     extras: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}  # a scalar may be absent from some steps (a LocalMIM stage dropped by FreezeOut)
     skipped, step, start = skipped_before, start_step, time.time()
     for update in range(num_steps):
         tic = time.time()
@@ -102,13 +103,14 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
             continue
         if clip_grad is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         for key, value in scalars.items():
             extras[key] = extras.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
         loss_meter.update(loss_value)
         timer.update(time.time() - tic)
         if (update + 1) % print_freq == 0 or update + 1 == num_steps:
@@ -120,8 +122,7 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
                         timer.avg, mem)
             if log_fn is not None:
                 log_fn({"train/loss": loss_meter.avg, "train/lr": lr}, step)
-    n_done = max(1, loss_meter.count)
     stats = {"loss": loss_meter.global_avg, "lr": max(g["lr"] for g in optimizer.param_groups),
              "step": step, "skipped_steps": skipped, "epoch_time_s": time.time() - start}
-    stats.update({key: float(value) / n_done for key, value in extras.items()})
+    stats.update({key: float(value) / counts[key] for key, value in extras.items()})
     return stats

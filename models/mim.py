@@ -83,7 +83,8 @@ class MaskedImageModel(nn.Module):
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 freeze_patch_embed: bool = True) -> None:
+                 freeze_patch_embed: bool = True,
+                 freeze_cls_token: bool = True) -> None:
         """
         Args:
             img_size: input side in pixels, divisible by patch_size.
@@ -95,6 +96,8 @@ class MaskedImageModel(nn.Module):
             mlp_ratio: MLP hidden width over D.
             freeze_patch_embed: patch_embed + cls_token form unit 0 (else they never freeze early, the
                 ``--dont_freeze_pe`` mode of ViTFreeze).
+            freeze_cls_token: the cls token belongs to unit 0 (our fix, SPEC 4.4). False reproduces ViTFreeze, where
+                it never freezes, so backward still runs through every frozen block (``--vitfreeze_compat``).
         """
         super().__init__()
         if img_size % patch_size:
@@ -107,6 +110,7 @@ class MaskedImageModel(nn.Module):
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.freeze_patch_embed = freeze_patch_embed
+        self.freeze_cls_token = freeze_cls_token
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed but persistent, so MAE / timm checkpoints line up key for key.
@@ -161,6 +165,8 @@ class MaskedImageModel(nn.Module):
         parts = name.split(".")
         if parts[0] == "blocks":
             return self.block_unit(int(parts[1]))
+        if parts[0] == "cls_token" and not self.freeze_cls_token:
+            return None
         if parts[0] in ENCODER_PREFIXES:
             return 0 if self.freeze_patch_embed else None
         return self._head_unit(name)
@@ -204,14 +210,17 @@ class MaskedImageModel(nn.Module):
         taps = [self.depth - 1] if taps is None else list(taps)
         grad = torch.is_grad_enabled()
         embed_frozen = self.freeze_patch_embed and num_frozen > 0
+        # A frozen block can skip autograd only if nothing before it trains (patch embedding and cls token).
+        prefix_no_grad = self.freeze_patch_embed and self.freeze_cls_token
         with torch.set_grad_enabled(grad and not embed_frozen):
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
             x, mask, ids_restore = random_masking(x, mask_ratio, generator)
+        with torch.set_grad_enabled(grad and not (embed_frozen and self.freeze_cls_token)):
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
         outputs = []
         for i in range(max(taps) + 1 if taps else 0):
-            frozen = self.freeze_patch_embed and self.block_unit(i) < num_frozen
+            frozen = prefix_no_grad and self.block_unit(i) < num_frozen
             with torch.set_grad_enabled(grad and not frozen):
                 x = self.blocks[i](x)
             if i in taps:
@@ -280,7 +289,8 @@ class MaskedAutoencoder(MaskedImageModel):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
-                 target: str | None = None, hog_nbins: int = 9, freeze_patch_embed: bool = True) -> None:
+                 target: str | None = None, hog_nbins: int = 9, freeze_patch_embed: bool = True,
+                 freeze_cls_token: bool = True) -> None:
         """
         Args:
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, freeze_patch_embed: see
@@ -296,7 +306,8 @@ class MaskedAutoencoder(MaskedImageModel):
             raise ValueError(f"MAE models predict pixels (target='pixel'), got target={target!r}; "
                              "use a MIM_* model for HOG targets")
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, freeze_patch_embed=freeze_patch_embed)
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, freeze_patch_embed=freeze_patch_embed,
+                         freeze_cls_token=freeze_cls_token)
         self.norm_pix_loss = norm_pix_loss
         self.norm = LAYER_NORM(embed_dim)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -353,7 +364,8 @@ class LocalMIM(MaskedImageModel):
                  depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 256, decoder_depth: int = 1,
                  decoder_num_heads: int = 8, mlp_ratio: float = 4.0, target: str | None = None, hog_nbins: int = 9,
                  norm_pix_loss: bool = False, scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-                 stage_blocks: Sequence[int] | None = None, freeze_patch_embed: bool = True) -> None:
+                 stage_blocks: Sequence[int] | None = None, freeze_patch_embed: bool = True,
+                 freeze_cls_token: bool = True) -> None:
         """
         Args:
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, freeze_patch_embed: see
@@ -373,7 +385,8 @@ class LocalMIM(MaskedImageModel):
         if target == "hog" and norm_pix_loss:
             raise ValueError("norm_pix_loss applies to the pixel target only; HOG cells are L2-normalized already")
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, freeze_patch_embed=freeze_patch_embed)
+                         depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, freeze_patch_embed=freeze_patch_embed,
+                         freeze_cls_token=freeze_cls_token)
         self.scales = [float(s) for s in scales]
         blocks = default_stage_blocks(depth, len(self.scales)) if stage_blocks is None else list(stage_blocks)
         self._check_stages(blocks, target)

@@ -53,6 +53,14 @@ def open_fraction(text: str) -> float:
     return value
 
 
+def half_open_fraction(text: str) -> float:
+    """A float in (0, 1] (e.g. FreezeOut's t_0, where 1 means no early freezing)."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------------------- groups
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe")
@@ -102,6 +110,22 @@ def add_optim_args(parser: argparse.ArgumentParser, *, blr: float, weight_decay:
                        help="mixed precision; auto = bf16 (or fp16) on CUDA, none (fp32) on CPU")
     group.add_argument("--max_skipped_steps", default=10, type=non_negative_int,
                        help="optimizer steps with a non-finite loss skipped before the run stops")
+
+
+def add_freezeout_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FreezeOut (progressive layer freezing)")
+    group.add_argument("--freezeout", action="store_true", help="freeze leading units on per-unit cosine schedules")
+    group.add_argument("--how_scale", default="cubic", choices=["linear", "squared", "cubic"],
+                       help="t_i = scale(t_0 + (1 - t_0) i / N)")
+    group.add_argument("--t_0", default=0.8, type=half_open_fraction,
+                       help="freeze fraction of unit 0 before scaling (cubic 0.8; linear users pass 0.5)")
+    group.add_argument("--not_scale_lr", action="store_true", help="peak lr of every unit is lr, not lr / t_i")
+    group.add_argument("--non_layerwise_lr", action="store_true",
+                       help="every unit follows the global schedule and is only cut at its freeze point")
+    group.add_argument("--all_stages", action="store_true", help="LocalMIM: a decoder after every block (ViT-B)")
+    group.add_argument("--dont_freeze_pe", action="store_true", help="the patch embedding never freezes")
+    group.add_argument("--vitfreeze_compat", action="store_true",
+                       help="reproduce the reference ViTFreeze: trainable cls token, lr jump at the end of warmup")
 
 
 def add_dist_args(parser: argparse.ArgumentParser) -> None:
@@ -196,3 +220,74 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
 def dump_args(args: argparse.Namespace) -> str:
     """Resolved arguments as YAML (the form a recipe takes), for the run record and ``--dry_run``."""
     return yaml.safe_dump(vars(args), sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ evaluation (probe, k-NN)
+def add_labelled_data_args(parser: argparse.ArgumentParser) -> None:
+    """Labelled train/val data for linear probing and k-NN (MAE's ``--data_path`` + ``--nb_classes``)."""
+    from util.transfer_datasets import DATASETS  # util -> util; the names live with the builders
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_set", default="folder", choices=list(DATASETS),
+                       help="'folder': <data_path>/train and <data_path>/val (ImageFolder); 'demo': built-in set")
+    group.add_argument("--data_path", default="", type=str, help="dataset root")
+    group.add_argument("--nb_classes", default=None, type=positive_int,
+                       help="number of classes (default: from the dataset; an error if they differ)")
+    group.add_argument("--num_workers", default=10, type=non_negative_int)
+    group.add_argument("--pin_mem", action="store_true", default=True)
+    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    group.add_argument("--dist_eval", action="store_true",
+                       help="accepted for MAE compatibility; evaluation is always sharded exactly over processes")
+
+
+def add_backbone_args(parser: argparse.ArgumentParser, *, weights_aliases: Sequence[str] = ()) -> None:
+    """A frozen classification backbone (``models/vit.py``) and the checkpoint it loads."""
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--finetune", *weights_aliases, dest="finetune", default="",
+                       help="pretrained checkpoint (ours, MAE, LocalMIM/ViTFreeze, MoCo v3, DINOv2, timm); "
+                            "empty: random initialisation (a baseline)")
+    group.add_argument("--checkpoint_source", default="auto",
+                       choices=["auto", "vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm"],
+                       help="layout of --finetune (auto: detected from its keys)")
+    group.add_argument("--global_pool", action="store_true", default=False,
+                       help="feature = mean of patch tokens -> fc_norm (default: cls token after the final norm)")
+    group.add_argument("--cls_token", action="store_false", dest="global_pool",
+                       help="feature = cls token after the final norm (MAE's linear-probe default)")
+
+
+def add_linprobe_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("linear probe")
+    group.add_argument("--cache_features", action="store_true",
+                       help="embed train/val once without augmentation, then train the head(s) on the features")
+    group.add_argument("--lr_grid", default=None, type=positive_float, nargs="+",
+                       help="one head per absolute lr, trained side by side (needs --cache_features)")
+
+
+def add_knn_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("k-NN")
+    group.add_argument("--nb_knn", default=[10, 20, 100, 200], type=positive_int, nargs="+",
+                       help="numbers of nearest neighbours, all evaluated in one pass")
+    group.add_argument("--temperature", default=0.07, type=positive_float, help="vote weight exp(sim / T)")
+    group.add_argument("--n_per_class", default=0, type=non_negative_int,
+                       help="few-shot: bank of N training images per class (0: the whole training set)")
+    group.add_argument("--n_tries", default=1, type=positive_int, help="few-shot banks drawn (mean and std)")
+    group.add_argument("--save_features", default="", help="folder to write the extracted features to")
+    group.add_argument("--load_features", default="", help="folder to read features from instead of extracting")
+    group.add_argument("--fp16_bank", action="store_true", help="keep the training bank in fp16 (half the memory)")
+    group.add_argument("--knn_chunk_size", default=256, type=positive_int,
+                       help="test rows per similarity block (memory: chunk x bank size)")
+
+
+def add_extraction_args(parser: argparse.ArgumentParser) -> None:
+    """Batch size and precision of a forward-only pass (k-NN feature extraction)."""
+    group = parser.add_argument_group("feature extraction")
+    group.add_argument("--batch_size", "--batch_size_per_gpu", dest="batch_size", default=128, type=positive_int,
+                       help="images per process and forward")
+    group.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                       help="autocast for the forward; auto = bf16 (or fp16) on CUDA, none (fp32) on CPU")
+
+
+def add_eval_output_args(parser: argparse.ArgumentParser) -> None:
+    """Output folder and seed of an evaluation that trains nothing."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--output_dir", default="./output_dir", help="results, log.txt, args.yaml")
+    group.add_argument("--seed", default=0, type=int, help="seed of the few-shot draws")

@@ -113,3 +113,45 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) when single-process."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of ``value`` over ranks, exact for integer tensors (identity when single-process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 the tensors of all ranks in rank order; their lengths may differ.
+
+    Each rank's tensor is padded to the longest for the collective and trimmed after it, so uneven shards
+    (an unpadded split of N samples) gather without duplicates. Identity when single-process.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    world = dist.get_world_size()
+    length = torch.tensor([tensor.shape[0]], device=tensor.device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    longest = int(max(n.item() for n in lengths))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[:tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:int(n.item())] for part, n in zip(parts, lengths)])
+
+
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Copy ``module``'s buffers (e.g. BatchNorm running statistics) from rank ``src`` to every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)

@@ -22,7 +22,7 @@ import torch
 
 from util.transforms import denormalize
 
-__all__ = ["save_reconstruction_png"]
+__all__ = ["save_reconstruction_png", "save_schedule_png"]
 
 GAP = 2  # pixels between tiles
 
@@ -148,4 +148,63 @@ def _write_png(path: Path, canvas: torch.Tensor) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int = 1, width: int = 960,
+                      height: int = 540) -> Path:
+    """Plot every unit's lr against the optimizer step, with its freeze point marked (FreezeOut schedule).
+
+    Args:
+        path: PNG to write.
+        schedule: a ``util.freezeout.FreezeOutSchedule`` (anything with ``num_units``, ``total_steps``,
+            ``lr(unit, step)``, ``freeze_step(unit)``); unit None is drawn as the global schedule (dashed grey).
+        steps_per_epoch: to label the x axis in epochs.
+        width, height: picture size in pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    left, right, top, bottom = 70, 190, 30, 50
+    total = schedule.total_steps
+    steps = sorted(set(int(round(total * i / 400)) for i in range(401)) |
+                   {s for u in range(schedule.num_units) for s in (schedule.freeze_step(u) - 1,
+                                                                   schedule.freeze_step(u)) if 0 <= s <= total})
+    curves = [[schedule.lr(u, s) for s in steps] for u in range(schedule.num_units)]
+    top_lr = max(max(c) for c in curves) or 1.0
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def xy(step: float, lr: float) -> tuple[float, float]:
+        return left + plot_w * step / total, top + plot_h * (1.0 - lr / top_lr)
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # axes ticks: lr on the left, epochs below
+        _, y = xy(0, top_lr * frac)
+        draw.text((4, y - 6), f"{top_lr * frac:.2e}", fill="black")
+        x, _ = xy(total * frac, 0)
+        draw.text((x - 12, top + plot_h + 6), f"{total * frac / steps_per_epoch:.0f}", fill="black")
+    draw.text((left + plot_w // 2 - 20, height - 20), "epoch", fill="black")
+    draw.text((left, 8), "FreezeOut: lr of every unit; dot = freeze point", fill="black")
+    glob = [xy(s, schedule.lr(None, s)) for s in steps]
+    for a, b in list(zip(glob, glob[1:]))[::2]:
+        draw.line([a, b], fill=(150, 150, 150), width=1)
+    n = schedule.num_units
+    for unit, curve in enumerate(curves):
+        hue = unit / max(1, n - 1)  # blue (first unit) -> red (last unit)
+        colour = (int(230 * hue), 60, int(230 * (1 - hue)))
+        draw.line([xy(s, lr) for s, lr in zip(steps, curve)], fill=colour, width=2)
+        freeze = schedule.freeze_step(unit)
+        if freeze < total:
+            x, y = xy(freeze, 0)
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        label_y = top + unit * min(16, plot_h // max(1, n))
+        draw.line([(width - right + 10, label_y + 6), (width - right + 30, label_y + 6)], fill=colour, width=3)
+        when = f"ep {freeze / steps_per_epoch:.1f}" if freeze < total else "end"
+        draw.text((width - right + 36, label_y), f"unit {unit}: {when}", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
     return path
