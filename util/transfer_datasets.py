@@ -1,0 +1,268 @@
+"""Datasets for transfer fine-tuning, linear probing and k-NN: ImageNet-style folders, CIFAR, Flowers, Pets, Cars,
+iNaturalist, cross-validation folds from a CSV, and the synthetic demo set. Local files only; nothing is fetched
+unless ``download=True`` (CIFAR, Flowers, Pets, through torchvision).
+
+Splits follow the recipes we reproduce (SPEC 10):
+- CIFAR-10/100, Flowers-102, Oxford-IIIT Pets: MoCo v3's ``transfer/datasets.py`` (Chen et al., ICCV 2021;
+  github.com/facebookresearch/moco-v3). Flowers train = ``trnid`` + ``valid`` (2040 images), test = ``tstid``
+  (6149), labels 1-based in ``imagelabels.mat``; Pets ``trainval.txt`` (3680) / ``test.txt`` (3669), label =
+  class id - 1. These sets have no separate validation split, so ``'val'`` means the test split.
+- Stanford Cars: torchvision's ``StanfordCars`` layout and label rule (class - 1); iNaturalist 2018/2019: the
+  official JSON annotations (``images[].file_name`` relative to the root, ``annotations[].category_id``), as in
+  DeiT's ``INatDataset`` (github.com/facebookresearch/deit ``datasets.py``) used by dBOT; ``'test'`` means
+  ``val`` (the test labels were never released).
+- Medical k-fold protocols (HyperKvasir 2-fold, GastroVision; SPEC 10.2): a CSV with columns ``file,label,fold``.
+
+File-list datasets are ``util.datasets.ImageFileDataset`` (RGB conversion, corrupt files reported and skipped).
+Every missing annotation file or folder raises ``FileNotFoundError`` naming it; an empty split raises ValueError.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, OxfordIIITPet
+
+from util.datasets import DemoDataset, ImageFileDataset, build_folder_dataset
+
+logger = logging.getLogger("vitfreeze")
+
+__all__ = ["DATASETS", "SPLITS", "build_dataset", "num_classes"]
+
+DATASETS = ("folder", "imagenet", "cifar10", "cifar100", "flowers", "pets", "cars", "inat18", "inat19", "demo")
+SPLITS = ("train", "val", "test")
+_DOWNLOADABLE = ("cifar10", "cifar100", "flowers", "pets")
+
+
+def build_dataset(name: str, root: str, split: str, transform: Callable | None, *, download: bool = False,
+                  split_file: str | None = None, fold: int | None = None) -> Dataset:
+    """A classification dataset of (image, label) items with ``.classes`` and ``.targets``.
+
+    Args:
+        name: one of ``DATASETS``.
+        root: dataset folder (unused for ``'demo'``); the layouts are described per dataset in the module docs.
+        split: ``'train'``, ``'val'`` or ``'test'``; datasets without a validation split map ``'val'`` to their
+            test split (CIFAR, Flowers, Pets, Cars) and iNaturalist maps ``'test'`` to ``val``.
+        transform: applied to each PIL RGB image.
+        download: fetch CIFAR / Flowers / Pets into ``root`` with torchvision if missing (others: ValueError).
+        split_file: ``name='folder'`` only: CSV with columns ``file,label,fold`` (file relative to ``root``);
+            ``'train'`` = rows whose fold differs from ``fold``, ``'val'`` / ``'test'`` = rows of fold ``fold``.
+        fold: the held-out fold of ``split_file``.
+
+    Returns:
+        The dataset; ``classes[label]`` names a label, ``targets[i]`` is the label of item i.
+
+    Raises:
+        ValueError: unknown name or split, options that do not apply, or an empty split.
+        FileNotFoundError: a split folder, annotation file or CSV is missing (its path is in the message).
+        ImportError: Flowers / Cars need scipy to read their ``.mat`` files.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    if split_file is not None and name != "folder":
+        raise ValueError(f"split_file applies to name='folder' only, got name={name!r}")
+    if fold is not None and split_file is None:
+        raise ValueError("fold needs a split_file (CSV with columns file,label,fold)")
+    if download and name not in _DOWNLOADABLE:
+        raise ValueError(f"{name!r} cannot be downloaded here (only {_DOWNLOADABLE}); place the files under {root!r}")
+    root = os.path.expanduser(str(root))
+    if name == "demo":
+        dataset = DemoDataset(seed=0 if split == "train" else 1, transform=transform)
+    elif name in ("folder", "imagenet"):
+        dataset = (_csv_folds(root, split, transform, split_file, fold) if split_file is not None
+                   else build_folder_dataset(os.path.join(root, split), transform))
+    elif name in ("cifar10", "cifar100"):
+        dataset = _cifar(name, root, split, transform, download)
+    else:
+        build = {"flowers": _flowers, "pets": _pets, "cars": _cars, "inat18": _inat, "inat19": _inat}[name]
+        dataset = build(root, split, transform, download=download, year=2018 if name == "inat18" else 2019)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {name!r} split {split!r} under {root!r} is empty")
+    logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset), root)
+    return dataset
+
+
+def num_classes(dataset: Dataset) -> int:
+    """Number of classes: ``len(dataset.classes)``, else ``max(dataset.targets) + 1``.
+
+    Raises:
+        ValueError: the dataset has neither attribute.
+    """
+    classes = getattr(dataset, "classes", None)
+    if classes is not None:
+        return len(classes)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets):
+        return int(max(targets)) + 1
+    raise ValueError(f"{type(dataset).__name__} has no 'classes' or 'targets' to count classes from")
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def _base(root: str, subdir: str, marker: str) -> Path:
+    """``root`` if it holds ``marker``, else ``root/subdir`` (torchvision's layout) if that does."""
+    for base in (Path(root), Path(root) / subdir):
+        if (base / marker).exists():
+            return base
+    raise FileNotFoundError(f"{marker} not found: {Path(root) / marker} (nor {Path(root) / subdir / marker})")
+
+
+def _loadmat(path: Path) -> dict[str, Any]:
+    try:
+        from scipy.io import loadmat
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs scipy: pip install scipy") from err
+    return loadmat(str(path), squeeze_me=True)
+
+
+def _ints(values: Any) -> list[int]:
+    return np.atleast_1d(values).astype(np.int64).tolist()  # squeeze_me turns 1-element arrays into scalars
+
+
+# ---- CIFAR -------------------------------------------------------------------------------------------------------
+
+def _cifar(name: str, root: str, split: str, transform: Callable | None, download: bool) -> Dataset:
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    folder = Path(root) / cls.base_folder
+    if not download and not folder.is_dir():
+        raise FileNotFoundError(f"{name} folder not found: {folder} (python-batch layout; pass download=True "
+                                "to fetch it)")
+    try:
+        return cls(root, train=split == "train", transform=transform, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted" (a file is missing or its md5 differs)
+        raise ValueError(f"{name} files in {folder} are incomplete or corrupted: {err}") from err
+
+
+# ---- Flowers-102 -------------------------------------------------------------------------------------------------
+
+def _flowers(root: str, split: str, transform: Callable | None, *, download: bool, **_: Any) -> ImageFileDataset:
+    if download:
+        Flowers102(root, split="train", download=True)  # fetches into root/flowers-102
+    base = _base(root, "flowers-102", "imagelabels.mat")
+    images = _require(base / "jpg", "Flowers-102 image folder")
+    labels = _ints(_loadmat(base / "imagelabels.mat")["labels"])
+    set_ids = _loadmat(_require(base / "setid.mat", "Flowers-102 split file"))
+    keys = ("trnid", "valid") if split == "train" else ("tstid",)  # MoCo v3: train on train + val
+    ids = [i for key in keys for i in _ints(set_ids[key])]
+    samples = [(str(images / f"image_{i:05d}.jpg"), labels[i - 1] - 1) for i in ids]
+    classes = list(getattr(Flowers102, "classes", []))
+    if len(classes) <= max(labels) - 1:
+        classes = [str(c) for c in range(1, max(labels) + 1)]
+    return ImageFileDataset(samples, classes, transform)
+
+
+# ---- Oxford-IIIT Pets --------------------------------------------------------------------------------------------
+
+def _read_pets_list(path: Path) -> list[tuple[str, int]]:
+    """Lines ``Abyssinian_100 1 1 1`` (image id, class id 1..37, species, breed) -> (image id, class id - 1)."""
+    entries = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            image_id, label = line.split()[:2]
+            entries.append((image_id, int(label) - 1))
+    return entries
+
+
+def _pets(root: str, split: str, transform: Callable | None, *, download: bool, **_: Any) -> ImageFileDataset:
+    if download:
+        OxfordIIITPet(root, split="trainval", download=True)  # fetches into root/oxford-iiit-pet
+    base = _base(root, "oxford-iiit-pet", "annotations")
+    images = _require(base / "images", "Pets image folder")
+    entries = _read_pets_list(_require(base / "annotations" / ("trainval.txt" if split == "train" else "test.txt"),
+                                       "Pets split file"))
+    # Class names from both split files (torchvision's rule: breed from the image id), so train and test agree.
+    named = {label: image_id.rsplit("_", 1)[0] for f in ("trainval.txt", "test.txt")
+             if (base / "annotations" / f).exists() for image_id, label in _read_pets_list(base / "annotations" / f)}
+    classes = [" ".join(p.title() for p in named[c].split("_")) if c in named else str(c + 1)
+               for c in range(max(named) + 1)] if named else []
+    return ImageFileDataset([(str(images / f"{image_id}.jpg"), label) for image_id, label in entries], classes,
+                            transform)
+
+
+# ---- Stanford Cars -----------------------------------------------------------------------------------------------
+
+def _cars(root: str, split: str, transform: Callable | None, **_: Any) -> ImageFileDataset:
+    base = _base(root, "stanford_cars", "devkit")
+    if split == "train":
+        annotations, images = base / "devkit" / "cars_train_annos.mat", base / "cars_train"
+    else:
+        annotations, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
+    _require(images, "Stanford Cars image folder")
+    records = np.atleast_1d(_loadmat(_require(annotations, "Stanford Cars annotation file"))["annotations"])
+    samples = [(str(images / str(r["fname"])), int(r["class"]) - 1) for r in records]
+    meta = _loadmat(_require(base / "devkit" / "cars_meta.mat", "Stanford Cars class names"))
+    classes = [str(c) for c in np.atleast_1d(meta["class_names"]).tolist()]
+    return ImageFileDataset(samples, classes, transform)
+
+
+# ---- iNaturalist 2018 / 2019 -------------------------------------------------------------------------------------
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(_require(path, "iNaturalist annotation file")) as handle:
+        return json.load(handle)
+
+
+def _inat(root: str, split: str, transform: Callable | None, *, year: int, **_: Any) -> ImageFileDataset:
+    data = _read_json(Path(root) / f"{'train' if split == 'train' else 'val'}{year}.json")
+    images, annotations = data.get("images", []), data.get("annotations", [])
+    if annotations and "image_id" in annotations[0]:
+        category_of = {a["image_id"]: a["category_id"] for a in annotations}
+        categories = [category_of.get(img["id"]) for img in images]
+    elif len(annotations) == len(images):
+        categories = [a["category_id"] for a in annotations]
+    else:
+        raise ValueError(f"iNaturalist {year} {split}: {len(images)} images but {len(annotations)} annotations")
+    # Class index = rank of the category id among the training categories (ids are 0..N-1 in both years).
+    source = data if data.get("categories") or split == "train" else _read_json(Path(root) / f"train{year}.json")
+    names = {c["id"]: str(c.get("name", c["id"])) for c in source.get("categories", [])}
+    if not names:
+        names = {a["category_id"]: str(a["category_id"]) for a in source.get("annotations", []) + annotations}
+    index = {cid: i for i, cid in enumerate(sorted(names))}
+    missing = {c for c in categories if c not in index}
+    if missing:
+        raise ValueError(f"iNaturalist {year} {split}: images without a known category: {sorted(missing)[:8]}")
+    samples = [(os.path.join(root, img["file_name"]), index[c]) for img, c in zip(images, categories)]
+    return ImageFileDataset(samples, [names[cid] for cid in sorted(names)], transform)
+
+
+# ---- folds from a CSV (medical protocols) --------------------------------------------------------------------------
+
+def _csv_folds(root: str, split: str, transform: Callable | None, split_file: str,
+               fold: int | None) -> ImageFileDataset:
+    if fold is None:
+        raise ValueError(f"split_file {split_file!r} needs fold=K (the held-out fold)")
+    path = Path(split_file)
+    if not path.exists() and (Path(root) / split_file).exists():
+        path = Path(root) / split_file
+    _require(path, "split file")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"file", "label", "fold"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"split file {path} lacks column(s) {sorted(missing)}; header: {reader.fieldnames}")
+        rows = list(reader)
+    try:
+        folds = [int(row["fold"]) for row in rows]
+    except ValueError as err:
+        raise ValueError(f"split file {path}: fold values must be integers ({err})") from err
+    if fold not in folds:
+        raise ValueError(f"fold {fold} does not occur in {path}; folds: {sorted(set(folds))}")
+    classes = sorted({row["label"] for row in rows})  # over all rows, so every fold uses the same labels
+    index = {name: i for i, name in enumerate(classes)}
+    keep = (lambda f: f != fold) if split == "train" else (lambda f: f == fold)
+    samples = [(os.path.join(root, row["file"]), index[row["label"]]) for row, f in zip(rows, folds) if keep(f)]
+    return ImageFileDataset(samples, classes, transform)
