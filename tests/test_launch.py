@@ -35,7 +35,7 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(tmp_path, monkeyp
     main_pretrain.main([*ARGS, "--epochs", "3", "--output_dir", str(out), "--launcher", "local", "--timeout", "10",
                         "--job_dir", str(tmp_path / "logs"), "--save_every", "1"])
     job = jobs[0]
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not (out / "checkpoint-0.pth").exists() and time.time() < deadline:
         time.sleep(0.05)
     assert (out / "checkpoint-0.pth").exists(), job.stderr()

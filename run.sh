@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# dBOT-style launcher: ./run.sh JOB_NAME TASK MODEL NGPUS [CHECKPOINT] [extra flags or key=value ...]
+#
+#   JOB_NAME    output goes to output/JOB_NAME/TASK/ (and runs resume from there automatically)
+#   TASK        a recipe (see --help); several joined with '+' run one after another
+#   MODEL       a registered model name (mae_vit_base_patch16, MIM_vit_base_patch16, vit_base_patch16, ...)
+#               or an architecture (tiny, small, base, large, huge) completed from the task's recipe
+#   NGPUS       processes per node: 0 = plain python (CPU), N > 0 = torchrun --nproc_per_node=N;
+#               NNODES > 1 in the environment (or --launcher slurm among the extras) submits through submitit
+#   CHECKPOINT  --resume for pretraining tasks, --finetune (the pretrained backbone) for the others
+#   extras      passed through and override the recipe: --flag value, or key=value (becomes --key value)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+declare -A SCRIPT CONFIG
+for cfg in configs/pretrain/*.yaml; do
+    name=$(basename "$cfg" .yaml); SCRIPT[pretrain_$name]=main_pretrain.py; CONFIG[pretrain_$name]=$cfg
+done
+add() { SCRIPT[$1]=$2; CONFIG[$1]=$3; }
+add imagenet_finetune main_finetune.py configs/finetune/mae_vit_base.yaml
+add linprobe          main_linprobe.py configs/linprobe/mae_vit_base_90e.yaml
+add knn               main_knn.py      configs/knn/imagenet_vit_base.yaml
+add cifar10_cls       main_finetune.py configs/finetune/moco_v3_cifar10.yaml
+add cifar_cls         main_finetune.py configs/finetune/moco_v3_cifar100.yaml
+add flwrs_cls         main_finetune.py configs/finetune/moco_v3_flowers.yaml
+add pets_cls          main_finetune.py configs/finetune/moco_v3_pets.yaml
+add cars_cls          main_finetune.py configs/finetune/cars.yaml
+add inat_cls          main_finetune.py configs/finetune/inat18.yaml
+add inat19_cls        main_finetune.py configs/finetune/inat19.yaml
+add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
+add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
+UNSUPPORTED="cascade_coco_det ade20k_seg ade20kv_seg"
+
+usage() {
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    echo; echo "tasks:"
+    for task in $(printf '%s\n' "${!SCRIPT[@]}" | sort); do
+        printf '  %-52s %s --config %s\n' "$task" "${SCRIPT[$task]}" "${CONFIG[$task]}"
+    done
+    echo "  not supported yet (need a detection/segmentation framework): $UNSUPPORTED"
+}
+
+if [[ $# -ge 1 && ( $1 == --help || $1 == -h ) ]]; then usage; exit 0; fi
+if [[ $# -lt 4 ]]; then usage >&2; echo "error: expected JOB_NAME TASK MODEL NGPUS, got $# arguments" >&2; exit 2; fi
+JOB=$1; TASKS=$2; MODEL=$3; NGPUS=$4; shift 4
+if ! [[ $NGPUS =~ ^[0-9]+$ ]]; then echo "error: NGPUS must be a number >= 0, got '$NGPUS'" >&2; exit 2; fi
+CKPT=""
+if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then CKPT=$1; shift; fi
+EXTRA=()
+for arg in "$@"; do
+    if [[ $arg == *=* && $arg != -* ]]; then EXTRA+=("--${arg%%=*}" "${arg#*=}"); else EXTRA+=("$arg"); fi
+done
+
+IFS='+' read -ra TASK_LIST <<< "$TASKS"
+for task in "${TASK_LIST[@]}"; do  # check every task before starting any
+    if [[ " $UNSUPPORTED " == *" $task "* ]]; then
+        echo "error: task '$task' needs a detection/segmentation framework and is not supported yet" >&2; exit 2
+    fi
+    if [[ -z ${SCRIPT[$task]:-} ]]; then
+        echo "error: unknown task '$task' (./run.sh --help lists them)" >&2; exit 2
+    fi
+    if [[ ! -f ${CONFIG[$task]} ]]; then echo "error: task '$task': recipe ${CONFIG[$task]} is missing" >&2; exit 2; fi
+done
+
+model_name() {  # full name as given, or an architecture completed with the recipe's model family
+    local task=$1 family
+    if [[ $MODEL == *_* ]]; then echo "$MODEL"; return; fi
+    local patch=16; [[ $MODEL == huge ]] && patch=14
+    family=$(sed -n 's/^model: *\([A-Za-z]*_\)\{0,1\}vit_.*/\1/p' "${CONFIG[$task]}")
+    echo "${family}vit_${MODEL}_patch${patch}"
+}
+
+for task in "${TASK_LIST[@]}"; do
+    script=${SCRIPT[$task]}; out="output/$JOB/$task"
+    args=(--config "${CONFIG[$task]}" --model "$(model_name "$task")" --output_dir "$out")
+    if [[ $script == main_pretrain.py ]]; then
+        args+=(--auto_resume); [[ -n $CKPT ]] && args+=(--resume "$CKPT")
+    else
+        [[ -n $CKPT ]] && args+=(--finetune "$CKPT")
+    fi
+    args+=("${EXTRA[@]}")
+    if [[ ${NNODES:-1} -gt 1 ]]; then
+        cmd=(python "$script" "${args[@]}" --launcher slurm --nodes "$NNODES" --ngpus "$NGPUS")
+    elif [[ $NGPUS -gt 0 ]]; then
+        cmd=(torchrun --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" "$script" "${args[@]}")
+    else
+        cmd=(python "$script" "${args[@]}")
+    fi
+    mkdir -p "$out"
+    echo "[run.sh] ${cmd[*]}" | tee -a "$out/run_sh_commands.txt"
+    "${cmd[@]}"
+done
