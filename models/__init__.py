@@ -6,5 +6,6 @@ Registry after timm's ``register_model`` / ``create_model``; models from MAE (He
 from models.registry import MODELS, create_model, list_models, register_model
 
 from models import mim  # noqa: E402,F401  (importing registers the MAE and LocalMIM factories)
+from models import vit  # noqa: E402,F401  (classification backbones)
 
 __all__ = ["MODELS", "create_model", "list_models", "register_model"]

@@ -45,6 +45,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def closed_fraction(text: str) -> float:
+    """A float in [0, 1] (e.g. a probability)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """A float strictly between 0 and 1 (e.g. a mask ratio)."""
     value = float(text)
@@ -270,7 +278,8 @@ def add_knn_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n_per_class", default=0, type=non_negative_int,
                        help="few-shot: bank of N training images per class (0: the whole training set)")
     group.add_argument("--n_tries", default=1, type=positive_int, help="few-shot banks drawn (mean and std)")
-    group.add_argument("--save_features", default="", help="folder to write the extracted features to")
+    group.add_argument("--save_features", "--dump_features", dest="save_features", default="",
+                       help="folder to write the extracted features to (DINO's file names)")
     group.add_argument("--load_features", default="", help="folder to read features from instead of extracting")
     group.add_argument("--fp16_bank", action="store_true", help="keep the training bank in fp16 (half the memory)")
     group.add_argument("--knn_chunk_size", default=256, type=positive_int,
@@ -291,3 +300,46 @@ def add_eval_output_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
     group.add_argument("--output_dir", default="./output_dir", help="results, log.txt, args.yaml")
     group.add_argument("--seed", default=0, type=int, help="seed of the few-shot draws")
+
+
+# ----------------------------------------------------------------------------------------------------- fine-tuning
+def add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    """MAE ``main_finetune.py``'s model, augmentation and mixup flags (SPEC 5.1, 5.4, 5.5) and ``--eval``."""
+    group = parser.add_argument_group("fine-tuning")
+    group.add_argument("--layer_decay", default=0.75, type=positive_float,
+                       help="layer-wise lr decay: lr_scale = layer_decay ** (depth + 1 - layer id); 1 disables it")
+    group.add_argument("--drop_path", default=0.1, type=closed_fraction, help="stochastic depth rate (last block)")
+    group.add_argument("--head_init_std", default=2e-5, type=positive_float,
+                       help="trunc_normal std of the new head (MAE 2e-5; dBOT 0.01)")
+    group.add_argument("--eval", action="store_true",
+                       help="only evaluate the --resume checkpoint (or --auto_resume's) on the val (and test) split")
+    aug = parser.add_argument_group("augmentation and regularisation")
+    aug.add_argument("--smoothing", default=0.1, type=closed_fraction, help="label smoothing")
+    aug.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str,
+                     help="timm auto-augment policy (MAE: rand-m9-mstd0.5-inc1); 'none' disables it")
+    aug.add_argument("--color_jitter", default=None, type=non_negative_float,
+                     help="colour jitter factor, used only when --aa is none (timm's rule)")
+    aug.add_argument("--reprob", default=0.25, type=closed_fraction, help="RandomErasing probability")
+    aug.add_argument("--remode", default="pixel", choices=["pixel", "rand", "const"], help="RandomErasing fill")
+    aug.add_argument("--recount", default=1, type=positive_int, help="RandomErasing boxes per image")
+    aug.add_argument("--mixup", default=0.0, type=non_negative_float, help="mixup alpha (0: off)")
+    aug.add_argument("--cutmix", default=0.0, type=non_negative_float, help="cutmix alpha (0: off)")
+    aug.add_argument("--cutmix_minmax", default=None, type=closed_fraction, nargs=2,
+                     help="cutmix box-size ratio bounds (overrides --cutmix alpha)")
+    aug.add_argument("--mixup_prob", default=1.0, type=closed_fraction, help="chance a batch is mixed at all")
+    aug.add_argument("--mixup_switch_prob", default=0.5, type=closed_fraction,
+                     help="chance of cutmix instead of mixup when both are on")
+    aug.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+                     help="one mixing per batch, per pair or per element")
+
+
+def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
+    """Cross-validation folds from a CSV (medical protocols, SPEC 10.2) and opt-in downloads."""
+    group = parser.add_argument_group("transfer data")
+    group.add_argument("--split_file", default=None,
+                       help="CSV with columns file,label,fold (file relative to --data_path); needs --data_set folder")
+    group.add_argument("--fold", default=None, type=int, nargs="+",
+                       help="held-out fold(s) of --split_file, one run each (mean and std reported over several); "
+                            "default: every fold in the file")
+    group.add_argument("--download", action="store_true",
+                       help="fetch CIFAR / Flowers / Pets with torchvision when missing (never done otherwise)")

@@ -106,3 +106,44 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
 def _short(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
+                    expected_missing: tuple[str, ...] | list[str] | set[str] = (),
+                    source: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """Non-strict load of a backbone that fails loudly when the backbone did not really load.
+
+    MAE's ``main_finetune.py`` / ``main_linprobe.py`` assert the exact missing set after ``strict=False``
+    (``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling, SPEC 5.2); here any missing key
+    outside ``expected_missing`` raises, unexpected keys (decoders, ``mask_token``, a head we do not use, ``norm.*``
+    under global pooling) are reported, and a shape mismatch raises instead of crashing inside ``load_state_dict``.
+
+    Args:
+        model: the module to load into.
+        state_dict: weights under the model's key names (e.g. from ``models.convert.to_timm_vit``).
+        expected_missing: ``fnmatch`` patterns of keys that may stay at their initial values
+            (e.g. ``'fc_norm.*'``, ``'head.*'``).
+        source: name used in messages (e.g. the file path).
+
+    Returns:
+        ``(missing, unexpected)`` key lists, sorted.
+
+    Raises:
+        ValueError: a key outside ``expected_missing`` is missing, or a shape differs.
+    """
+    import fnmatch
+    own = model.state_dict()
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state_dict.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shapes:
+        raise ValueError(f"{source}: shapes differ from the model:\n  " + "\n  ".join(shapes))
+    result = model.load_state_dict(state_dict, strict=False)
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    bad = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in expected_missing)]
+    if bad:
+        raise ValueError(f"{source} did not load the backbone: {len(bad)} of {len(own)} model keys are missing "
+                         f"({_short(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
+    logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unexpected (ignored): %s", source,
+                len(own) - len(missing), _short(missing) if missing else "none",
+                _short(unexpected) if unexpected else "none")
+    return missing, unexpected

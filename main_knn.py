@@ -1,0 +1,159 @@
+"""Weighted k-NN evaluation of a frozen backbone (DINO's protocol, SPEC 7) on the features of a labelled dataset.
+
+Flags follow DINO's ``eval_knn.py`` (``--nb_knn``, ``--temperature``, ``--pretrained_weights``,
+``--batch_size_per_gpu``, ``--dump_features`` = ``--save_features``, ``--load_features``) and MAE's data flags.
+Example: ``python main_knn.py --model vit_tiny_patch16 --finetune output/demo/checkpoint-last.pth --data_set demo
+--input_size 64``. Also hosts the backbone / dataset helpers that ``main_linprobe.py`` imports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+import models
+from engine.evaluate import eval_shard
+from engine.knn import extract_features, few_shot_indices, knn_classify
+from main_pretrain import resolve_amp
+from models.convert import adapt_to_model, to_timm_vit
+from util import args as cli
+from util.checkpoint import load_checkpoint, load_pretrained
+from util.datasets import IndexedDataset
+from util.distributed import DistInfo, cleanup, init_distributed
+from util.logging import MetricWriter, setup_logging
+from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.transfer_datasets import build_dataset, num_classes
+from util.transforms import eval_transform
+
+logger = logging.getLogger("vitfreeze")
+FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False)
+    cli.add_config_args(parser)
+    cli.add_model_args(parser, default_model="vit_base_patch16")
+    cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))
+    cli.add_labelled_data_args(parser)
+    cli.add_knn_args(parser)
+    cli.add_extraction_args(parser)
+    cli.add_dist_args(parser)
+    cli.add_eval_output_args(parser)
+    return parser
+
+
+def build_backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
+    """The frozen feature extractor [B, 3, H, W] -> [B, D] (timm ViT, no head), weights from ``--finetune``."""
+    backbone = models.create_model(args.model, num_classes=0, img_size=args.input_size,
+                                   global_pool="avg" if args.global_pool else "token")
+    if args.finetune:
+        state, source = to_timm_vit(load_checkpoint(args.finetune), source=args.checkpoint_source)
+        patch, grid = backbone.patch_embed.patch_size[0], backbone.patch_embed.grid_size[0]
+        state = adapt_to_model(state, patch_size=patch, grid_size=grid, num_prefix_tokens=backbone.num_prefix_tokens)
+        # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (SPEC 5.2, 6)
+        load_pretrained(backbone, state, expected_missing=("fc_norm.*",) if args.global_pool else (),
+                        source=f"{args.finetune} ({source})")
+    else:
+        logger.warning("no --finetune checkpoint: the backbone is randomly initialised (a baseline)")
+    return backbone.requires_grad_(False).eval().to(device)
+
+
+def labelled_dataset(args: argparse.Namespace, split: str, transform: Callable) -> tuple[Dataset, int]:
+    """``split`` of ``--data_set`` and the number of classes, checked against ``--nb_classes``."""
+    dataset = build_dataset(args.data_set, args.data_path, split, transform)
+    classes = num_classes(dataset)
+    if args.nb_classes is not None and args.nb_classes != classes:
+        raise ValueError(f"--nb_classes {args.nb_classes} but {args.data_set} {split} has {classes} classes")
+    return dataset, classes
+
+
+def embed(backbone: nn.Module, dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[torch.Tensor, ...]:
+    """Features [N, D] and labels [N] of every sample, each rank embedding an unpadded shard."""
+    shard = eval_shard(IndexedDataset(dataset), rank=info.rank, world_size=info.world_size)
+    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and info.device.type == "cuda")
+    return extract_features(backbone, loader, info.device, num_samples=len(dataset),
+                            amp_dtype=resolve_amp(args.amp, info.device))
+
+
+def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                args: argparse.Namespace, classes: int) -> dict[str, float]:
+    """Top-1/top-5 per k over the whole bank, or mean and std over ``--n_tries`` few-shot banks."""
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    train = train.half() if args.fp16_bank else train
+    banks = [None] if not args.n_per_class else few_shot_indices(train_labels, n_per_class=args.n_per_class,
+                                                                   n_tries=args.n_tries, seed=args.seed)
+    runs = []
+    for bank in banks:
+        feats, labels = (train, train_labels) if bank is None else (train[bank.to(train.device)], train_labels[bank])
+        ks = [k for k in args.nb_knn if k <= len(labels)]
+        if len(ks) < len(args.nb_knn):
+            logger.warning("skipping k > %d (the bank size): %s", len(labels), sorted(set(args.nb_knn) - set(ks)))
+        runs.append(knn_classify(feats, labels, test, test_labels, ks=ks, temperature=args.temperature,
+                                 num_classes=classes, chunk_size=args.knn_chunk_size))
+    out: dict[str, float] = {}
+    for k in runs[0]:
+        for i, name in enumerate(("top1", "top5")):
+            values = torch.tensor([run[k][i] for run in runs], dtype=torch.float64)
+            out[f"knn{k}_{name}"] = float(values.mean())
+            if args.n_per_class:  # population std over the tries, as main_finetune reports folds
+                out[f"knn{k}_{name}_std"] = float(values.std(unbiased=False))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
+    args = cli.parse_args(build_parser(), argv)
+    if args.dry_run:
+        print(cli.dump_args(args), end="")
+        return {}
+    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
+    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    seed_everything(args.seed)
+    set_backend_flags()
+    if info.is_main:
+        write_run_record(args.output_dir, vars(args), {"world_size": info.world_size}, argv)
+    if args.load_features:
+        train, train_labels, test, test_labels = (torch.load(Path(args.load_features) / name, map_location=info.device,
+                                                             weights_only=True) for name in FEATURE_FILES)
+        classes = args.nb_classes or int(max(train_labels.max(), test_labels.max())) + 1
+        logger.info("loaded features from %s: train %s, test %s", args.load_features, tuple(train.shape),
+                    tuple(test.shape))
+    else:
+        backbone = build_backbone(args, info.device)
+        (train_set, classes), (test_set, _) = (labelled_dataset(args, s, eval_transform(args.input_size))
+                                               for s in ("train", "val"))
+        (train, train_labels), (test, test_labels) = (embed(backbone, d, args, info) for d in (train_set, test_set))
+        if args.save_features and info.is_main:
+            Path(args.save_features).mkdir(parents=True, exist_ok=True)
+            for name, tensor in zip(FEATURE_FILES, (train, train_labels, test, test_labels)):
+                torch.save(tensor.cpu(), Path(args.save_features) / name)
+            logger.info("saved features to %s", args.save_features)
+    results = knn_results(train, train_labels, test, test_labels, args, classes)
+    pool = "mean patch token + fc_norm" if args.global_pool else "cls token after norm"
+    for key, value in results.items():
+        logger.info("%s: %.2f", key, value)
+    if info.is_main:
+        record = {**results, "feature": pool, "temperature": args.temperature, "n_per_class": args.n_per_class,
+                  "n_tries": args.n_tries, "num_train": len(train_labels), "num_test": len(test_labels)}
+        (Path(args.output_dir) / "knn_results.json").write_text(json.dumps(record, indent=2) + "\n")
+        MetricWriter(args.output_dir, None).log_epoch(record)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as error:
+        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
+        sys.exit(1)
+    finally:
+        cleanup()

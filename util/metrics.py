@@ -1,0 +1,119 @@
+"""Classification metrics from a confusion matrix: accuracy, macro precision / recall / F1, multi-class MCC, top-k.
+
+Everything but top-k is a function of the confusion matrix, which is a sum over samples, so a distributed
+evaluation all-reduces one [C, C] integer tensor and gets exactly the single-process numbers (SPEC 5.6).
+
+Conventions (those of scikit-learn's ``precision_recall_fscore_support(average='macro')`` and
+``matthews_corrcoef``, which is not a dependency here): a class enters the macro averages when it occurs among
+the targets or the predictions; a 0/0 ratio counts as 0; the multi-class MCC is Gorodkin's R_K as in the
+MAE-on-GastroVision report (SPEC 10.2),
+``MCC = (c * s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2))`` with s samples, c correct,
+p_k / t_k predicted / true counts of class k, and 0 when the denominator is 0. All values are percentages
+(MCC x 100 as well, as reported in SPEC 10.2).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Counts of (true class, predicted class) pairs.
+
+    Args:
+        preds: predicted class indices [N].
+        targets: true class indices [N].
+        num_classes: C.
+
+    Returns:
+        int64 [C, C]; entry [t, p] counts samples of class t predicted as p (rows: truth).
+    """
+    preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} differ in length")
+    if targets.numel() and (min(preds.min(), targets.min()) < 0 or max(preds.max(), targets.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes})")
+    flat = torch.bincount(targets * num_classes + preds, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, Tensor]:
+    """Number of samples whose target is among the k highest logits, for each k (k capped at C).
+
+    Args:
+        logits: [N, C].
+        targets: [N] class indices.
+        ks: the k values.
+
+    Returns:
+        ``{k: int64 scalar tensor}`` on the logits' device (no host sync).
+    """
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # [N, kmax], highest first
+    hits = top.eq(targets.reshape(-1, 1))
+    return {k: hits[:, :min(k, kmax)].any(dim=1).sum() for k in ks}
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
+
+
+def per_class_stats(confusion: Tensor) -> dict[str, Tensor]:
+    """Per-class precision, recall, F1 (fractions in [0, 1], 0/0 -> 0) and support from a [C, C] matrix.
+
+    Returns:
+        dict of float64 [C] tensors ``precision``, ``recall``, ``f1``, and int64 [C] ``support`` (true count),
+        ``predicted`` (predicted count), plus bool [C] ``present`` (class among targets or predictions).
+    """
+    cm = confusion.double()
+    tp = cm.diagonal()
+    predicted, support = cm.sum(0), cm.sum(1)
+    precision, recall = _ratio(tp, predicted), _ratio(tp, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.long(),
+            "predicted": predicted.long(), "present": (support + predicted) > 0}
+
+
+def mcc(confusion: Tensor) -> float:
+    """Multi-class Matthews correlation coefficient (Gorodkin's R_K, SPEC 10.2) in [-1, 1]; 0 if undefined."""
+    cm = confusion.double()
+    s, c = cm.sum(), cm.diagonal().sum()
+    p, t = cm.sum(0), cm.sum(1)
+    den = math.sqrt(float(s * s - (p * p).sum()) * float(s * s - (t * t).sum()))
+    return float(c * s - (p * t).sum()) / den if den > 0 else 0.0
+
+
+def classification_metrics(confusion: Tensor) -> dict[str, float]:
+    """Accuracy, macro precision / recall / F1 and MCC, all in percent, plus the sample count.
+
+    Args:
+        confusion: [C, C] counts, rows = truth, columns = prediction.
+
+    Returns:
+        ``{'acc', 'precision', 'recall', 'f1', 'mcc', 'num_samples'}``; macro means over the classes present
+        among targets or predictions.
+    """
+    stats = per_class_stats(confusion)
+    present = stats["present"]
+    total = int(confusion.sum())
+
+    def macro(name: str) -> float:
+        return 100.0 * float(stats[name][present].mean()) if bool(present.any()) else 0.0
+
+    return {"acc": 100.0 * float(confusion.diagonal().sum()) / max(total, 1), "precision": macro("precision"),
+            "recall": macro("recall"), "f1": macro("f1"), "mcc": 100.0 * mcc(confusion), "num_samples": total}
+
+
+def per_class_table(confusion: Tensor, class_names: Sequence[str] | None = None) -> str:
+    """A fixed-width text table: class, precision, recall, F1 (percent), support, one line per class."""
+    stats = per_class_stats(confusion)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(confusion.shape[0])]
+    width = max(5, *(len(n) for n in names))
+    lines = [f"{'class':<{width}}  {'prec':>6}  {'recall':>6}  {'f1':>6}  {'support':>7}"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:<{width}}  {100 * stats['precision'][i]:6.2f}  {100 * stats['recall'][i]:6.2f}  "
+                     f"{100 * stats['f1'][i]:6.2f}  {int(stats['support'][i]):7d}")
+    return "\n".join(lines)
