@@ -33,7 +33,7 @@ from util.datasets import DemoDataset, ImageFileDataset, build_folder_dataset
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["DATASETS", "SPLITS", "build_dataset", "num_classes"]
+__all__ = ["DATASETS", "SPLITS", "build_dataset", "num_classes", "csv_folds"]
 
 DATASETS = ("folder", "imagenet", "cifar10", "cifar100", "flowers", "pets", "cars", "inat18", "inat19", "demo")
 SPLITS = ("train", "val", "test")
@@ -241,10 +241,18 @@ def _inat(root: str, split: str, transform: Callable | None, *, year: int, **_: 
 
 # ---- folds from a CSV (medical protocols) --------------------------------------------------------------------------
 
-def _csv_folds(root: str, split: str, transform: Callable | None, split_file: str,
-               fold: int | None) -> ImageFileDataset:
-    if fold is None:
-        raise ValueError(f"split_file {split_file!r} needs fold=K (the held-out fold)")
+def csv_folds(root: str, split_file: str) -> list[int]:
+    """The distinct folds of a ``file,label,fold`` CSV, sorted (the file is found as ``build_dataset`` finds it).
+
+    Raises:
+        FileNotFoundError: no such file (neither as given nor under ``root``).
+        ValueError: a column is missing or a fold is not an integer.
+    """
+    return sorted(set(_read_split_file(root, split_file)[2]))
+
+
+def _read_split_file(root: str, split_file: str) -> tuple[Path, list[dict[str, str]], list[int]]:
+    """(resolved path, rows, fold of each row) of a ``file,label,fold`` CSV; relative paths may be under root."""
     path = Path(split_file)
     if not path.exists() and (Path(root) / split_file).exists():
         path = Path(root) / split_file
@@ -259,6 +267,14 @@ def _csv_folds(root: str, split: str, transform: Callable | None, split_file: st
         folds = [int(row["fold"]) for row in rows]
     except ValueError as err:
         raise ValueError(f"split file {path}: fold values must be integers ({err})") from err
+    return path, rows, folds
+
+
+def _csv_folds(root: str, split: str, transform: Callable | None, split_file: str,
+               fold: int | None) -> ImageFileDataset:
+    if fold is None:
+        raise ValueError(f"split_file {split_file!r} needs fold=K (the held-out fold)")
+    path, rows, folds = _read_split_file(root, split_file)
     if fold not in folds:
         raise ValueError(f"fold {fold} does not occur in {path}; folds: {sorted(set(folds))}")
     classes = sorted({row["label"] for row in rows})  # over all rows, so every fold uses the same labels

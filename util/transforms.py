@@ -5,22 +5,25 @@
   Learners", 2022); LocalMIM and ViTFreeze use the same pipeline.
 - ``eval_transform``: Resize(input_size / crop_pct, bicubic) + CenterCrop, crop_pct 224/256 up to 224 px else 1.0
   (MAE's ``util/datasets.py build_transform`` for eval; DINO's k-NN transform); used by k-NN and linear probing.
+- ``finetune_transform``: MAE's fine-tuning augmentation (``util/datasets.py build_transform``, SPEC 5.5) through
+  timm's ``create_transform``: RandomResizedCrop (bicubic) + flip + RandAugment + normalize + RandomErasing; its
+  posterize op keeps working with Pillow 13 (see ``posterize``).
 - ``denormalize``: undo the ImageNet normalization for pictures.
-
-Fine-tuning's RandAugment pipeline is timm's ``create_transform`` and is not repeated here.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from PIL import Image, ImageOps
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import auto_augment as timm_aa
 from torchvision import transforms as T
 
 MEAN: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
 STD: tuple[float, float, float] = IMAGENET_DEFAULT_STD
 
-__all__ = ["MEAN", "STD", "pretrain_transform", "eval_transform", "denormalize"]
+__all__ = ["MEAN", "STD", "pretrain_transform", "eval_transform", "finetune_transform", "denormalize"]
 
 
 def pretrain_transform(input_size: int) -> Callable:
@@ -61,6 +64,70 @@ def eval_transform(input_size: int, crop_pct: float | None = None) -> Callable:
         T.ToTensor(),
         T.Normalize(MEAN, STD),
     ])
+
+
+def finetune_transform(input_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+                       color_jitter: float | None = None, re_prob: float = 0.25, re_mode: str = "pixel",
+                       re_count: int = 1) -> Callable:
+    """MAE's fine-tuning augmentation, built by timm's ``create_transform(is_training=True)`` (SPEC 5.5).
+
+    RandomResizedCrop(input_size, scale 0.08-1, ratio 3/4-4/3, bicubic) -> horizontal flip 0.5 -> RandAugment
+    (or another timm auto-augment policy) -> ToTensor -> ImageNet normalize -> RandomErasing.
+
+    Args:
+        input_size: side of the square output crop in pixels.
+        auto_augment: timm policy string (MAE: ``rand-m9-mstd0.5-inc1``); None or ``'none'``: no auto-augment.
+        color_jitter: brightness/contrast/saturation jitter; timm applies it only without auto-augment (MAE
+            passes None).
+        re_prob: RandomErasing probability (MAE's ``--reprob``; 0 disables it).
+        re_mode: erased-pixel fill: ``'pixel'`` (per-pixel N(0, 1)), ``'rand'`` (per channel) or ``'const'``.
+        re_count: erased boxes per image (MAE's ``--recount``).
+
+    Returns:
+        A callable mapping a PIL RGB image to a normalized float tensor [3, input_size, input_size].
+
+    Raises:
+        ValueError: ``auto_augment`` is not a policy timm knows.
+    """
+    if auto_augment is not None and auto_augment.lower() in ("", "none"):
+        auto_augment = None
+    try:
+        transform = create_transform(input_size=input_size, is_training=True, color_jitter=color_jitter,
+                                     auto_augment=auto_augment, interpolation="bicubic", re_prob=re_prob,
+                                     re_mode=re_mode, re_count=re_count, mean=MEAN, std=STD)
+    except (AssertionError, KeyError, ValueError) as err:  # timm asserts on a malformed policy string
+        raise ValueError(f"invalid auto-augment policy {auto_augment!r} (e.g. rand-m9-mstd0.5-inc1, "
+                         f"original, v0, augmix-m5-w4-d2, or none): {type(err).__name__} {err}") from err
+    for op in _augment_ops(transform):
+        if op.aug_fn is timm_aa.posterize:
+            op.aug_fn = posterize
+    return transform
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's ``posterize`` op with the semantics its policies were written for: 0 bits kept gives a black image.
+
+    MAE's ``rand-m9-mstd0.5-inc1`` asks for 0 bits whenever the sampled magnitude is clipped at 10 (about 1 image in
+    700), as do AutoAugment's ``v0``/``original`` policies at low levels. Older Pillow (and TF's shift-based op)
+    return zeros there; Pillow 13 raises ``ValueError: bits must be between or equal to 1 and 8``, which killed
+    fine-tuning within its first epoch. Same result as before for 1 to 8 bits.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform: Any) -> list:
+    """timm ``AugmentOp`` objects inside a ``Compose`` (RandAugment / AugMix ``ops``, AutoAugment ``policy``)."""
+    ops = []
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, (timm_aa.RandAugment, timm_aa.AugMixAugment)):
+            ops += list(t.ops)
+        elif isinstance(t, timm_aa.AutoAugment):
+            ops += [op for sub_policy in t.policy for op in sub_policy]
+    return ops
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

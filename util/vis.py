@@ -10,19 +10,21 @@ One row per image: original | masked input (removed patches grey) | then two til
   L2-normalized per cell, so this measures how dominant one orientation is), shown grey, nearest-upscaled.
 
 Tiles are separated by 2 px white gaps; files are written atomically (temp file + ``os.replace``).
+
+Also: the FreezeOut lr schedule (``save_schedule_png``) and a classifier's confusion matrix (``save_confusion_png``).
 """
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from util.transforms import denormalize
 
-__all__ = ["save_reconstruction_png", "save_schedule_png"]
+__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
 
 GAP = 2  # pixels between tiles
 
@@ -207,4 +209,77 @@ def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int =
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+    return path
+
+
+def confusion_colours(confusion: torch.Tensor) -> torch.Tensor:
+    """Cell colours of a confusion matrix: row-normalised counts from white (0) to dark blue (1).
+
+    Args:
+        confusion: counts [C, C], rows = true class, columns = predicted class.
+
+    Returns:
+        uint8 [C, C, 3]; a row without samples is white.
+    """
+    cm = confusion.double()
+    frac = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)
+    white, blue = torch.tensor([255.0, 255.0, 255.0]), torch.tensor([8.0, 48.0, 107.0])
+    return (white + (blue - white) * frac.unsqueeze(-1)).round().to(torch.uint8)
+
+
+def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: Sequence[str] | None = None, *,
+                       max_side: int = 1200) -> Path:
+    """Draw a confusion matrix as a heat map PNG (PIL only).
+
+    Rows are true classes, columns predicted ones; a cell's colour is its share of the row (recall on the
+    diagonal, see :func:`confusion_colours`). Counts are written into the cells and class names on the left
+    when the cells are large enough to hold them; 1000 ImageNet classes give a 1000 x 1000 pixel map.
+
+    Args:
+        path: PNG to write.
+        confusion: counts [C, C] (any integer or float dtype).
+        class_names: C names (default: the class indices).
+        max_side: size bound of the cell grid in pixels.
+
+    Returns:
+        ``path``.
+    """
+    from PIL import Image, ImageDraw
+
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion matrix must be [C, C], got {tuple(confusion.shape)}")
+    n = confusion.shape[0]
+    names = [str(c) for c in (class_names if class_names is not None else range(n))]
+    if len(names) != n:
+        raise ValueError(f"{len(names)} class names for a {n}-class confusion matrix")
+    cell = max(1, min(48, max_side // max(n, 1)))
+    left = 8 + 6 * min(24, max(len(name) for name in names)) if cell >= 10 else 0
+    top = 24
+    colours = confusion_colours(confusion.cpu())
+    grid = colours.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+    title = "rows: true class, columns: predicted (colour: share of the row)"
+    image = Image.new("RGB", (max(left + n * cell + 1, 6 * len(title) + 8), top + n * cell + 1), "white")
+    image.paste(Image.fromarray(grid.numpy()), (left, top))
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 6), title, fill="black")
+    if cell >= 10:
+        for i, name in enumerate(names):
+            draw.text((4, top + i * cell + (cell - 10) // 2), name[:24], fill="black")
+    if cell >= 24:  # counts fit: up to 4 digits in a 24 px cell with PIL's default 6 px font
+        cm = confusion.cpu()
+        for t in range(n):
+            for p in range(n):
+                count = int(cm[t, p])
+                dark = int(colours[t, p, 0]) < 128
+                draw.text((left + p * cell + 2, top + t * cell + (cell - 10) // 2), str(count),
+                          fill="white" if dark else "black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return path

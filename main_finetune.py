@@ -1,0 +1,363 @@
+"""End-to-end fine-tuning of a pretrained ViT for classification: MAE's recipe (SPEC 5) and the transfer recipes (10).
+
+Flags follow MAE's ``main_finetune.py`` (He et al., CVPR 2022; github.com/facebookresearch/mae) so the seeds' commands
+paste unchanged; recipes are in ``configs/finetune/``. Checkpoints of this project, MAE, LocalMIM/ViTFreeze, MoCo v3,
+DINOv2 and timm/DeiT load through ``models/convert.py``. ``--split_file`` runs the folds of a CSV (HyperKvasir,
+GastroVision) and reports mean and std; ``--freezeout`` freezes leading blocks on pretraining's FreezeOut schedule.
+Example: ``python main_finetune.py --config configs/finetune/demo.yaml --finetune output/demo/checkpoint-last.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, Dataset
+
+import models
+from engine.evaluate import eval_shard, evaluate
+from engine.finetune import classify_step
+from engine.train import NonFiniteLossError, train_one_epoch
+from main_pretrain import resolve_amp, save_schedule_png
+from models.convert import adapt_to_model, to_timm_vit
+from models.vit import init_head, unit_of as vit_layer_of
+from util import args as cli
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
+from util.distributed import DistInfo, barrier, cleanup, init_distributed
+from util.freezeout import Freezer, FreezeOutSchedule
+from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.logging import MetricWriter, setup_logging
+from util.metrics import per_class_table
+from util.param_groups import param_groups
+from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.transfer_datasets import build_dataset, csv_folds, num_classes
+from util.transforms import eval_transform, finetune_transform
+
+logger = logging.getLogger("vitfreeze")
+PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOut flags of the MIM models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ViTFreeze fine-tuning", allow_abbrev=False)
+    cli.add_config_args(parser)
+    cli.add_model_args(parser, default_model="vit_base_patch16")
+    cli.add_backbone_args(parser)
+    cli.add_finetune_args(parser)
+    cli.add_labelled_data_args(parser)
+    cli.add_transfer_data_args(parser)
+    cli.add_optim_args(parser, blr=1e-3, weight_decay=0.05, epochs=50, warmup_epochs=5, batch_size=64, min_lr=1e-6)
+    cli.add_freezeout_args(parser)
+    cli.add_dist_args(parser)
+    cli.add_output_args(parser, save_every=20)
+    parser.set_defaults(global_pool=True)  # MAE fine-tunes on the mean patch token (SPEC 5.1); --cls_token: token 0
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Fine-tune (``--eval``: evaluate) as ``argv`` says.
+
+    Returns:
+        The last epoch's validation metrics (``acc1``, ``acc5``, ``loss``, ``precision``, ``recall``, ``f1``,
+        ``mcc``, ...) with ``best_acc1`` / ``best_epoch`` and ``test_*`` (best model on ``test/``, when present);
+        over several folds the mean of every value plus ``<key>_std`` (population std, as MAE reports seeds).
+    """
+    args = cli.parse_args(build_parser(), argv)
+    if args.dry_run:
+        print(cli.dump_args(args), end="")
+        return {}
+    check_args(args)
+    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
+    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    set_backend_flags()
+    folds = args.fold or (csv_folds(args.data_path, args.split_file) if args.split_file else [None])
+    if len(folds) == 1:
+        return run(args, info, argv, fold=folds[0], output_dir=Path(args.output_dir), log_dir=args.log_dir)
+    results = [run(args, info, argv, fold=k, output_dir=Path(args.output_dir) / f"fold_{k}",
+                   log_dir=args.log_dir and str(Path(args.log_dir) / f"fold_{k}")) for k in folds]
+    summary = summarize_folds(results)
+    logger.info("folds %s: %s", folds, "  ".join(f"{k} {summary[k]:.2f} ± {summary[k + '_std']:.2f}" for k in
+                                                    ("acc1", "precision", "recall", "f1", "mcc") if k in summary))
+    if info.is_main:
+        (Path(args.output_dir) / "folds.json").write_text(json.dumps({"folds": folds, "per_fold": results,
+                                                                       "summary": summary}, indent=2) + "\n")
+    return summary
+
+
+def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *, fold: int | None,
+        output_dir: Path, log_dir: str | None) -> dict[str, float]:
+    """One fine-tuning (or evaluation) run on one fold; see :func:`main` for the returned keys."""
+    seed_everything(args.seed + info.rank)
+    device, amp_dtype = info.device, resolve_amp(args.amp, info.device)
+    train_set, eval_sets, names = build_data(args, fold)
+    resume = args.resume or (find_latest(output_dir) if args.auto_resume else None)
+    if args.eval and not resume:
+        raise ValueError("--eval evaluates a fine-tuned checkpoint: pass --resume CKPT (or --auto_resume with a "
+                         f"checkpoint in {output_dir}); --finetune loads a backbone under a fresh head")
+    model = build_model(args, len(names), finetune=None if resume else args.finetune).to(device)
+    eval_loaders = {split: DataLoader(eval_shard(ds, rank=info.rank, world_size=info.world_size), shuffle=False,
+                                      batch_size=args.batch_size, num_workers=args.num_workers) for split, ds in
+                    eval_sets.items()}
+    report = partial(evaluate_and_report, model, eval_loaders, names=names, device=device, amp_dtype=amp_dtype,
+                     output_dir=output_dir if info.is_main else None)
+    if args.eval:
+        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
+        return write_results(output_dir if info.is_main else None, report())
+
+    loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed)
+    steps_per_epoch, eff_batch = len(loader) // args.accum_iter, args.batch_size * args.accum_iter * info.world_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step needs ({eff_batch} = "
+                         "batch_size x accum_iter x world_size)")
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    logger.info("base lr: %.3e  effective batch: %d  actual lr: %.3e%s", args.blr, eff_batch, lr,
+                "  (--lr given)" if args.lr is not None else "")
+    depth = len(model.blocks)
+    unit_of = partial(freeze_unit, depth=depth)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,
+                                               no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
+                                               num_layers=depth + 1), lr=lr)  # betas (0.9, 0.999) as MAE's
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    # without --freezeout t_0 = 1: each group follows cosine_lr x lr_scale and nothing freezes (one code path)
+    schedule = FreezeOutSchedule(num_units=depth + 1, total_steps=args.epochs * steps_per_epoch, base_lr=lr,
+                                 warmup_steps=args.warmup_epochs * steps_per_epoch, min_lr=args.min_lr,
+                                 t_0=args.t_0 if args.freezeout else 1.0, how_scale=args.how_scale,
+                                 scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
+    freezer = Freezer(model, optimizer, schedule, unit_of=unit_of, dist=info,
+                      describe_unit=lambda u: f"blocks.{u - 1} (unit {u})" if u else "patch embedding + tokens")
+    start_epoch, skipped, best = args.start_epoch, 0, {"acc1": -1.0, "epoch": -1}
+    if resume:
+        start_epoch, skipped, best = restore(resume, model, optimizer, scaler, freezer, steps_per_epoch)
+    if info.is_main:
+        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": len(names),
+                         "fold": fold, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
+        if args.freezeout:
+            save_schedule_png(output_dir / "freezeout_schedule.png", schedule, steps_per_epoch)
+    mixup_fn, criterion = build_criterion(args, len(names))
+
+    def step_fn(batch, step: int) -> dict:
+        return classify_step(freezer.module, batch, step, criterion=criterion, device=device, mixup_fn=mixup_fn)
+    writer = MetricWriter(output_dir, log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    result: dict[str, float] = {}
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(epoch_seed(args.seed, epoch, info.rank))
+        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
+        freezer.train()
+        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=freezer.before_update,
+                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
+                                accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
+                                device=device, model=freezer, max_skipped_steps=args.max_skipped_steps,
+                                skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
+                                header=f"Epoch: [{epoch}]")
+        skipped = int(stats["skipped_steps"])
+        result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
+        confusion = result.pop("confusion")
+        if result["acc1"] > best["acc1"]:
+            best = {"acc1": result["acc1"], "epoch": epoch, "confusion": confusion}
+        logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",
+                    epoch, result["acc1"], result["acc5"], result["f1"], result["mcc"], result["loss"], best["acc1"],
+                    best["epoch"])
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "step": int(stats["step"]), "skipped_steps": skipped, "best": best,
+                     "classes": names, "args": vars(args)}
+            save_checkpoint(output_dir / "checkpoint-last.pth", state)
+            if best["epoch"] == epoch:
+                save_checkpoint(output_dir / "checkpoint-best.pth", state)
+            if (epoch + 1) % args.save_every == 0:
+                save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
+            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in
+                              result.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen})
+    writer.close()
+    if "test" in eval_loaders and best["epoch"] != args.epochs - 1:  # test the model selected on val
+        barrier()  # rank 0 has written checkpoint-best.pth
+        load_model_state(model, load_checkpoint(output_dir / "checkpoint-best.pth")["model"], source="best checkpoint")
+    tested = {k: v for k, v in report(best=best).items() if k.startswith("test_")}
+    return write_results(output_dir if info.is_main else None,
+                         {**result, "best_acc1": best["acc1"], "best_epoch": best["epoch"], **tested})
+
+
+def restore(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            freezer: Freezer, steps_per_epoch: int) -> tuple[int, int, dict]:
+    """Load a ``main_finetune.py`` checkpoint to continue training; returns (start epoch, skipped steps, best).
+
+    Raises:
+        ValueError: the checkpoint is not a fine-tuning checkpoint of this model (no optimizer state, other keys).
+    """
+    checkpoint = load_checkpoint(path)
+    if not {"model", "optimizer", "epoch", "best"} <= set(checkpoint):
+        raise ValueError(f"{path} is not a main_finetune.py training checkpoint (keys: {sorted(checkpoint)[:8]}); "
+                         "pass a pretrained or foreign checkpoint as --finetune, or use --eval to evaluate it")
+    load_model_state(model, checkpoint["model"], source=f"checkpoint {path}")
+    freezer.sync((checkpoint["epoch"] + 1) * steps_per_epoch - 1)  # the group structure after its last update
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"optimizer state in {path} does not match this run: {err}") from err
+    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    best = checkpoint["best"]
+    logger.info("resumed from %s (epoch %d done, best acc1 %.2f)", path, checkpoint["epoch"], best["acc1"])
+    return checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0), best
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, before anything is built (ValueError)."""
+    bad = [f"--{name}" for name in PRETRAIN_ONLY if getattr(args, name)]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} applies to pretraining (MIM models) only, not to fine-tuning")
+    if mixup_active(args) and args.batch_size % 2:
+        raise ValueError(f"mixup/cutmix pairs the images of a batch: --batch_size must be even, got {args.batch_size}")
+    if args.split_file and args.data_set != "folder":
+        raise ValueError(f"--split_file needs --data_set folder, got --data_set {args.data_set}")
+    if args.fold and not args.split_file:
+        raise ValueError("--fold selects a fold of --split_file (CSV with columns file,label,fold); none given")
+
+
+def build_data(args: argparse.Namespace, fold: int | None) -> tuple[Dataset, dict[str, Dataset], list[str]]:
+    """Training set, evaluation sets (``val``; ``test`` too for a folder tree that has one) and class names.
+
+    Raises:
+        ValueError: the splits disagree on their classes, or ``--nb_classes`` differs from the data's classes.
+    """
+    load = partial(build_dataset, args.data_set, args.data_path, download=args.download, split_file=args.split_file,
+                   fold=fold)
+    train_set = load("train", finetune_transform(args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
+                                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount))
+    splits = ["val"] + (["test"] if args.data_set in ("folder", "imagenet") and not args.split_file
+                        and (Path(args.data_path) / "test").is_dir() else [])
+    eval_sets = {split: load(split, eval_transform(args.input_size)) for split in splits}
+    names = class_names(train_set)
+    for split, dataset in eval_sets.items():
+        other = class_names(dataset)
+        if other != names:
+            raise ValueError(f"{split} and train classes differ under {args.data_path} ({len(other)} vs {len(names)}): "
+                             f"only in train {sorted(set(names) - set(other))[:8]}, only in {split} "
+                             f"{sorted(set(other) - set(names))[:8]}")
+    if args.nb_classes is not None and args.nb_classes != len(names):
+        raise ValueError(f"--nb_classes {args.nb_classes} does not match the data: {args.data_set} under "
+                         f"{args.data_path!r} has {len(names)} classes")
+    return train_set, eval_sets, names
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    names = getattr(dataset, "classes", None)
+    return [str(n) for n in names] if names else [str(c) for c in range(num_classes(dataset))]
+
+
+def build_model(args: argparse.Namespace, classes: int, *, finetune: str | None) -> nn.Module:
+    """timm ViT with a ``classes``-way head and the backbone of ``finetune`` (None: random, or resumed later)."""
+    if not args.model.startswith("vit_"):
+        raise ValueError(f"--model {args.model} is not a classification backbone; choose one of "
+                         f"{[m for m in models.list_models() if m.startswith('vit_')]}")
+    model = models.create_model(args.model, img_size=args.input_size, num_classes=classes,
+                                global_pool="avg" if args.global_pool else "token", drop_path_rate=args.drop_path)
+    if finetune:
+        load_finetune_weights(model, finetune, source=args.checkpoint_source, global_pool=args.global_pool,
+                              head_init_std=args.head_init_std, what=f"--model {args.model}")
+    elif not (args.resume or args.auto_resume):
+        logger.warning("no --finetune checkpoint: training from random initialisation (a baseline)")
+    return model
+
+
+def load_finetune_weights(model: nn.Module, path: str, *, source: str = "auto", global_pool: bool = True,
+                          head_init_std: float = 2e-5, what: str = "the model") -> None:
+    """MAE's ``--finetune`` load (SPEC 5.2, 5.3): any supported checkpoint -> timm keys, patch kernel and position
+    embedding resampled to the model, every backbone key required, then a fresh head (trunc_normal(std), bias 0).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unreadable or unrecognised checkpoint, shapes of another architecture, or backbone keys missing.
+    """
+    state, source = to_timm_vit(load_checkpoint(path), source=source)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # MAE re-initialises the head anyway
+    state = adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
+                           num_prefix_tokens=model.num_prefix_tokens)
+    load_pretrained(model, state, expected_missing=("head.*", "fc_norm.*") if global_pool else ("head.*",),
+                    source=f"{path} ({source} checkpoint into {what})")
+    init_head(model.head, std=head_init_std)
+
+
+def freeze_unit(name: str, *, depth: int) -> int | None:
+    """Unit of a ViT parameter for FreezeOut and layer-wise lr decay: 0 = patch embedding, cls token and position
+    embedding; j + 1 = block j; None = final norm, fc_norm and head (never frozen early; lr_scale 1)."""
+    layer = vit_layer_of(name, depth=depth)
+    return None if layer > depth else layer
+
+
+def mixup_active(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_criterion(args: argparse.Namespace, classes: int) -> tuple[Mixup | None, nn.Module]:
+    """MAE's choice (SPEC 5.5): timm mixup/cutmix with smoothing folded into soft targets -> soft-target CE;
+    else label-smoothing CE when ``--smoothing`` > 0; else plain CE."""
+    if mixup_active(args):
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=classes)
+        return mixup, SoftTargetCrossEntropy()
+    return None, LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
+
+
+def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, names: list[str], device: torch.device,
+                        amp_dtype: torch.dtype | None, output_dir: Path | None, best: dict | None = None
+                        ) -> dict[str, float]:
+    """Evaluate on every split and write ``per_class_<split>.txt`` and ``confusion_<split>.png`` (rank 0).
+
+    ``best`` (from training) supplies the validation confusion matrix, so only the other splits are evaluated.
+    Returns the ``val`` metrics under their names and the others as ``<split>_<name>``.
+    """
+    from util.vis import save_confusion_png  # lazy: pictures are optional
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, float] = {}
+    for split, loader in loaders.items():
+        if split == "val" and best is not None and "confusion" in best:
+            metrics, confusion = {}, best["confusion"]
+        else:
+            metrics = evaluate(model, loader, device=device, num_classes=len(names), amp_dtype=amp_dtype)
+            confusion = metrics.pop("confusion")
+            logger.info("%s: %s", split, "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "num_samples"))
+        out.update(metrics if split == "val" else {f"{split}_{k}": v for k, v in metrics.items()})
+        if output_dir is not None:
+            table = per_class_table(confusion, names)
+            logger.info("%s per-class results:\n%s", split, table)
+            (output_dir / f"per_class_{split}.txt").write_text(table + "\n")
+            save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
+    return out
+
+
+def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[str, float]:
+    """Write ``results.json`` into ``output_dir`` (None: not the main process) and return ``results``."""
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def summarize_folds(results: list[dict[str, float]]) -> dict[str, float]:
+    """Mean and population std (``<key>_std``) over folds of every numeric value the folds share."""
+    keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
+    summary = {}
+    for key in keys:
+        values = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        summary[key], summary[f"{key}_std"] = float(values.mean()), float(values.std(unbiased=False))
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
+        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
+        sys.exit(1)
+    finally:
+        cleanup()

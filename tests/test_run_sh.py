@@ -1,0 +1,54 @@
+"""run.sh: task table, argument mapping and refusals (dry runs only: nothing trains)."""
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_sh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def job():
+    name = f"test_{uuid.uuid4().hex[:8]}"
+    yield name
+    shutil.rmtree(ROOT / "output" / name, ignore_errors=True)
+
+
+def test_help_lists_tasks():
+    res = run_sh("--help")
+    assert res.returncode == 0
+    for task in ("pretrain_demo", "pretrain_localmim_vit_base_freezeout_cubic_t0.8_100e", "imagenet_finetune",
+                 "linprobe", "knn", "cifar10_cls", "hyperkvasir_cls"):
+        assert task in res.stdout
+
+
+def test_refusals(job):
+    for args, msg in [((job, "nope", "base", "0"), "unknown task 'nope'"),
+                      ((job, "pretrain_demo+ade20k_seg", "base", "0"), "not supported yet"),
+                      ((job, "pretrain_demo", "base"), "expected JOB_NAME TASK MODEL NGPUS"),
+                      ((job, "pretrain_demo", "base", "two"), "NGPUS must be a number")]:
+        res = run_sh(*args)
+        assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
+    assert not (ROOT / "output" / job).exists()  # nothing started
+
+
+def test_pretrain_dry_run_maps_arguments(job):
+    res = run_sh(job, "pretrain_demo", "small", "0", "epochs=3", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])  # first line echoes the command
+    assert resolved["model"] == "MIM_vit_small_patch16"  # the demo recipe is LocalMIM and resolved["epochs"] == 3
+    assert resolved["output_dir"] == f"output/{job}/pretrain_demo" and resolved["auto_resume"] is True
+    assert resolved["input_size"] == 64  # from the recipe
+
+
+def test_checkpoint_goes_to_finetune_for_transfer_tasks(job):
+    res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", "/some/ckpt.pth", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    assert "--finetune /some/ckpt.pth" in res.stdout.splitlines()[0]
