@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -31,13 +30,13 @@ from models.convert import adapt_to_model, to_timm_vit
 from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
-from util.distributed import DistInfo, barrier, cleanup, init_distributed
+from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.metrics import per_class_table
 from util.param_groups import param_groups
-from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, csv_folds, num_classes
 from util.transforms import eval_transform, finetune_transform
 
@@ -354,10 +353,4 @@ def summarize_folds(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
-        sys.exit(1)
-    finally:
-        cleanup()
+    run_cli(main, NonFiniteLossError)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,9 +26,9 @@ from models.convert import adapt_to_model, to_timm_vit
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
 from util.datasets import IndexedDataset
-from util.distributed import DistInfo, cleanup, init_distributed
+from util.distributed import DistInfo, init_distributed
 from util.logging import MetricWriter, setup_logging
-from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, num_classes
 from util.transforms import eval_transform
 
@@ -150,10 +149,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
-        sys.exit(1)
-    finally:
-        cleanup()
+    run_cli(main)

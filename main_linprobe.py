@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -28,11 +27,11 @@ from main_pretrain import resolve_amp
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from util.distributed import broadcast_buffers, cleanup, init_distributed, wrap_ddp
+from util.distributed import broadcast_buffers, init_distributed, wrap_ddp
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.lr_sched import apply_lr, cosine_lr
-from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import MEAN, STD, eval_transform
 
 logger = logging.getLogger("vitfreeze")
@@ -160,10 +159,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
-        sys.exit(1)
-    finally:
-        cleanup()
+    run_cli(main, NonFiniteLossError)

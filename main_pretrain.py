@@ -19,13 +19,13 @@ from engine.train import NonFiniteLossError, train_one_epoch
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, save_checkpoint
 from util.datasets import build_pretrain_dataset
-from util.distributed import cleanup, init_distributed
+from util.distributed import init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import add_launch_args, check_launch_args, submit
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.param_groups import param_groups
-from util.runtime import seed_everything, set_backend_flags, write_run_record
+from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
@@ -198,10 +198,4 @@ def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argpar
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as error:
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
-        sys.exit(1)
-    finally:
-        cleanup()
+    run_cli(main, NonFiniteLossError)

@@ -36,11 +36,13 @@ from util.param_groups import param_groups  # noqa: E402
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
-def prefix_fractions(schedule: FreezeOutSchedule) -> list[float]:
-    """Fraction of the run's optimizer steps spent with exactly k units frozen, k = 0..N+1."""
-    edges = [0] + [min(schedule.freeze_step(u), schedule.total_steps) for u in range(schedule.num_units)]
+def prefix_fractions(schedule: FreezeOutSchedule, start: int = 0) -> list[float]:
+    """Fraction of the optimizer steps in [start, total) spent with exactly k units frozen, k = 0..N+1."""
+    edges = [start] + [min(max(schedule.freeze_step(u), start), schedule.total_steps)
+                       for u in range(schedule.num_units)]
     edges.append(schedule.total_steps)
-    return [(edges[k + 1] - edges[k]) / schedule.total_steps for k in range(schedule.num_units + 1)]
+    span = schedule.total_steps - start
+    return [(edges[k + 1] - edges[k]) / span for k in range(schedule.num_units + 1)]
 
 
 class Bench:
@@ -100,7 +102,8 @@ class Bench:
 
 def demo_run(args: argparse.Namespace, epochs: int, rows: list[dict]) -> dict:
     """Short real runs with and without FreezeOut on the demo data; compares summed epoch times (training steps
-    only) with the saving predicted by integrating the per-k step times over that run's own schedule."""
+    only) with the saving predicted by integrating the per-k step times over that run's own schedule. Epoch 0 is
+    left out of both sums (one-time warm-up costs; nothing freezes that early)."""
     import main_pretrain
     from util.datasets import DemoDataset
 
@@ -114,11 +117,11 @@ def demo_run(args: argparse.Namespace, epochs: int, rows: list[dict]) -> dict:
         with tempfile.TemporaryDirectory() as out:
             main_pretrain.main([*common, *extra, "--output_dir", out])
             lines = (Path(out) / "log.txt").read_text().splitlines()
-            totals[name] = sum(json.loads(line)["train_epoch_time_s"] for line in lines)
+            totals[name] = sum(json.loads(line)["train_epoch_time_s"] for line in lines[1:])
     steps_per_epoch = len(DemoDataset()) // args.batch_size
     schedule = FreezeOutSchedule(num_units=len(rows), total_steps=epochs * steps_per_epoch, base_lr=1.0,
                                  warmup_steps=warmup * steps_per_epoch, t_0=args.t_0, how_scale=args.how_scale)
-    weights = prefix_fractions(schedule)
+    weights = prefix_fractions(schedule, start=steps_per_epoch)
     predicted = 1 - sum(w * r["s_per_step"] for w, r in zip(weights, rows)) / rows[0]["s_per_step"]
     return {"record": "demo_run", "epochs": epochs, "warmup_epochs": warmup, "steps_per_epoch": steps_per_epoch,
             "baseline_s": totals["baseline"], "freezeout_s": totals["freezeout"],

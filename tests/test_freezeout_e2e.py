@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
+from util.distributed import cleanup
 
 # demo --debug: 64 images, batch 16 -> 4 steps/epoch, 16 steps; linear t_0 0.5: units freeze from step 10 on
 BASE = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
@@ -83,7 +84,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list) -> None:
     try:
         main_pretrain.main(argv)
     finally:
-        main_pretrain.cleanup()
+        cleanup()
 
 
 def test_two_process_ddp_passes_freeze_events(tmp_path):

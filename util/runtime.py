@@ -7,12 +7,13 @@ as DINOv2 and modded-nanogpt do at start.
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -72,3 +73,17 @@ def write_run_record(output_dir: str | Path, resolved_args: dict[str, Any], deri
     record = {**run_record(argv), "derived": derived}
     (output_dir / "run_info.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
+    """Run an entry script's ``main()``: a user error (bad path, bad value, ``errors``) becomes one log line and
+    exit status 1 instead of a traceback; the process group is always torn down."""
+    from util.distributed import cleanup
+
+    try:
+        main()
+    except (FileNotFoundError, ValueError, *errors) as error:
+        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
+        sys.exit(1)
+    finally:
+        cleanup()
