@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,7 @@ from util.logging import MetricWriter, setup_logging
 from util.lr_sched import apply_lr, cosine_lr
 from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import MEAN, STD, eval_transform
+from util.launch import add_launch_args, check_launch_args, submit
 
 logger = logging.getLogger("vitfreeze")
 
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_optim_args(parser, blr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10, batch_size=512)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=1000)
+    add_launch_args(parser)
     return parser
 
 
@@ -65,10 +68,14 @@ def lars_groups(probe: LinearProbe, lrs: list[float], weight_decay: float) -> li
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
-    args = cli.parse_args(build_parser(), argv)
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
+    check_launch_args(args, parser)
     if args.dry_run:
         print(cli.dump_args(args), end="")
         return {}
+    if args.launcher != "none":
+        return {"job_id": submit("main_linprobe", sys.argv[1:] if argv is None else list(argv), args).job_id}
     if args.lr_grid and not args.cache_features:
         raise ValueError("--lr_grid trains its heads on cached features: add --cache_features")
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)

@@ -53,3 +53,14 @@ def test_preempted_job_requeues_and_resumes_to_the_same_result(tmp_path, monkeyp
     assert final["epoch"] == 2
     for key, value in plain["model"].items():
         assert torch.equal(value, final["model"][key]), key
+
+
+@pytest.mark.parametrize("script", ["main_finetune", "main_linprobe", "main_knn"])
+def test_every_entry_script_takes_the_launch_options(script, capsys):
+    module = __import__(script)
+    options = {opt for action in module.build_parser()._actions for opt in action.option_strings}
+    assert {"--launcher", "--nodes", "--ngpus", "--partition", "--timeout", "--job_dir", "--comment",
+            "--use_volta32", "--exclude"} <= options
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--nodes", "2"])
+    assert exc.value.code == 2 and "--nodes only apply with --launcher slurm" in capsys.readouterr().err
