@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -40,7 +39,7 @@ from util.param_groups import param_groups
 from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, csv_folds, num_classes
 from util.transforms import eval_transform, finetune_transform
-from util.launch import add_launch_args, check_launch_args, submit
+from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOut flags of the MIM models
@@ -71,14 +70,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         ``mcc``, ...) with ``best_acc1`` / ``best_epoch`` and ``test_*`` (best model on ``test/``, when present);
         over several folds the mean of every value plus ``<key>_std`` (population std, as MAE reports seeds).
     """
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    check_launch_args(args, parser)
-    if args.dry_run:
-        print(cli.dump_args(args), end="")
-        return {}
-    if args.launcher != "none":
-        return {"job_id": submit("main_finetune", sys.argv[1:] if argv is None else list(argv), args).job_id}
+    args, result = parse_or_dispatch(build_parser(), argv, "main_finetune")
+    if result is not None:
+        return result
     check_args(args)
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     setup_logging(args.output_dir if info.is_main else None, info.rank)

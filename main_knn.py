@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -32,7 +31,7 @@ from util.logging import MetricWriter, setup_logging
 from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, num_classes
 from util.transforms import eval_transform
-from util.launch import add_launch_args, check_launch_args, submit
+from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
@@ -113,14 +112,9 @@ def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Ten
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    check_launch_args(args, parser)
-    if args.dry_run:
-        print(cli.dump_args(args), end="")
-        return {}
-    if args.launcher != "none":
-        return {"job_id": submit("main_knn", sys.argv[1:] if argv is None else list(argv), args).job_id}
+    args, result = parse_or_dispatch(build_parser(), argv, "main_knn")
+    if result is not None:
+        return result
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     seed_everything(args.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +33,7 @@ from util.logging import MetricWriter, setup_logging
 from util.lr_sched import apply_lr, cosine_lr
 from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import MEAN, STD, eval_transform
-from util.launch import add_launch_args, check_launch_args, submit
+from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 
@@ -68,14 +67,9 @@ def lars_groups(probe: LinearProbe, lrs: list[float], weight_decay: float) -> li
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    check_launch_args(args, parser)
-    if args.dry_run:
-        print(cli.dump_args(args), end="")
-        return {}
-    if args.launcher != "none":
-        return {"job_id": submit("main_linprobe", sys.argv[1:] if argv is None else list(argv), args).job_id}
+    args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe")
+    if result is not None:
+        return result
     if args.lr_grid and not args.cache_features:
         raise ValueError("--lr_grid trains its heads on cached features: add --cache_features")
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)

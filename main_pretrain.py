@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +20,7 @@ from util.checkpoint import find_latest, load_checkpoint, load_model_state, save
 from util.datasets import build_pretrain_dataset
 from util.distributed import init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
-from util.launch import add_launch_args, check_launch_args, submit
+from util.launch import add_launch_args, parse_or_dispatch
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.param_groups import param_groups
@@ -56,14 +55,9 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Pretrain as ``argv`` says; returns the last epoch's training statistics."""
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
-    check_launch_args(args, parser)
-    if args.dry_run:
-        print(cli.dump_args(args), end="")
-        return {}
-    if args.launcher != "none":
-        return {"job_id": submit("main_pretrain", sys.argv[1:] if argv is None else list(argv), args).job_id}
+    args, result = parse_or_dispatch(build_parser(), argv, "main_pretrain")
+    if result is not None:
+        return result
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     seed_everything(args.seed + info.rank)

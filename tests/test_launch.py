@@ -9,6 +9,7 @@ import torch
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
+from util import launch
 from util.launch import strip_launch_args
 
 ARGS = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
@@ -29,8 +30,8 @@ def test_strip_launch_args():
 def test_preempted_job_requeues_and_resumes_to_the_same_result(tmp_path, monkeypatch):
     main_pretrain.main([*ARGS, "--output_dir", str(tmp_path / "plain")])
     jobs = []
-    real_submit = main_pretrain.submit
-    monkeypatch.setattr(main_pretrain, "submit", lambda *a, **k: jobs.append(real_submit(*a, **k)) or jobs[-1])
+    real_submit = launch.submit
+    monkeypatch.setattr(launch, "submit", lambda *a, **k: jobs.append(real_submit(*a, **k)) or jobs[-1])
     out = tmp_path / "job"
     main_pretrain.main([*ARGS, "--epochs", "3", "--output_dir", str(out), "--launcher", "local", "--timeout", "10",
                         "--job_dir", str(tmp_path / "logs"), "--save_every", "1"])

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -109,3 +110,24 @@ def submit(module: str, argv: Sequence[str], args: argparse.Namespace) -> Any:
     job = executor.submit(Task(module, strip_launch_args(argv)))
     print(f"submitted job {job.job_id}; logs: {job_dir / str(job.job_id)}")
     return job
+
+
+def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                      module: str) -> tuple[argparse.Namespace, dict | None]:
+    """The start of every entry script: parse (recipe + command line), check the launch options, then either
+    handle the run here (``--dry_run`` prints the resolved configuration; ``--launcher`` submits a job) or not.
+
+    Returns:
+        ``(args, result)``: ``result`` is what ``main`` should return at once ({} after a dry run, the job id
+        after a submission), or None when the run goes on in this process.
+    """
+    from util.args import dump_args, parse_args
+
+    args = parse_args(parser, argv)
+    check_launch_args(args, parser)
+    if args.dry_run:
+        print(dump_args(args), end="")
+        return args, {}
+    if args.launcher != "none":
+        return args, {"job_id": submit(module, sys.argv[1:] if argv is None else list(argv), args).job_id}
+    return args, None
