@@ -10,6 +10,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from util.distributed import unwrap
+from util.loaders import keyed_noise
+
 
 def mim_step(model: nn.Module, batch: Any, step: int, *, mask_ratio: float, device: torch.device,
              num_frozen: int = 0) -> dict[str, torch.Tensor]:
@@ -18,7 +21,9 @@ def mim_step(model: nn.Module, batch: Any, step: int, *, mask_ratio: float, devi
     Args:
         model: a masked image model (possibly DDP-wrapped); ``model(imgs, mask_ratio, num_frozen)`` returns
             a dict with ``loss``, ``stage_losses`` and ``scales``.
-        batch: ``(images [B, 3, H, W], labels)``; labels are ignored.
+        batch: ``(images [B, 3, H, W], labels)`` or ``(images, labels, sample keys [B])``; labels are ignored.
+            With keys (``util.loaders.KeyedSamples``) each sample's mask is drawn from its key
+            (``util.loaders.keyed_noise``), else from the global RNG.
         step: optimizer updates so far (unused here; part of the step-function contract).
         mask_ratio: fraction of patches removed.
         device: where the model lives.
@@ -28,7 +33,8 @@ def mim_step(model: nn.Module, batch: Any, step: int, *, mask_ratio: float, devi
         ``{'loss': scalar}`` plus ``loss_x<scale>`` per stage when the model has several stages.
     """
     imgs = batch[0].to(device, non_blocking=True)
-    out = model(imgs, mask_ratio=mask_ratio, num_frozen=num_frozen)
+    noise = keyed_noise(batch[2], unwrap(model).patch_embed.num_patches, device) if len(batch) > 2 else None
+    out = model(imgs, mask_ratio=mask_ratio, num_frozen=num_frozen, noise=noise)
     result = {"loss": out["loss"]}
     if len(out["stage_losses"]) > 1:
         for scale, loss in zip(out["scales"], out["stage_losses"]):

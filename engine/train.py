@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
-from util.distributed import all_true
+from util.distributed import all_reduce_mean
 from util.logging import SmoothedValue, format_eta
 
 logger = logging.getLogger("vitfreeze")
@@ -89,8 +89,11 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
             for key, value in out.items():
                 if key != "loss":
                     scalars[key] = scalars.get(key, 0.0) + value.detach().float() / accum_steps
-        loss_value = loss_sum.item() / accum_steps  # one host sync per update: needed to skip a bad step
-        if not all_true(math.isfinite(loss_value), device):
+        # Mean over ranks (MAE logs it too): every rank logs the loss of the whole effective batch, and a
+        # non-finite loss on any rank makes it non-finite everywhere, so all ranks skip the update together.
+        # One host sync per update: needed to skip a bad step.
+        loss_value = all_reduce_mean(loss_sum).item() / accum_steps
+        if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
             logger.warning("non-finite loss %s at step %d: update skipped (%d of at most %d)",

@@ -10,14 +10,15 @@ import torch
 from torch import Tensor
 
 
-def random_masking(x: Tensor, mask_ratio: float,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def random_masking(x: Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample random masking by argsort of uniform noise, exactly as MAE.
 
     Args:
         x: tokens, [B, L, D].
         mask_ratio: fraction of tokens to remove, in [0, 1).
         generator: RNG for the noise, on ``x.device``; None draws from the global RNG.
+        noise: the noise itself, [B, L] (e.g. ``util.loaders.keyed_noise``); ``generator`` is then unused.
 
     Returns:
         ``(x_kept, mask, ids_restore)``: x_kept [B, K, D] with ``K = int(L * (1 - mask_ratio))`` (the tokens with
@@ -29,7 +30,10 @@ def random_masking(x: Tensor, mask_ratio: float,
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     batch, length, dim = x.shape
     len_keep = int(length * (1 - mask_ratio))
-    noise = torch.rand(batch, length, generator=generator, device=x.device)
+    if noise is None:
+        noise = torch.rand(batch, length, generator=generator, device=x.device)
+    elif noise.shape != (batch, length):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(batch, length)}")
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]

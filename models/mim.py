@@ -187,7 +187,8 @@ class MaskedImageModel(nn.Module):
 
     def forward_encoder(self, imgs: Tensor, mask_ratio: float = 0.75, num_frozen: int = 0,
                         generator: torch.Generator | None = None,
-                        taps: Sequence[int] | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+                        taps: Sequence[int] | None = None,
+                        noise: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
         """Embed, mask, prepend cls, run blocks up to the last tap; frozen units run without autograd.
 
         The frozen prefix runs under ``torch.no_grad()`` only when nothing before it trains: with
@@ -200,6 +201,7 @@ class MaskedImageModel(nn.Module):
             num_frozen: frozen prefix length in units, 0 <= num_frozen <= num_units.
             generator: masking RNG (on the images' device); the draw does not depend on num_frozen.
             taps: 0-based blocks whose outputs are returned, increasing; default the last block.
+            noise: masking noise [B, L] (``util.loaders.keyed_noise``) instead of a draw from ``generator``.
 
         Returns:
             ``(outputs, mask, ids_restore)``: outputs one [B, 1+K, D] per tap (raw block output, cls first);
@@ -214,7 +216,7 @@ class MaskedImageModel(nn.Module):
         prefix_no_grad = self.freeze_patch_embed and self.freeze_cls_token
         with torch.set_grad_enabled(grad and not embed_frozen):
             x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-            x, mask, ids_restore = random_masking(x, mask_ratio, generator)
+            x, mask, ids_restore = random_masking(x, mask_ratio, generator, noise)
         with torch.set_grad_enabled(grad and not (embed_frozen and self.freeze_cls_token)):
             cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
             x = torch.cat([cls, x], dim=1)
@@ -232,7 +234,7 @@ class MaskedImageModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, imgs: Tensor, mask_ratio: float = 0.75, num_frozen: int = 0,
-                generator: torch.Generator | None = None) -> dict[str, Any]:
+                generator: torch.Generator | None = None, noise: Tensor | None = None) -> dict[str, Any]:
         """Masked reconstruction loss of the stages that are not fed by frozen units.
 
         Args:
@@ -241,6 +243,7 @@ class MaskedImageModel(nn.Module):
             num_frozen: the first ``num_frozen`` units run without autograd (the caller sets their eval mode and
                 requires_grad); stages whose feeding unit is frozen are skipped (no decoder, target or loss).
             generator: masking RNG on the images' device (None: global RNG).
+            noise: masking noise [B, L] (``util.loaders.keyed_noise``) instead of a draw from ``generator``.
 
         Returns:
             dict with ``loss`` (scalar, sum of ``stage_losses``), ``mask`` [B, L] (1 = removed), and per active
@@ -253,7 +256,8 @@ class MaskedImageModel(nn.Module):
         # Targets first: their full-resolution temporaries are freed before the encoder's activations pile up.
         targets = self.target(imgs, [self.target_sizes[k] for k in stages])
         taps = [self.stage_blocks[k] for k in stages]
-        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, num_frozen, generator, taps=taps)
+        latents, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, num_frozen, generator, taps=taps,
+                                                          noise=noise)
         preds = [self.forward_stage(k, x, ids_restore) for k, x in zip(stages, latents)]
         scales = [self.scales[k] for k in stages]
         masks = [rescale_mask(mask, s, self.grid_size) for s in scales]

@@ -44,6 +44,16 @@ def test_same_seed_same_mask_and_other_seed_differs():
     assert not torch.equal(m1, m3)
 
 
+def test_given_noise_replaces_the_draw():
+    x = torch.randn(3, 16, 4)
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(7))
+    drawn = random_masking(x, 0.75, torch.Generator().manual_seed(7))
+    given = random_masking(x, 0.75, torch.Generator().manual_seed(99), noise=noise)  # the generator is unused
+    assert all(torch.equal(a, b) for a, b in zip(drawn, given))
+    with pytest.raises(ValueError, match="noise has shape"):
+        random_masking(x, 0.75, noise=noise[:, :8])
+
+
 @pytest.mark.parametrize("ratio", [1.0, -0.1])
 def test_invalid_ratio(ratio):
     with pytest.raises(ValueError):

@@ -1,6 +1,11 @@
 """The shared loop: accumulation, lr hook, non-finite skipping, clipping (against hand computations)."""
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 from engine.train import NonFiniteLossError, train_one_epoch
@@ -13,11 +18,11 @@ def make_data(n=16, seed=0):
     return x, y
 
 
-def run(batch, accum, steps, *, nan_steps=(), max_skipped=0, clip=None, lr=0.1):
+def run(batch, accum, steps, *, nan_steps=(), max_skipped=0, clip=None, lr=0.1, data_seed=0):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    x, y = make_data()
+    x, y = make_data(seed=data_seed)
     loader = [(x[i:i + batch], y[i:i + batch]) for i in range(0, len(x), batch)]
     calls = []
 
@@ -70,3 +75,32 @@ def test_clip_grad_limits_update():
     ref = nn.Linear(3, 1)
     delta = torch.cat([(model.weight - ref.weight).flatten(), (model.bias - ref.bias).flatten()])
     assert delta.norm().item() == pytest.approx(lr * clip, rel=1e-4)
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:  # other data on each rank; a NaN at step 6 on rank 1 only
+        _, stats, _ = run(batch=4, accum=1, steps=4, nan_steps={6} if rank == 1 else (), max_skipped=1,
+                          data_seed=rank)
+        clean_stats = run(batch=4, accum=1, steps=1, data_seed=rank)[1]  # step 5 alone, still all-reduced
+        torch.save({"stats": stats, "clean": clean_stats}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_skip_together_and_log_the_mean_loss(tmp_path):
+    """A non-finite loss on one rank skips the update on every rank (else DDP would deadlock or the weights
+    drift apart), and every rank logs the loss averaged over ranks (MAE's all_reduce_mean)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for result in results:
+        assert result["stats"]["skipped_steps"] == 1 and result["stats"]["step"] == 9
+    single = [run(batch=4, accum=1, steps=1, data_seed=seed)[1]["loss"] for seed in (0, 1)]
+    assert single[0] != pytest.approx(single[1])
+    for result in results:
+        assert result["clean"]["loss"] == pytest.approx(sum(single) / 2, rel=1e-6)

@@ -76,15 +76,6 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def all_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank only if ``flag`` is true on every rank (so all ranks take the same branch)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = torch.tensor(1 if flag else 0, device=device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return bool(tensor.item())
-    return flag
-
-
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """Wrap in DistributedDataParallel when distributed; the module itself otherwise."""
     if not info.distributed:
