@@ -24,9 +24,9 @@ add cifar10_cls       main_finetune.py configs/finetune/moco_v3_cifar10.yaml
 add cifar_cls         main_finetune.py configs/finetune/moco_v3_cifar100.yaml
 add flwrs_cls         main_finetune.py configs/finetune/moco_v3_flowers.yaml
 add pets_cls          main_finetune.py configs/finetune/moco_v3_pets.yaml
-add cars_cls          main_finetune.py configs/finetune/cars.yaml
-add inat_cls          main_finetune.py configs/finetune/inat18.yaml
-add inat19_cls        main_finetune.py configs/finetune/inat19.yaml
+add cars_cls          main_finetune.py configs/finetune/dbot_cars.yaml
+add inat_cls          main_finetune.py configs/finetune/dbot_inat18.yaml
+add inat19_cls        main_finetune.py configs/finetune/dbot_inat19.yaml
 add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
 add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
 UNSUPPORTED="cascade_coco_det ade20k_seg ade20kv_seg"
@@ -70,9 +70,9 @@ model_name() {  # full name as given, or an architecture completed with the reci
     echo "${family}vit_${MODEL}_patch${patch}"
 }
 
-for task in "${TASK_LIST[@]}"; do
-    script=${SCRIPT[$task]}; out="output/$JOB/$task"
-    args=(--config "${CONFIG[$task]}" --model "$(model_name "$task")" --output_dir "$out")
+command_of() {  # sets args (the entry script's arguments) and cmd (how to launch it) for one task
+    local task=$1 script=${SCRIPT[$1]}
+    args=(--config "${CONFIG[$task]}" --model "$(model_name "$task")" --output_dir "output/$JOB/$task")
     if [[ $script == main_pretrain.py ]]; then
         args+=(--auto_resume); [[ -n $CKPT ]] && args+=(--resume "$CKPT")
     else
@@ -80,13 +80,30 @@ for task in "${TASK_LIST[@]}"; do
     fi
     args+=("${EXTRA[@]}")
     if [[ ${NNODES:-1} -gt 1 ]]; then
-        cmd=(python "$script" "${args[@]}" --launcher slurm --nodes "$NNODES" --ngpus "$NGPUS")
+        args+=(--launcher slurm --nodes "$NNODES" --ngpus "$NGPUS"); cmd=(python "$script" "${args[@]}")
     elif [[ $NGPUS -gt 0 ]]; then
         cmd=(torchrun --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" "$script" "${args[@]}")
     else
         cmd=(python "$script" "${args[@]}")
     fi
+}
+
+# Resolve every task (recipe, flags, effective batch on this many processes) before starting any, so that a
+# chain does not stop at its third task after two have run.
+world=$(( NGPUS > 0 ? NGPUS * ${NNODES:-1} : 1 ))
+for task in "${TASK_LIST[@]}"; do
+    command_of "$task"
+    if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
+        printf '%s\n' "$errors" | grep -E '^[^ ].*error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
+        echo "error: task '$task' does not resolve on $world process(es); nothing was started" >&2; exit 2
+    fi
+done
+
+# Each task runs under record.sh: output/JOB/TASK/records/<time>/ keeps the command line, git state, exit
+# status and everything printed (all ranks, torchrun's own messages too).
+for task in "${TASK_LIST[@]}"; do
+    command_of "$task"; out="output/$JOB/$task"
     mkdir -p "$out"
     echo "[run.sh] ${cmd[*]}" | tee -a "$out/run_sh_commands.txt"
-    "${cmd[@]}"
+    RECORD_DIR="$out/records/$(date +%Y%m%d_%H%M%S)_$$" bash ./record.sh "${cmd[@]}"
 done

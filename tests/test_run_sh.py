@@ -52,3 +52,36 @@ def test_checkpoint_goes_to_finetune_for_transfer_tasks(job):
     res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", "/some/ckpt.pth", "--dry_run")
     assert res.returncode == 0, res.stderr
     assert "--finetune /some/ckpt.pth" in res.stdout.splitlines()[0]
+
+
+def test_a_chain_is_checked_before_anything_starts(job):
+    """3 GPUs cannot keep the LocalMIM recipe's effective batch 2048 (256 per GPU): refused up front, even though
+    the first task of the chain (the demo) would run."""
+    res = run_sh(job, "pretrain_demo+pretrain_localmim_vit_base_100e", "base", "3")
+    assert res.returncode == 2
+    assert "effective batch 2048 is not a multiple of batch_size 256 x 3 processes" in res.stderr
+    assert "task 'pretrain_localmim_vit_base_100e' does not resolve on 3 process(es)" in res.stderr
+    assert "usage:" not in res.stderr  # the one line that matters, not argparse's usage block
+    assert not (ROOT / "output" / job).exists()
+
+
+def test_each_task_is_recorded(job):
+    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    (record,) = (ROOT / "output" / job / "knn" / "records").iterdir()
+    command = (record / "command.txt").read_text()
+    assert "command: python main_knn.py --config configs/knn/imagenet_vit_base.yaml" in command
+    assert "exit status: 0" in command and "git: " in command
+    assert yaml.safe_load((record / "output.log").read_text())["data_set"] == "demo"  # what it printed
+
+
+def test_record_sh_keeps_command_output_and_exit_status(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "record.sh"), "GREETING=hello world", "sh", "-c",
+                          "echo $GREETING; echo oops >&2; exit 3"], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert res.returncode == 3 and "hello world" in res.stdout
+    (record,) = (tmp_path / "records").iterdir()
+    assert (record / "output.log").read_text().split() == ["hello", "world", "oops"]  # stdout and stderr
+    command = (record / "command.txt").read_text()
+    assert "command: GREETING=hello\\ world sh -c" in command and "exit status: 3" in command
+    assert "git: none" in command  # tmp_path is not a git checkout

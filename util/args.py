@@ -108,7 +108,11 @@ def add_optim_args(parser: argparse.ArgumentParser, *, blr: float, weight_decay:
     group.add_argument("--batch_size", default=batch_size, type=positive_int, help="per-process batch size")
     group.add_argument("--epochs", default=epochs, type=positive_int)
     group.add_argument("--warmup_epochs", default=warmup_epochs, type=non_negative_int)
-    group.add_argument("--accum_iter", default=1, type=positive_int, help="micro-batches per optimizer step")
+    group.add_argument("--accum_iter", default=None, type=positive_int,
+                       help="micro-batches per optimizer step (default: 1, or derived from --eff_batch_size)")
+    group.add_argument("--eff_batch_size", default=None, type=positive_int,
+                       help="effective batch (batch_size x accum_iter x world size) to keep whatever the number "
+                            "of GPUs: accum_iter is derived from it")
     group.add_argument("--blr", default=blr, type=positive_float, help="lr = blr * effective batch / 256")
     group.add_argument("--lr", default=None, type=positive_float, help="absolute lr (overrides --blr)")
     group.add_argument("--min_lr", default=min_lr, type=non_negative_float, help="floor of the cosine schedule")
@@ -223,6 +227,35 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
     return parser.parse_args(argv)
+
+
+def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
+    """Set and return ``args.accum_iter``: as given, derived from ``args.eff_batch_size``, or 1.
+
+    A recipe states its effective batch (``eff_batch_size``) once; the micro-batches per optimizer step then
+    follow from the per-process batch and the number of processes, so the same recipe trains the same way on
+    1, 8 or 64 GPUs. Calling it again with the same world size changes nothing.
+
+    Raises:
+        ValueError: the effective batch is not a multiple of ``batch_size x world_size``, or an explicit
+            ``accum_iter`` gives another effective batch.
+    """
+    eff, per_step = args.eff_batch_size, args.batch_size * world_size
+    if eff is None:
+        args.accum_iter = args.accum_iter or 1
+        return args.accum_iter
+    if eff % per_step:
+        sizes = [n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256) if eff % (args.batch_size * n) == 0]
+        raise ValueError(f"effective batch {eff} is not a multiple of batch_size {args.batch_size} x {world_size} "
+                         f"processes = {per_step}: run on {' / '.join(map(str, sizes)) or 'no power-of-2 number of'} "
+                         f"processes, or change --batch_size or --eff_batch_size")
+    derived = eff // per_step
+    if args.accum_iter is not None and args.accum_iter != derived:
+        raise ValueError(f"--accum_iter {args.accum_iter} gives an effective batch of "
+                         f"{args.accum_iter * per_step} (batch_size {args.batch_size} x {world_size} processes), "
+                         f"not --eff_batch_size {eff}; pass only one of the two")
+    args.accum_iter = derived
+    return derived
 
 
 def dump_args(args: argparse.Namespace) -> str:

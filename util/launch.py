@@ -45,6 +45,15 @@ def check_launch_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
             parser.error(f"{', '.join(given)} only apply with --launcher slurm (or local)")
 
 
+def planned_world_size(args: argparse.Namespace) -> int:
+    """Processes the run will have: ``--nodes x --ngpus`` for a SLURM job about to be submitted (one task for
+    ``--launcher local``), else the ``WORLD_SIZE`` that torchrun (or a SLURM task, see ``Task``) put in the
+    environment, else 1."""
+    if args.launcher != "none":
+        return args.nodes * args.ngpus if args.launcher == "slurm" else 1
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+
+
 def strip_launch_args(argv: Sequence[str]) -> list[str]:
     """``argv`` without the launch options, i.e. the command each task runs."""
     out, skip = [], False
@@ -121,13 +130,22 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         ``(args, result)``: ``result`` is what ``main`` should return at once ({} after a dry run, the job id
         after a submission), or None when the run goes on in this process.
     """
-    from util.args import dump_args, parse_args
+    from util.args import dump_args, parse_args, resolve_accum_iter
 
     args = parse_args(parser, argv)
     check_launch_args(args, parser)
+    if hasattr(args, "accum_iter"):  # before anything starts: a recipe's effective batch must fit the job
+        try:
+            resolve_accum_iter(args, planned_world_size(args))
+        except ValueError as err:
+            parser.error(str(err))
     if args.dry_run:
         print(dump_args(args), end="")
         return args, {}
     if args.launcher != "none":
+        try:
+            import submitit  # noqa: F401  (a dependency, but a trimmed environment may lack it)
+        except ImportError:
+            parser.error(f"--launcher {args.launcher} needs submitit: pip install submitit")
         return args, {"job_id": submit(module, sys.argv[1:] if argv is None else list(argv), args).job_id}
     return args, None
