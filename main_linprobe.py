@@ -90,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                               labelled_dataset(args, "val", eval_transform(args.input_size)))
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
-                                rank=info.rank, world_size=info.world_size, seed=args.seed)
+                                rank=info.rank, world_size=info.world_size, seed=args.seed,
+                                keyed=not args.cache_features)
     val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size),
                             batch_size=args.batch_size, num_workers=workers, shuffle=False)
     steps_per_epoch, eff_batch = len(loader) // args.accum_iter, args.batch_size * args.accum_iter * info.world_size

@@ -87,3 +87,13 @@ def test_missing_submitit_is_a_clear_error(capsys, monkeypatch, tmp_path):
         main_knn.main(["--launcher", "slurm", "--data_set", "demo", "--output_dir", str(tmp_path / "o")])
     assert exit_info.value.code == 2 and "needs submitit: pip install submitit" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_a_stale_world_size_flag_is_reported(capsys, monkeypatch):
+    """The seeds' commands carry --world_size; the process count torchrun started is the one that counts."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert main_pretrain.main(["--world_size", "4", "--accum_iter", "2", "--dry_run"]) == {}
+    assert "--world_size 4 ignored: this run has 8 process(es)" in capsys.readouterr().err
+    assert main_pretrain.main(["--world_size", "8", "--dry_run"]) == {}
+    assert "ignored" not in capsys.readouterr().err

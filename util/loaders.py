@@ -81,11 +81,13 @@ class KeyedSamples(Dataset):
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
-                       world_size: int, seed: int) -> DataLoader:
-    """Shuffled, ``drop_last`` training loader of ``KeyedSamples(dataset)`` sharded over ``world_size`` ranks."""
+                       world_size: int, seed: int, keyed: bool = True) -> DataLoader:
+    """Shuffled, ``drop_last`` training loader sharded over ``world_size`` ranks, of ``KeyedSamples(dataset)``
+    (or of ``dataset`` itself with ``keyed=False``: items without randomness, e.g. cached features, where the
+    per-item reseeding would cost more than the item)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
-    return DataLoader(KeyedSamples(dataset, seed=seed), batch_size=batch_size, sampler=sampler,
+    return DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(), drop_last=True,
                       generator=torch.Generator(), persistent_workers=False)
 
@@ -93,5 +95,6 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, p
 def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int) -> None:
     """Shuffle order, sample keys and worker seeds for ``epoch`` (call before iterating)."""
     loader.sampler.set_epoch(epoch)
-    loader.dataset.set_epoch(epoch)
+    if isinstance(loader.dataset, KeyedSamples):
+        loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
