@@ -51,6 +51,11 @@ for arg in "$@"; do
     if [[ $arg == *=* && $arg != -* ]]; then EXTRA+=("--${arg%%=*}" "${arg#*=}"); else EXTRA+=("$arg"); fi
 done
 
+LAUNCHER=""  # --launcher slurm|local among the extras
+for i in "${!EXTRA[@]}"; do
+    case ${EXTRA[i]} in --launcher) LAUNCHER=${EXTRA[i+1]:-};; --launcher=*) LAUNCHER=${EXTRA[i]#*=};; esac
+done
+
 IFS='+' read -ra TASK_LIST <<< "$TASKS"
 for task in "${TASK_LIST[@]}"; do  # check every task before starting any
     if [[ " $UNSUPPORTED " == *" $task "* ]]; then
@@ -78,10 +83,14 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
     else
         [[ -n $CKPT ]] && args+=(--finetune "$CKPT")
     fi
+    if [[ ${NNODES:-1} -gt 1 || -n $LAUNCHER ]]; then  # submitit: one process here submits the job
+        [[ -z $LAUNCHER ]] && args+=(--launcher slurm)
+        args+=(--nodes "${NNODES:-1}" --ngpus "$NGPUS" "${EXTRA[@]}")  # the extras may override these
+        cmd=(python "$script" "${args[@]}")
+        return
+    fi
     args+=("${EXTRA[@]}")
-    if [[ ${NNODES:-1} -gt 1 ]]; then
-        args+=(--launcher slurm --nodes "$NNODES" --ngpus "$NGPUS"); cmd=(python "$script" "${args[@]}")
-    elif [[ $NGPUS -gt 0 ]]; then
+    if [[ $NGPUS -gt 0 ]]; then
         cmd=(torchrun --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" "$script" "${args[@]}")
     else
         cmd=(python "$script" "${args[@]}")

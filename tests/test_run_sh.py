@@ -1,4 +1,5 @@
 """run.sh: task table, argument mapping and refusals (dry runs only: nothing trains)."""
+import os
 import shutil
 import subprocess
 import uuid
@@ -10,8 +11,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_sh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], capture_output=True, text=True, timeout=120)
+def run_sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -85,3 +87,15 @@ def test_record_sh_keeps_command_output_and_exit_status(tmp_path):
     command = (record / "command.txt").read_text()
     assert "command: GREETING=hello\\ world sh -c" in command and "exit status: 3" in command
     assert "git: none" in command  # tmp_path is not a git checkout
+
+
+@pytest.mark.parametrize("extra, env", [(["launcher=slurm", "--partition", "p"], {}), ([], {"NNODES": "2"})])
+def test_slurm_goes_through_submitit_not_torchrun(job, extra, env):
+    res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--dry_run", env=env)
+    assert res.returncode == 0, res.stderr
+    command = res.stdout.splitlines()[0]
+    assert command.startswith("[run.sh] python main_finetune.py") and "torchrun" not in command
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    nodes = int(env.get("NNODES", 1))
+    assert (resolved["launcher"], resolved["nodes"], resolved["ngpus"]) == ("slurm", nodes, 4)
+    assert resolved["accum_iter"] == 1024 // (32 * 4 * nodes)  # the recipe's effective batch on nodes x 4 GPUs

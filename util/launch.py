@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from util.args import dump_args, parse_args, positive_int, resolve_accum_iter
+
 logger = logging.getLogger("vitfreeze")
 
 SLURM_DEFAULTS: dict[str, Any] = {"nodes": 1, "ngpus": 8, "partition": "", "timeout": 4320, "job_dir": "",
@@ -27,10 +29,10 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("launch (SLURM via submitit)")
     group.add_argument("--launcher", default="none", choices=["none", "slurm", "local"],
                        help="slurm: submit this command as a SLURM job; local: submitit's local executor")
-    group.add_argument("--nodes", default=1, type=int, help="nodes to request")
-    group.add_argument("--ngpus", default=8, type=int, help="GPUs (= tasks) per node")
+    group.add_argument("--nodes", default=1, type=positive_int, help="nodes to request")
+    group.add_argument("--ngpus", default=8, type=positive_int, help="GPUs (= tasks) per node")
     group.add_argument("--partition", default="", help="SLURM partition")
-    group.add_argument("--timeout", default=4320, type=int, help="job duration in minutes")
+    group.add_argument("--timeout", default=4320, type=positive_int, help="job duration in minutes")
     group.add_argument("--job_dir", default="", help="submitit logs (default: <output_dir>/submitit)")
     group.add_argument("--comment", default="", help="SLURM comment")
     group.add_argument("--use_volta32", action="store_true", help="request 32 GB V100s (constraint volta32gb)")
@@ -130,8 +132,6 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         ``(args, result)``: ``result`` is what ``main`` should return at once ({} after a dry run, the job id
         after a submission), or None when the run goes on in this process.
     """
-    from util.args import dump_args, parse_args, resolve_accum_iter
-
     args = parse_args(parser, argv)
     check_launch_args(args, parser)
     world = planned_world_size(args)
