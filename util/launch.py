@@ -147,7 +147,7 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         return args, {}
     if args.launcher != "none":
         try:
-            import submitit  # noqa: F401  (a dependency, but a trimmed environment may lack it)
+            importlib.import_module("submitit")  # a dependency, but a trimmed environment may lack it
         except ImportError:
             parser.error(f"--launcher {args.launcher} needs submitit: pip install submitit")
         return args, {"job_id": submit(module, sys.argv[1:] if argv is None else list(argv), args).job_id}
