@@ -25,7 +25,7 @@ import models
 from engine.evaluate import eval_shard, evaluate
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
-from main_pretrain import resolve_amp, save_schedule_png
+from main_pretrain import save_schedule_png
 from models.convert import adapt_to_model, to_timm_vit
 from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
@@ -36,7 +36,7 @@ from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.metrics import per_class_table
 from util.param_groups import param_groups
-from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, csv_folds, num_classes
 from util.transforms import eval_transform, finetune_transform
 from util.launch import add_launch_args, parse_or_dispatch

@@ -21,14 +21,13 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from engine.evaluate import eval_shard
 from engine.knn import extract_features, few_shot_indices, knn_classify
-from main_pretrain import resolve_amp
 from models.convert import adapt_to_model, to_timm_vit
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
 from util.datasets import IndexedDataset
 from util.distributed import DistInfo, init_distributed
 from util.logging import MetricWriter, setup_logging
-from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, num_classes
 from util.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch

@@ -23,7 +23,6 @@ from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
 from main_knn import build_backbone, embed, labelled_dataset
-from main_pretrain import resolve_amp
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -31,7 +30,7 @@ from util.distributed import broadcast_buffers, init_distributed, wrap_ddp
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.lr_sched import apply_lr, cosine_lr
-from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import MEAN, STD, eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 

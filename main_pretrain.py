@@ -24,11 +24,10 @@ from util.launch import add_launch_args, parse_or_dispatch
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
 from util.param_groups import param_groups
-from util.runtime import run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,14 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_output_args(parser, save_every=20)
     add_launch_args(parser)
     return parser
-
-
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return AMP_DTYPES[name]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

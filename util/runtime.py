@@ -27,6 +27,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp``: ``auto`` = bf16 on CUDA (fp16 where bf16 is missing), None (fp32) on CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return AMP_DTYPES[name]
+
+
 def set_backend_flags() -> None:
     """TF32 matmuls/convs on Ampere+ (MAE-scale runs are bandwidth bound; accuracy unaffected in practice)."""
     if torch.cuda.is_available():
