@@ -1,16 +1,13 @@
 """FreezeOut through main_pretrain: same path as the baseline at t_0 = 1, resume mid-freezing, 2-process DDP."""
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
-from util.distributed import cleanup
+from spawn_ranks import main_of, spawn
 
 # demo --debug: 64 images, batch 16 -> 4 steps/epoch, 16 steps; linear t_0 0.5: units freeze from step 10 on
 BASE = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
@@ -71,26 +68,10 @@ def test_resume_mid_freezing_equals_unbroken_run(tmp_path, monkeypatch):
     assert_same(final_model(tmp_path / "full"), final_model(tmp_path / "cut"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, argv: list) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        main_pretrain.main(argv)
-    finally:
-        cleanup()
-
-
 def test_two_process_ddp_passes_freeze_events(tmp_path):
     out = tmp_path / "ddp"
     argv = [*BASE, *FREEZE, "--batch_size", "8", "--output_dir", str(out)]  # 2 x 8 = the same 16 per step
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
+    spawn(main_of("main_pretrain", argv))
     logged = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [e["num_frozen"] for e in logged] == [0, 0, 3, 11]
     epoch2, last = load_checkpoint(out / "checkpoint-2.pth")["model"], final_model(out)

@@ -1,13 +1,10 @@
 """engine/knn.py: weighted k-NN against a brute-force NumPy DINO vote, chunking, index-aware extraction, and a
 2-process gloo run (extraction, k-NN, engine/evaluate.py) equal to one process."""
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,6 +13,7 @@ import main_knn
 from engine.evaluate import eval_shard, evaluate
 from engine.knn import extract_features, few_shot_indices, knn_classify
 from util.datasets import IndexedDataset
+from spawn_ranks import spawn
 
 
 def clustered(n, dim, classes, seed, spread=1.0):
@@ -120,16 +118,10 @@ def test_extract_features_is_index_aware():
         extract_features(model, half, torch.device("cpu"), num_samples=23)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    from util.distributed import cleanup, init_distributed
+def _worker(rank, out_path):
+    from util.distributed import init_distributed
     info = init_distributed(device="cpu")
+    world = info.world_size
     data, model = toy_data(), toy_model()
     shard = eval_shard(IndexedDataset(data), rank=info.rank, world_size=info.world_size)  # 12 / 11 samples
     feats, labels = extract_features(model, DataLoader(shard, batch_size=5), info.device, num_samples=len(data))
@@ -138,12 +130,11 @@ def _worker(rank, world, port, out_path):
     loader = DataLoader(eval_shard(data, rank=rank, world_size=world), batch_size=5)  # 12 / 11 samples, short last
     metrics = evaluate(model, loader, device=info.device, num_classes=6)
     torch.save({"feats": feats, "labels": labels, "res": res, "metrics": metrics}, f"{out_path}.{rank}")
-    cleanup()
 
 
 def test_two_processes_equal_one_on_an_uneven_split(tmp_path):
     """Extraction, k-NN and evaluation with 2 gloo processes on 23 samples (shards of 12 and 11)."""
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "out")), nprocs=2, join=True)
+    spawn(_worker, str(tmp_path / "out"))
     data, model = toy_data(), toy_model()
     feats, labels = extract_features(model, DataLoader(IndexedDataset(data), batch_size=23), torch.device("cpu"))
     feats = F.normalize(feats, dim=1)

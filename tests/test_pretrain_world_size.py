@@ -2,38 +2,19 @@
 x batch 2b and 1 process x batch b x --accum_iter 2 follow the same loss curve and end at the same weights (the
 order comes from one shared permutation, each sample's crop, flip and mask from its own key, util/loaders.py).
 With --eff_batch_size the recipe keeps its effective batch on any number of processes (accum_iter derived)."""
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_pretrain
 from util.checkpoint import load_checkpoint
-from util.distributed import cleanup
+from spawn_ranks import main_of, spawn
 
 # demo --debug: 64 images; effective batch 16 -> 4 optimizer steps per epoch, 8 in all, every one logged
 BASE = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", "--epochs", "2",
         "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--seed", "5", "--print_freq", "1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, argv: list) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        main_pretrain.main(argv)
-    finally:
-        cleanup()
 
 
 def run(out: Path, *extra: str, processes: int = 1) -> tuple[list[float], dict]:
@@ -47,8 +28,7 @@ def run(out: Path, *extra: str, processes: int = 1) -> tuple[list[float], dict]:
         finally:
             torch.set_num_threads(threads)
     else:
-        mp.start_processes(_worker, args=(processes, _free_port(), argv), nprocs=processes, join=True,
-                           start_method="spawn")
+        spawn(main_of("main_pretrain", argv), world=processes)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     curve = [(e.step, e.value) for e in events.Scalars("train/loss")]

@@ -1,14 +1,12 @@
 """The shared loop: accumulation, lr hook, non-finite skipping, clipping (against hand computations)."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
 from engine.train import NonFiniteLossError, train_one_epoch
+from spawn_ranks import spawn
 
 
 def make_data(n=16, seed=0):
@@ -77,26 +75,18 @@ def test_clip_grad_limits_update():
     assert delta.norm().item() == pytest.approx(lr * clip, rel=1e-4)
 
 
-def _rank_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:  # other data on each rank; a NaN at step 6 on rank 1 only
-        _, stats, _ = run(batch=4, accum=1, steps=4, nan_steps={6} if rank == 1 else (), max_skipped=1,
-                          data_seed=rank)
-        clean_stats = run(batch=4, accum=1, steps=1, data_seed=rank)[1]  # step 5 alone, still all-reduced
-        torch.save({"stats": stats, "clean": clean_stats}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo")
+    # other data on each rank; a NaN at step 6 on rank 1 only
+    _, stats, _ = run(batch=4, accum=1, steps=4, nan_steps={6} if rank == 1 else (), max_skipped=1, data_seed=rank)
+    clean_stats = run(batch=4, accum=1, steps=1, data_seed=rank)[1]  # step 5 alone, still all-reduced
+    torch.save({"stats": stats, "clean": clean_stats}, f"{out}/rank{rank}.pt")
 
 
 def test_ranks_skip_together_and_log_the_mean_loss(tmp_path):
     """A non-finite loss on one rank skips the update on every rank (else DDP would deadlock or the weights
     drift apart), and every rank logs the loss averaged over ranks (MAE's all_reduce_mean)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn(_rank_worker, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for result in results:
         assert result["stats"]["skipped_steps"] == 1 and result["stats"]["step"] == 9
