@@ -30,6 +30,7 @@ from models.convert import adapt_to_model, to_timm_vit
 from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
+from util.datasets import few_shot_subset
 from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
@@ -231,6 +232,11 @@ def build_data(args: argparse.Namespace, fold: int | None) -> tuple[Dataset, dic
                    fold=fold)
     train_set = load("train", finetune_transform(args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
                                                  re_prob=args.reprob, re_mode=args.remode, re_count=args.recount))
+    if args.train_per_class:  # few labels (semi-supervised protocol): the same draw for the same --seed
+        try:
+            train_set = few_shot_subset(train_set, n_per_class=args.train_per_class, seed=args.seed)
+        except ValueError as err:
+            raise ValueError(f"--train_per_class {args.train_per_class}: {err}") from err
     splits = ["val"] + (["test"] if args.data_set in ("folder", "imagenet") and not args.split_file
                         and (Path(args.data_path) / "test").is_dir() else [])
     eval_sets = {split: load(split, eval_transform(args.input_size)) for split in splits}

@@ -12,7 +12,8 @@ github.com/facebookresearch/dino ``eval_knn.py``), SPEC 7.1:
   Memory is bounded: similarities are computed for ``chunk_size`` test rows at a time, never the full
   test x train matrix, and the bank may be fp16. Under ``torch.distributed`` the chunks are dealt out to the
   ranks and the integer hit counts all-reduced, so every rank gets the single-process numbers.
-- ``few_shot_indices``: banks of N labelled samples per class, one per seeded try.
+- ``few_shot_indices`` (re-exported from ``util.datasets``): banks of N labelled samples per class, one per
+  seeded try.
 
 Deviations from DINO (same results up to float summation order): votes are summed with ``scatter_add_`` instead
 of a [B * k, C] one-hot product (less memory), and classes with equal scores are ranked by class index (stable
@@ -26,7 +27,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from util.datasets import few_shot_indices
 from util.distributed import all_gather_cat, all_reduce_sum, rank_and_world
+
+__all__ = ["extract_features", "knn_classify", "few_shot_indices"]
 
 
 @torch.inference_mode()
@@ -136,31 +140,3 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     total = max(test_feats.shape[0], 1)
     return {k: (100.0 * int(hits[i, 0]) / total, 100.0 * int(hits[i, 1]) / total) for i, k in enumerate(ks)}
 
-
-def few_shot_indices(labels: Tensor, *, n_per_class: int, n_tries: int, seed: int = 0) -> list[Tensor]:
-    """Indices of ``n_tries`` few-shot banks, each with ``n_per_class`` random samples of every class.
-
-    Args:
-        labels: [N] class indices of the full training set.
-        n_per_class: samples drawn (without replacement) per class.
-        n_tries: number of banks; bank t uses a generator seeded with ``seed + t`` (same on every rank).
-        seed: base seed.
-
-    Returns:
-        ``n_tries`` int64 tensors of indices into ``labels`` (sorted), each of length n_per_class x classes.
-
-    Raises:
-        ValueError: a class has fewer than ``n_per_class`` samples.
-    """
-    labels = labels.cpu().long()
-    classes = labels.unique()
-    per_class = [(labels == c).nonzero().flatten() for c in classes]
-    short = [int(c) for c, idx in zip(classes, per_class) if len(idx) < n_per_class]
-    if short:
-        raise ValueError(f"classes {short[:8]} have fewer than --n_per_class {n_per_class} training samples")
-    banks = []
-    for t in range(n_tries):
-        gen = torch.Generator().manual_seed(seed + t)
-        picks = [idx[torch.randperm(len(idx), generator=gen)[:n_per_class]] for idx in per_class]
-        banks.append(torch.cat(picks).sort().values)
-    return banks

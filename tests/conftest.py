@@ -1,8 +1,12 @@
-"""Shared fixtures: one intra-op thread, and a small demo dataset for end-to-end runs of the evaluation scripts."""
+"""Shared fixtures: one intra-op thread, a small demo dataset for end-to-end runs of the evaluation scripts, and the
+demo pretraining run once per session."""
+from pathlib import Path
+
 import pytest
 import torch
 
 import main_knn
+import main_pretrain
 from util.datasets import DemoDataset
 
 
@@ -22,3 +26,18 @@ def small_demo(monkeypatch, one_thread):
         assert name == "demo"
         return DemoDataset(per_class=16, size=32, seed=0 if split == "train" else 1, transform=transform)
     monkeypatch.setattr(main_knn, "build_dataset", build)
+
+
+@pytest.fixture(scope="session")
+def demo_pretraining(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo pretraining recipe, unchanged (configs/pretrain/demo.yaml, seed 0, ~45 s on one thread), run once and
+    shared by the tests that compare it with a random backbone. Returns (checkpoint-last.pth, main()'s result)."""
+    out = tmp_path_factory.mktemp("demo_pretraining")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
+        result = main_pretrain.main(["--config", str(recipe), "--vis_every", "0", "--output_dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return out / "checkpoint-last.pth", result

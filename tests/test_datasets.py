@@ -1,4 +1,5 @@
-"""Tests for util/datasets.py: folder resolution, robust RGB loading, the demo dataset, debug subsets, indices."""
+"""Tests for util/datasets.py: folder resolution, robust RGB loading, the demo dataset, debug subsets, indices,
+few-shot subsets."""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +19,7 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from util.datasets import (CorruptImageError, DemoDataset, ImageFileDataset, IndexedDataset, build_folder_dataset,
-                           build_pretrain_dataset)
+                           build_pretrain_dataset, few_shot_subset)
 
 IMAGENETTE = Path("/work/shared/data/imagenette")
 REPO = Path(__file__).resolve().parents[1]
@@ -294,3 +295,19 @@ def test_indexed_dataset_returns_index(class_tree: Path) -> None:
         img, label, index = ds[i]
         assert index == i and label == base.targets[i] and torch.equal(img, base[i][0])
     assert isinstance(base, ImageFileDataset)
+
+
+def test_few_shot_subset_draws_n_per_class_with_a_seed() -> None:
+    ds = DemoDataset(per_class=5, size=8)
+    sub = few_shot_subset(ds, n_per_class=3, seed=0)
+    assert len(sub) == 24 and np.bincount(sub.targets).tolist() == [3] * 8 and sub.classes == ds.classes
+    assert len(set(sub.indices)) == 24 and [ds.targets[j] for j in sub.indices] == sub.targets
+    for i, j in enumerate(sub.indices):  # item i of the subset is item indices[i] of the parent
+        img, label = sub[i]
+        assert np.array_equal(np.asarray(img), ds.images[j]) and label == sub.targets[i]
+    assert few_shot_subset(ds, n_per_class=3, seed=0).indices == sub.indices  # deterministic for a seed
+    assert few_shot_subset(ds, n_per_class=3, seed=1).indices != sub.indices
+    with pytest.raises(ValueError, match=r"8 class\(es\) have fewer than the 6 training samples"):
+        few_shot_subset(ds, n_per_class=6, seed=0)
+    with pytest.raises(ValueError, match="no 'targets'"):
+        few_shot_subset(list(range(4)), n_per_class=1, seed=0)

@@ -214,6 +214,7 @@ def test_nan_loss_stops_without_writing_a_checkpoint(pretrained, demo_folder, tm
     (["--model", "mae_vit_tiny_patch16"], "not a classification backbone"),
     (["--fold", "1"], "split_file"),
     (["--aa", "rand-m9-zz1"], "auto-augment policy"),
+    (["--train_per_class", "9"], r"--train_per_class 9: 8 class\(es\) have fewer than"),  # 8 train images each
 ])
 def test_flag_errors(demo_folder, tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):

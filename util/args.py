@@ -367,7 +367,7 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
-    """Cross-validation folds from a CSV (medical protocols, SPEC 10.2) and opt-in downloads."""
+    """Cross-validation folds from a CSV (medical protocols, SPEC 10.2), opt-in downloads, few-label training."""
     group = parser.add_argument_group("transfer data")
     group.add_argument("--split_file", default=None,
                        help="CSV with columns file,label,fold (file relative to --data_path); needs --data_set folder")
@@ -376,3 +376,5 @@ def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
                             "default: every fold in the file")
     group.add_argument("--download", action="store_true",
                        help="fetch CIFAR / Flowers / Pets with torchvision when missing (never done otherwise)")
+    group.add_argument("--train_per_class", default=0, type=non_negative_int,
+                       help="train on N labelled images per class, drawn with --seed (few labels; 0: all of them)")
