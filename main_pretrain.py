@@ -55,8 +55,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     set_backend_flags()
 
     dataset = build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
-                                     strict_data=args.strict_data, debug=args.debug, demo_size=args.input_size,
-                                     seed=args.seed)
+                                     strict_data=args.strict_data, debug=args.debug, demo_size=args.input_size)
     loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed)
     steps_per_epoch = len(loader) // args.accum_iter

@@ -226,6 +226,16 @@ def test_debug_subset_caps_total_over_many_classes(tmp_path: Path) -> None:
     assert len(small) == 64 and counts.max() - counts.min() <= 1  # spread over classes, not 8 classes x 8
 
 
+def test_demo_pretraining_never_sees_the_evaluation_images() -> None:
+    """Whatever --seed a pretraining run uses, it reads the demo train split; evaluation reads val."""
+    from util.transfer_datasets import build_dataset
+    pretrain = build_pretrain_dataset("demo", None)
+    train, val = (build_dataset("demo", "", split, None) for split in ("train", "val"))
+    assert np.array_equal(pretrain.images, train.images)
+    assert not {hashlib.sha256(im.tobytes()).digest() for im in pretrain.images} & \
+        {hashlib.sha256(im.tobytes()).digest() for im in val.images}
+
+
 def test_demo_debug_is_small() -> None:
     ds = build_pretrain_dataset("demo", None, debug=True, demo_size=16)
     assert len(ds) <= 64 and len(ds.classes) == 8

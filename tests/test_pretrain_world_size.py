@@ -78,7 +78,7 @@ def test_sample_keys_make_masks_and_crops_independent_of_the_batch(tmp_path):
     from util.loaders import KeyedSamples, build_train_loader, keyed_noise, set_loader_epoch
     from util.transforms import pretrain_transform
 
-    dataset = build_pretrain_dataset("demo", pretrain_transform(32), debug=True, demo_size=32, seed=0)
+    dataset = build_pretrain_dataset("demo", pretrain_transform(32), debug=True, demo_size=32)
 
     def items(batch_size: int, workers: int, epoch: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         loader = build_train_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, rank=0,

@@ -31,7 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_a
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["build_pretrain_dataset", "build_folder_dataset", "load_rgb", "ImageFileDataset", "DemoDataset",
+__all__ = ["DEMO_SEEDS", "build_pretrain_dataset", "build_folder_dataset", "load_rgb", "ImageFileDataset", "DemoDataset",
            "IndexedDataset", "LabelledSubset", "few_shot_indices", "few_shot_subset", "CorruptImageError",
            "IMG_EXTENSIONS"]
 
@@ -178,7 +178,7 @@ def build_folder_dataset(root: str, transform: Callable | None, *, strict_data: 
 
 
 def build_pretrain_dataset(data_path: str, transform: Callable | None, *, strict_data: bool = False,
-                           debug: bool = False, demo_size: int = 64, seed: int = 0) -> Dataset:
+                           debug: bool = False, demo_size: int = 64) -> Dataset:
     """The pretraining dataset of (image, label) pairs.
 
     Args:
@@ -187,15 +187,15 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None, *, strict
         transform: applied to each PIL RGB image.
         strict_data: raise on the first unreadable file instead of logging it and using the next sample.
         debug: keep a small deterministic subset (at most 8 images per class, 64 in all).
-        demo_size: image side of the demo dataset in pixels.
-        seed: seed of the demo dataset (the folder datasets do not use it).
+        demo_size: image side of the demo dataset in pixels. The demo images are always those of the demo
+            ``train`` split (``DEMO_SEEDS``), whatever the run's ``--seed``: never the images evaluation uses.
 
     Raises:
         FileNotFoundError: ``data_path`` does not exist.
         ValueError: no image files were found.
     """
     if data_path == "demo":
-        return DemoDataset(per_class=8 if debug else 64, size=demo_size, seed=seed, transform=transform)
+        return DemoDataset(per_class=8 if debug else 64, size=demo_size, seed=DEMO_SEEDS["train"], transform=transform)
     root = os.path.expanduser(data_path)
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
@@ -264,6 +264,9 @@ def _render_class(label: int, n: int, size: int, rng: np.random.Generator) -> np
     bg = np.clip(_BG[bg_index][:, None, None] + rng.normal(0.0, 0.08, (n, 1, 1, 3)), 0.0, 1.0)
     img = bg * (1.0 - alpha) + fg * alpha + rng.normal(0.0, 0.06, (n, size, size, 3))
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+DEMO_SEEDS = {"train": 0, "val": 1, "test": 1}  # DemoDataset seed of each split (no separate test split)
 
 
 class DemoDataset(Dataset):

@@ -29,7 +29,7 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, OxfordIIITPet
 
-from util.datasets import DemoDataset, ImageFileDataset, build_folder_dataset
+from util.datasets import DEMO_SEEDS, DemoDataset, ImageFileDataset, build_folder_dataset
 
 logger = logging.getLogger("vitfreeze")
 
@@ -75,7 +75,7 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
         raise ValueError(f"{name!r} cannot be downloaded here (only {_DOWNLOADABLE}); place the files under {root!r}")
     root = os.path.expanduser(str(root))
     if name == "demo":
-        dataset = DemoDataset(seed=0 if split == "train" else 1, transform=transform)
+        dataset = DemoDataset(seed=DEMO_SEEDS[split], transform=transform)
     elif name in ("folder", "imagenet"):
         dataset = (_csv_folds(root, split, transform, split_file, fold) if split_file is not None
                    else build_folder_dataset(os.path.join(root, split), transform))
