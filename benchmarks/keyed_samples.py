@@ -1,6 +1,7 @@
 """Cost of per-sample keyed randomness (util/loaders.py) next to the work it rides on.
 
-Two JSON lines:
+Three JSON lines:
+- ``keying``: microseconds ``KeyedSamples`` adds to an item that does no work (the pure cost, little noise).
 - ``item``: seconds per sample of a real pretraining item (JPEG decode + RandomResizedCrop + flip + normalize
   on Imagenette) read plainly and through ``KeyedSamples`` (hash of (seed, epoch, index), RNG fork and reseed),
   interleaved in rounds so machine noise hits both alike; ``overhead`` = keyed / plain - 1.
@@ -42,6 +43,17 @@ def main() -> None:
     parser.add_argument("--num_patches", type=int, default=196)
     args = parser.parse_args()
     torch.set_num_threads(1)  # a DataLoader worker's setting
+
+    class Nothing:
+        def __len__(self) -> int:
+            return 10**6
+
+        def __getitem__(self, index: int) -> tuple[int, int]:
+            return index, 0
+
+    nothing = KeyedSamples(Nothing(), seed=0)
+    print(json.dumps({"bench": "keying", "items": 5000,
+                      "us_per_item": 1e6 * statistics.median(per_item(nothing, range(5000)) for _ in range(3))}))
 
     plain = build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size))
     keyed = KeyedSamples(plain, seed=0)
