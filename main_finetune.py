@@ -29,7 +29,8 @@ from main_pretrain import save_schedule_png
 from models.convert import adapt_to_model, to_timm_vit
 from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, load_pretrained, save_checkpoint
+from util.checkpoint import (find_latest, load_checkpoint, load_model_state, load_pretrained, resume_training,
+                             save_checkpoint)
 from util.datasets import few_shot_subset
 from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
@@ -136,7 +137,10 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                       describe_unit=lambda u: f"blocks.{u - 1} (unit {u})" if u else "patch embedding + tokens")
     start_epoch, skipped, best = args.start_epoch, 0, {"acc1": -1.0, "epoch": -1}
     if resume:
-        start_epoch, skipped, best = restore(resume, model, optimizer, scaler, freezer, steps_per_epoch)
+        checkpoint = resume_training(resume, model, optimizer, scaler, sync=freezer.sync,
+                                     steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch", "best"),
+                                     hint="a pretrained or foreign checkpoint goes to --finetune; --eval evaluates one")
+        start_epoch, skipped, best = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0), checkpoint["best"]
     if info.is_main:
         write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": len(names),
                          "fold": fold, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
@@ -184,29 +188,6 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
     tested = {k: v for k, v in report(best=best).items() if k.startswith("test_")}
     return write_results(output_dir if info.is_main else None,
                          {**result, "best_acc1": best["acc1"], "best_epoch": best["epoch"], **tested})
-
-
-def restore(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            freezer: Freezer, steps_per_epoch: int) -> tuple[int, int, dict]:
-    """Load a ``main_finetune.py`` checkpoint to continue training; returns (start epoch, skipped steps, best).
-
-    Raises:
-        ValueError: the checkpoint is not a fine-tuning checkpoint of this model (no optimizer state, other keys).
-    """
-    checkpoint = load_checkpoint(path)
-    if not {"model", "optimizer", "epoch", "best"} <= set(checkpoint):
-        raise ValueError(f"{path} is not a main_finetune.py training checkpoint (keys: {sorted(checkpoint)[:8]}); "
-                         "pass a pretrained or foreign checkpoint as --finetune, or use --eval to evaluate it")
-    load_model_state(model, checkpoint["model"], source=f"checkpoint {path}")
-    freezer.sync((checkpoint["epoch"] + 1) * steps_per_epoch - 1)  # the group structure after its last update
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"optimizer state in {path} does not match this run: {err}") from err
-    scaler.load_state_dict(checkpoint.get("scaler", {}))
-    best = checkpoint["best"]
-    logger.info("resumed from %s (epoch %d done, best acc1 %.2f)", path, checkpoint["epoch"], best["acc1"])
-    return checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0), best
 
 
 def check_args(args: argparse.Namespace) -> None:

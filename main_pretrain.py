@@ -16,7 +16,7 @@ import models
 from engine.pretrain import mim_step, reconstruct
 from engine.train import NonFiniteLossError, train_one_epoch
 from util import args as cli
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import find_latest, resume_training, save_checkpoint
 from util.datasets import build_pretrain_dataset
 from util.distributed import init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
@@ -73,17 +73,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     amp_dtype = resolve_amp(args.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
 
-    start_epoch, skipped, resumed_optimizer = args.start_epoch, 0, None
-    resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
-    if resume:
-        checkpoint = load_checkpoint(resume)
-        load_model_state(model, checkpoint["model"], source=f"checkpoint {resume}")
-        resumed_optimizer = checkpoint["optimizer"]
-        if "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
-        logger.info("resumed from %s (epoch %d done)", resume, checkpoint["epoch"])
-
     total_steps, warmup_steps = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     # Without --freezeout the schedule has t_0 = 1: every unit follows MAE's cosine and nothing freezes early.
     schedule = FreezeOutSchedule(num_units=model.num_units, total_steps=total_steps, base_lr=lr,
@@ -91,19 +80,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                  how_scale=args.how_scale, scale_lr=not args.not_scale_lr,
                                  layerwise_lr=not args.non_layerwise_lr, min_lr=args.min_lr,
                                  warmup_jump=args.vitfreeze_compat)
-    freezer = Freezer(model, optimizer, schedule, unit_of=model.unit_of, dist=info, describe_unit=partial_describe(model))
+    freezer = Freezer(model, optimizer, schedule, unit_of=model.unit_of, dist=info,
+                      describe_unit=partial_describe(model))
+    start_epoch, skipped = args.start_epoch, 0
+    resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
+    if resume:
+        checkpoint = resume_training(resume, model, optimizer, scaler, sync=freezer.sync,
+                                     steps_per_epoch=steps_per_epoch)
+        start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
     if info.is_main:
         write_run_record(args.output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch,
                          "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs from %d", args.model,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs,
                 start_epoch)
-    if resumed_optimizer is not None:  # the group structure is a function of the step: re-freeze, then load
-        freezer.sync(start_epoch * steps_per_epoch - 1)  # as it was after the last update the checkpoint saw
-        try:
-            optimizer.load_state_dict(resumed_optimizer)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"optimizer state in {resume} does not match this run: {err}") from err
     writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard",
                           enabled=info.is_main)
     if info.is_main and args.freezeout:

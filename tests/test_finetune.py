@@ -156,6 +156,11 @@ def test_checkpoint_of_another_architecture(pretrained, demo_folder, tmp_path):
         main_finetune.main(ft_args(demo_folder, tmp_path, "--finetune", str(shallow)))
 
 
+def test_a_pretraining_checkpoint_cannot_be_resumed_as_fine_tuning(pretrained, demo_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"not a training checkpoint of this script \(no \['best'\].*--finetune"):
+        main_finetune.main(ft_args(demo_folder, tmp_path, "--resume", str(pretrained), "--epochs", "1"))
+
+
 def test_missing_annotation_file(tmp_path):
     from scipy.io import savemat
     (tmp_path / "flowers" / "jpg").mkdir(parents=True)

@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -101,6 +101,38 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
     if problems:
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
     model.load_state_dict(state_dict, strict=True)
+
+
+def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, *, sync: Callable[[int], Any], steps_per_epoch: int,
+                    required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "") -> dict[str, Any]:
+    """Continue a run from one of its own checkpoints: weights, FreezeOut state, optimizer and loss scaler.
+
+    The optimizer's parameter groups depend on the step (FreezeOut drops frozen units), so ``sync`` (a
+    ``Freezer.sync``) first rebuilds them as they were after the checkpoint's last update, then the state loads.
+
+    Returns:
+        The checkpoint (``epoch`` = last finished epoch, ``skipped_steps``, and whatever else the run saved).
+
+    Raises:
+        ValueError: keys in ``required`` are missing (``hint`` says what to do instead), the weights do not
+            match the model, or the optimizer state does not match this run's parameter groups.
+    """
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of this script (no {missing}; keys: "
+                         f"{sorted(checkpoint)[:8]}){'; ' + hint if hint else ''}")
+    load_model_state(model, checkpoint["model"], source=f"checkpoint {path}")
+    sync((checkpoint["epoch"] + 1) * steps_per_epoch - 1)
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"optimizer state in {path} does not match this run: {err}") from err
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    logger.info("resumed from %s (epoch %d done)", path, checkpoint["epoch"])
+    return checkpoint
 
 
 def _short(keys: list[str], limit: int = 8) -> str:

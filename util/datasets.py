@@ -31,8 +31,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_a
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["DEMO_SEEDS", "build_pretrain_dataset", "build_folder_dataset", "load_rgb", "ImageFileDataset", "DemoDataset",
-           "IndexedDataset", "LabelledSubset", "few_shot_indices", "few_shot_subset", "CorruptImageError",
+__all__ = ["DEMO_SEEDS", "build_pretrain_dataset", "build_folder_dataset", "load_rgb", "ImageFileDataset",
+           "DemoDataset", "IndexedDataset", "LabelledSubset", "few_shot_indices", "few_shot_subset", "CorruptImageError",
            "IMG_EXTENSIONS"]
 
 # Everything PIL raises for unreadable data: truncated (OSError), unidentified (UnidentifiedImageError is an
