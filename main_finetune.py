@@ -26,7 +26,7 @@ from engine.evaluate import eval_shard, evaluate
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
 from main_pretrain import save_schedule_png
-from models.convert import adapt_to_model, to_timm_vit
+from models.convert import backbone_state
 from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
 from util.checkpoint import (find_latest, load_checkpoint, load_model_state, load_pretrained, resume_training,
@@ -36,7 +36,7 @@ from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
-from util.metrics import per_class_table
+from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, csv_folds, num_classes
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return run(args, info, argv, fold=folds[0], output_dir=Path(args.output_dir), log_dir=args.log_dir)
     results = [run(args, info, argv, fold=k, output_dir=Path(args.output_dir) / f"fold_{k}",
                    log_dir=args.log_dir and str(Path(args.log_dir) / f"fold_{k}")) for k in folds]
-    summary = summarize_folds(results)
+    summary = mean_and_std(results)
     logger.info("folds %s: %s", folds, "  ".join(f"{k} {summary[k]:.2f} ± {summary[k + '_std']:.2f}" for k in
                                                     ("acc1", "precision", "recall", "f1", "mcc") if k in summary))
     if info.is_main:
@@ -263,10 +263,7 @@ def load_finetune_weights(model: nn.Module, path: str, *, source: str = "auto", 
         FileNotFoundError: no file at ``path``.
         ValueError: unreadable or unrecognised checkpoint, shapes of another architecture, or backbone keys missing.
     """
-    state, source = to_timm_vit(load_checkpoint(path), source=source)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # MAE re-initialises the head anyway
-    state = adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
-                           num_prefix_tokens=model.num_prefix_tokens)
+    state, source = backbone_state(load_checkpoint(path), model, source=source)  # MAE re-initialises the head
     load_pretrained(model, state, expected_missing=("head.*", "fc_norm.*") if global_pool else ("head.*",),
                     source=f"{path} ({source} checkpoint into {what})")
     init_head(model.head, std=head_init_std)
@@ -328,16 +325,6 @@ def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[st
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
-
-
-def summarize_folds(results: list[dict[str, float]]) -> dict[str, float]:
-    """Mean and population std (``<key>_std``) over folds of every numeric value the folds share."""
-    keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
-    summary = {}
-    for key in keys:
-        values = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
-        summary[key], summary[f"{key}_std"] = float(values.mean()), float(values.std(unbiased=False))
-    return summary
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from engine.evaluate import eval_shard
 from engine.knn import extract_features, few_shot_indices, knn_classify
-from models.convert import adapt_to_model, to_timm_vit
+from models.convert import backbone_state
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
 from util.datasets import IndexedDataset
@@ -55,9 +55,7 @@ def build_backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
     backbone = models.create_model(args.model, num_classes=0, img_size=args.input_size,
                                    global_pool="avg" if args.global_pool else "token")
     if args.finetune:
-        state, source = to_timm_vit(load_checkpoint(args.finetune), source=args.checkpoint_source)
-        patch, grid = backbone.patch_embed.patch_size[0], backbone.patch_embed.grid_size[0]
-        state = adapt_to_model(state, patch_size=patch, grid_size=grid, num_prefix_tokens=backbone.num_prefix_tokens)
+        state, source = backbone_state(load_checkpoint(args.finetune), backbone, source=args.checkpoint_source)
         # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (SPEC 5.2, 6)
         load_pretrained(backbone, state, expected_missing=("fc_norm.*",) if args.global_pool else (),
                         source=f"{args.finetune} ({source})")

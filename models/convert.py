@@ -24,13 +24,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from models.pos_embed import resample_pos_embed
 
-__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit", "fold_layer_scale",
-           "resize_patch_embed", "adapt_to_model", "moco_to_deit", "dinov2_14to16"]
+__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit", "backbone_state",
+           "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit", "dinov2_14to16"]
 
 SOURCES = ("vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm")
 # Top-level names of timm VisionTransformer parameters/buffers that a converted backbone may carry.
@@ -278,6 +279,17 @@ def adapt_to_model(state_dict: Mapping[str, Tensor], *, patch_size: int, grid_si
             pos = pos.unsqueeze(0)
         out["pos_embed"] = resample_pos_embed(pos, grid_size, num_prefix_tokens).to(pos.dtype)
     return out
+
+
+def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
+                   source: str = "auto") -> tuple[dict[str, Tensor], str]:
+    """A checkpoint of any supported layout as a state dict for ``model`` (a timm ``VisionTransformer``):
+    timm keys (:func:`to_timm_vit`), no classifier head (fine-tuning starts a fresh one, features have none),
+    patch kernel and position grid fitted to the model (:func:`adapt_to_model`). Returns (state dict, source)."""
+    state, source = to_timm_vit(checkpoint, source=source)
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    return adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
+                          num_prefix_tokens=model.num_prefix_tokens), source
 
 
 def moco_to_deit(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:

@@ -19,6 +19,7 @@ import main_finetune
 import models
 from util.args import parse_args
 from util.transforms import MEAN, STD, finetune_transform
+from util.metrics import mean_and_std
 from util.vis import confusion_colours, save_confusion_png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +149,6 @@ def test_confusion_png_colours_rows_by_share(tmp_path):
 
 
 def test_fold_summary_is_mean_and_population_std():
-    summary = main_finetune.summarize_folds([{"acc1": 90.0, "f1": 80.0, "only_here": 1.0, "note": "x"},
+    summary = mean_and_std([{"acc1": 90.0, "f1": 80.0, "only_here": 1.0, "note": "x"},
                                              {"acc1": 94.0, "f1": 81.0}])
     assert summary == {"acc1": 92.0, "acc1_std": 2.0, "f1": 80.5, "f1_std": 0.5}

@@ -14,7 +14,7 @@ p_k / t_k predicted / true counts of class k, and 0 when the denominator is 0. A
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -117,3 +117,14 @@ def per_class_table(confusion: Tensor, class_names: Sequence[str] | None = None)
         lines.append(f"{name:<{width}}  {100 * stats['precision'][i]:6.2f}  {100 * stats['recall'][i]:6.2f}  "
                      f"{100 * stats['f1'][i]:6.2f}  {int(stats['support'][i]):7d}")
     return "\n".join(lines)
+
+
+def mean_and_std(results: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and population std (``<key>_std``) over runs (folds, seeds) of every numeric value they all share,
+    as MAE and the medical seed report seeds and folds."""
+    keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
+    summary = {}
+    for key in keys:
+        values = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
+        summary[key], summary[f"{key}_std"] = float(values.mean()), float(values.std(unbiased=False))
+    return summary
