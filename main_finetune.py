@@ -31,7 +31,6 @@ from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
 from util.checkpoint import (find_latest, load_checkpoint, load_model_state, load_pretrained, resume_training,
                              save_checkpoint)
-from util.datasets import few_shot_subset
 from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
@@ -39,7 +38,7 @@ from util.logging import MetricWriter, setup_logging
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
-from util.transfer_datasets import build_dataset, csv_folds, num_classes
+from util.transfer_datasets import build_splits, csv_folds
 from util.transforms import eval_transform, finetune_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
@@ -204,39 +203,13 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_data(args: argparse.Namespace, fold: int | None) -> tuple[Dataset, dict[str, Dataset], list[str]]:
-    """Training set, evaluation sets (``val``; ``test`` too for a folder tree that has one) and class names.
-
-    Raises:
-        ValueError: the splits disagree on their classes, or ``--nb_classes`` differs from the data's classes.
-    """
-    load = partial(build_dataset, args.data_set, args.data_path, download=args.download, split_file=args.split_file,
-                   fold=fold)
-    train_set = load("train", finetune_transform(args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
-                                                 re_prob=args.reprob, re_mode=args.remode, re_count=args.recount))
-    if args.train_per_class:  # few labels (semi-supervised protocol): the same draw for the same --seed
-        try:
-            train_set = few_shot_subset(train_set, n_per_class=args.train_per_class, seed=args.seed)
-        except ValueError as err:
-            raise ValueError(f"--train_per_class {args.train_per_class}: {err}") from err
-    splits = ["val"] + (["test"] if args.data_set in ("folder", "imagenet") and not args.split_file
-                        and (Path(args.data_path) / "test").is_dir() else [])
-    eval_sets = {split: load(split, eval_transform(args.input_size)) for split in splits}
-    names = class_names(train_set)
-    for split, dataset in eval_sets.items():
-        other = class_names(dataset)
-        if other != names:
-            raise ValueError(f"{split} and train classes differ under {args.data_path} ({len(other)} vs {len(names)}): "
-                             f"only in train {sorted(set(names) - set(other))[:8]}, only in {split} "
-                             f"{sorted(set(other) - set(names))[:8]}")
-    if args.nb_classes is not None and args.nb_classes != len(names):
-        raise ValueError(f"--nb_classes {args.nb_classes} does not match the data: {args.data_set} under "
-                         f"{args.data_path!r} has {len(names)} classes")
-    return train_set, eval_sets, names
-
-
-def class_names(dataset: Dataset) -> list[str]:
-    names = getattr(dataset, "classes", None)
-    return [str(n) for n in names] if names else [str(c) for c in range(num_classes(dataset))]
+    """Training set (fine-tuning augmentation), evaluation sets and class names (``build_splits``)."""
+    train_tf = finetune_transform(args.input_size, auto_augment=args.aa, color_jitter=args.color_jitter,
+                                  re_prob=args.reprob, re_mode=args.remode, re_count=args.recount)
+    return build_splits(args.data_set, args.data_path, train_transform=train_tf,
+                        eval_transform=eval_transform(args.input_size), download=args.download,
+                        split_file=args.split_file, fold=fold, train_per_class=args.train_per_class, seed=args.seed,
+                        nb_classes=args.nb_classes)
 
 
 def build_model(args: argparse.Namespace, classes: int, *, finetune: str | None) -> nn.Module:

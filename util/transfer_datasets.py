@@ -29,11 +29,11 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, OxfordIIITPet
 
-from util.datasets import DEMO_SEEDS, DemoDataset, ImageFileDataset, build_folder_dataset
+from util.datasets import DEMO_SEEDS, DemoDataset, ImageFileDataset, build_folder_dataset, few_shot_subset
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["DATASETS", "SPLITS", "build_dataset", "num_classes", "csv_folds"]
+__all__ = ["DATASETS", "SPLITS", "build_dataset", "build_splits", "class_names", "num_classes", "csv_folds"]
 
 DATASETS = ("folder", "imagenet", "cifar10", "cifar100", "flowers", "pets", "cars", "inat18", "inat19", "demo")
 SPLITS = ("train", "val", "test")
@@ -88,6 +88,54 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
         raise ValueError(f"dataset {name!r} split {split!r} under {root!r} is empty")
     logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset), root)
     return dataset
+
+
+def build_splits(name: str, root: str, *, train_transform: Callable | None, eval_transform: Callable | None,
+                 download: bool = False, split_file: str | None = None, fold: int | None = None,
+                 train_per_class: int = 0, seed: int = 0,
+                 nb_classes: int | None = None) -> tuple[Dataset, dict[str, Dataset], list[str]]:
+    """Training set, evaluation sets (``val``; ``test`` too for a folder tree that has one) and class names.
+
+    Args:
+        name, root, download, split_file, fold: as in :func:`build_dataset`.
+        train_transform, eval_transform: for the training split and for the evaluation splits.
+        train_per_class: keep N training images per class (0: all), the same draw for the same ``seed``
+            (few labels, the semi-supervised protocol; ``util.datasets.few_shot_subset``).
+        nb_classes: the number of classes the caller expects (None: whatever the data has).
+
+    Raises:
+        ValueError: the splits disagree on their classes, ``nb_classes`` differs from the data's classes, or a
+            class has fewer than ``train_per_class`` images.
+    """
+    def load(split: str, transform: Callable | None) -> Dataset:
+        return build_dataset(name, root, split, transform, download=download, split_file=split_file, fold=fold)
+
+    train_set = load("train", train_transform)
+    if train_per_class:
+        try:
+            train_set = few_shot_subset(train_set, n_per_class=train_per_class, seed=seed)
+        except ValueError as err:
+            raise ValueError(f"--train_per_class {train_per_class}: {err}") from err
+    splits = ["val"] + (["test"] if name in ("folder", "imagenet") and not split_file
+                        and (Path(root) / "test").is_dir() else [])
+    eval_sets = {split: load(split, eval_transform) for split in splits}
+    names = class_names(train_set)
+    for split, dataset in eval_sets.items():
+        other = class_names(dataset)
+        if other != names:
+            raise ValueError(f"{split} and train classes differ under {root} ({len(other)} vs {len(names)}): "
+                             f"only in train {sorted(set(names) - set(other))[:8]}, only in {split} "
+                             f"{sorted(set(other) - set(names))[:8]}")
+    if nb_classes is not None and nb_classes != len(names):
+        raise ValueError(f"--nb_classes {nb_classes} does not match the data: {name} under {root!r} has "
+                         f"{len(names)} classes")
+    return train_set, eval_sets, names
+
+
+def class_names(dataset: Dataset) -> list[str]:
+    """``dataset.classes`` as strings, else the class indices as strings."""
+    names = getattr(dataset, "classes", None)
+    return [str(n) for n in names] if names else [str(c) for c in range(num_classes(dataset))]
 
 
 def num_classes(dataset: Dataset) -> int:
