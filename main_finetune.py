@@ -35,6 +35,7 @@ from util.distributed import DistInfo, barrier, init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
+from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
@@ -114,13 +115,9 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed)
-    steps_per_epoch, eff_batch = len(loader) // args.accum_iter, args.batch_size * args.accum_iter * info.world_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step needs ({eff_batch} = "
-                         "batch_size x accum_iter x world_size)")
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    logger.info("base lr: %.3e  effective batch: %d  actual lr: %.3e%s", args.blr, eff_batch, lr,
-                "  (--lr given)" if args.lr is not None else "")
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
     depth = len(model.blocks)
     unit_of = partial(freeze_unit, depth=depth)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,

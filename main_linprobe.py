@@ -29,7 +29,7 @@ from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.distributed import broadcast_buffers, init_distributed, wrap_ddp
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
-from util.lr_sched import apply_lr, cosine_lr
+from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import MEAN, STD, eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
@@ -93,13 +93,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                 keyed=not args.cache_features)
     val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size),
                             batch_size=args.batch_size, num_workers=workers, shuffle=False)
-    steps_per_epoch, eff_batch = len(loader) // args.accum_iter, args.batch_size * args.accum_iter * info.world_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples are fewer than one step needs ({eff_batch})")
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
     lrs = [b * eff_batch / 256 for b in args.lr_grid] if args.lr_grid else [lr]
-    logger.info("base lr: %.3e  effective batch: %d  actual lr: %s", args.blr, eff_batch,
-                ", ".join(f"{x:.3e}" for x in lrs))
+    if args.lr_grid:
+        logger.info("lr grid: one head per actual lr %s", ", ".join(f"{x:.3e}" for x in lrs))
 
     probe = LinearProbe(None if args.cache_features else backbone, backbone.num_features, classes,
                         num_heads=len(lrs)).to(device)

@@ -23,6 +23,7 @@ from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import add_launch_args, parse_or_dispatch
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter, setup_logging
+from util.lr_sched import training_budget
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transforms import pretrain_transform
@@ -58,14 +59,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                      strict_data=args.strict_data, debug=args.debug, demo_size=args.input_size)
     loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed)
-    steps_per_epoch = len(loader) // args.accum_iter
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} images in {args.data_path} are fewer than one optimizer step needs "
-                         f"({eff_batch} = batch_size x accum_iter x world_size)")
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    logger.info("base lr: %.3e  effective batch: %d  actual lr: %.3e%s", args.blr, eff_batch, lr,
-                "  (--lr given)" if args.lr is not None else "")
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(dataset), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
 
     model = build_model(args).to(info.device)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=model.unit_of),

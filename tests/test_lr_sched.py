@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from util.lr_sched import apply_lr, cosine_lr
+from util.lr_sched import apply_lr, cosine_lr, training_budget
 
 
 def mae_lr(epoch: float, *, lr: float, min_lr: float, warmup: float, epochs: float) -> float:
@@ -37,3 +37,14 @@ def test_apply_lr_uses_lr_scale():
     opt = torch.optim.SGD([{"params": [w1]}, {"params": [w2], "lr_scale": 0.25}], lr=1.0)
     apply_lr(opt, 0.4)
     assert [g["lr"] for g in opt.param_groups] == [0.4, 0.1]
+
+
+def test_training_budget_follows_mae_scaling():
+    # MAE ViT-B: 64 per GPU x accum 8 x 8 GPUs = 4096, lr = 1.5e-4 x 4096 / 256 = 2.4e-3; partial groups dropped
+    steps, eff, lr = training_budget(num_samples=10**6, num_batches=1001, batch_size=64, accum_iter=8, world_size=8,
+                                     blr=1.5e-4)
+    assert (steps, eff) == (125, 4096) and lr == pytest.approx(2.4e-3)
+    assert training_budget(num_samples=8, num_batches=1, batch_size=8, accum_iter=1, world_size=1, blr=1.0,
+                           lr=0.5)[2] == 0.5  # --lr wins
+    with pytest.raises(ValueError, match="12 training samples are fewer than one optimizer step needs \\(16 ="):
+        training_budget(num_samples=12, num_batches=1, batch_size=8, accum_iter=2, world_size=1, blr=1.0)

@@ -2,13 +2,40 @@
 
 The MAE rule ([MAE] ``util/lr_sched.py``) evaluated on optimizer steps instead of fractional epochs:
 warmup lr * step / warmup_steps, then min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2.
-Schedules are pure functions of the step; the training loop owns the counter.
+Schedules are pure functions of the step; the training loop owns the counter. ``training_budget`` gives the
+quantities every training script derives first: steps per epoch, effective batch and the actual lr.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+logger = logging.getLogger("vitfreeze")
+
+
+def training_budget(*, num_samples: int, num_batches: int, batch_size: int, accum_iter: int, world_size: int,
+                    blr: float, lr: float | None = None) -> tuple[int, int, float]:
+    """Optimizer steps per epoch, effective batch (batch_size x accum_iter x world_size) and actual lr (MAE's
+    ``lr = blr x effective batch / 256`` unless ``lr`` is given); logs the line MAE prints.
+
+    Args:
+        num_samples: training samples (for the error message).
+        num_batches: batches per epoch of this process's loader.
+
+    Raises:
+        ValueError: the data are fewer than one optimizer step needs.
+    """
+    eff_batch = batch_size * accum_iter * world_size
+    steps_per_epoch = num_batches // accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_samples} training samples are fewer than one optimizer step needs ({eff_batch} = "
+                         "batch_size x accum_iter x world_size)")
+    actual = lr if lr is not None else blr * eff_batch / 256
+    logger.info("base lr: %.3e  effective batch: %d  actual lr: %.3e%s", blr, eff_batch, actual,
+                "  (--lr given)" if lr is not None else "")
+    return steps_per_epoch, eff_batch, actual
 
 
 def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
