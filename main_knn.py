@@ -20,13 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 import models
 from engine.evaluate import eval_shard
-from engine.knn import extract_features, few_shot_indices, knn_classify
+from engine.knn import extract_features, knn_classify
 from models.convert import backbone_state
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
-from util.datasets import IndexedDataset
+from util.datasets import IndexedDataset, few_shot_indices
 from util.distributed import DistInfo, init_distributed
 from util.logging import MetricWriter, setup_logging
+from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
 from util.transfer_datasets import build_dataset, num_classes
 from util.transforms import eval_transform
@@ -97,14 +98,8 @@ def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Ten
             logger.warning("skipping k > %d (the bank size): %s", len(labels), sorted(set(args.nb_knn) - set(ks)))
         runs.append(knn_classify(feats, labels, test, test_labels, ks=ks, temperature=args.temperature,
                                  num_classes=classes, chunk_size=args.knn_chunk_size))
-    out: dict[str, float] = {}
-    for k in runs[0]:
-        for i, name in enumerate(("top1", "top5")):
-            values = torch.tensor([run[k][i] for run in runs], dtype=torch.float64)
-            out[f"knn{k}_{name}"] = float(values.mean())
-            if args.n_per_class:  # population std over the tries, as main_finetune reports folds
-                out[f"knn{k}_{name}_std"] = float(values.std(unbiased=False))
-    return out
+    flat = [{f"knn{k}_{name}": run[k][i] for k in run for i, name in enumerate(("top1", "top5"))} for run in runs]
+    return mean_and_std(flat) if args.n_per_class else flat[0]  # tries: mean and population std, as folds
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

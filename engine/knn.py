@@ -12,8 +12,7 @@ github.com/facebookresearch/dino ``eval_knn.py``), SPEC 7.1:
   Memory is bounded: similarities are computed for ``chunk_size`` test rows at a time, never the full
   test x train matrix, and the bank may be fp16. Under ``torch.distributed`` the chunks are dealt out to the
   ranks and the integer hit counts all-reduced, so every rank gets the single-process numbers.
-- ``few_shot_indices`` (re-exported from ``util.datasets``): banks of N labelled samples per class, one per
-  seeded try.
+- Few-shot banks (N labelled samples per class per seeded try) are drawn by ``util.datasets.few_shot_indices``.
 
 Deviations from DINO (same results up to float summation order): votes are summed with ``scatter_add_`` instead
 of a [B * k, C] one-hot product (less memory), and classes with equal scores are ranked by class index (stable
@@ -27,10 +26,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from util.datasets import few_shot_indices
 from util.distributed import all_gather_cat, all_reduce_sum, rank_and_world
 
-__all__ = ["extract_features", "knn_classify", "few_shot_indices"]
+__all__ = ["extract_features", "knn_classify"]
 
 
 @torch.inference_mode()

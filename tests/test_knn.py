@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import main_knn
 from engine.evaluate import eval_shard, evaluate
-from engine.knn import extract_features, few_shot_indices, knn_classify
-from util.datasets import IndexedDataset
+from engine.knn import extract_features, knn_classify
+from util.datasets import IndexedDataset, few_shot_indices
 from spawn_ranks import spawn
 
 
