@@ -1,11 +1,12 @@
 import argparse
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, save_checkpoint
+from util.checkpoint import atomic_write, find_latest, load_checkpoint, load_model_state, save_checkpoint
 
 
 def test_roundtrip_weights_only_and_plain_args(tmp_path):
@@ -52,6 +53,23 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-last.pth"]
+
+
+def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
+    """The one atomic writer behind checkpoints, pictures and safetensors exports."""
+    path = tmp_path / "picture.png"
+    path.write_bytes(b"old")
+
+    def half_then_fail(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half_then_fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["picture.png"]
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["picture.png"]
 
 
 def test_find_latest(tmp_path):

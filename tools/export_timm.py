@@ -15,16 +15,14 @@ Position embedding and patch kernel keep their checkpoint shapes (adapt them to 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.convert import SOURCES, to_timm_vit  # noqa: E402
-from util.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from util.checkpoint import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
 
 
 def save_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
@@ -38,20 +36,9 @@ def save_safetensors(path: str | Path, state_dict: dict[str, torch.Tensor], meta
     except ImportError as err:
         raise ImportError("writing .safetensors needs the 'safetensors' package (pip install safetensors), "
                           "or choose a .pth output") from err
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage or are views: store independent contiguous copies.
     tensors = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,15 +24,16 @@ LAST_NAME = "checkpoint-last.pth"
 _EPOCH_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Create or replace ``path`` atomically: ``write(tmp)`` fills a temp file in the same folder, which is
+    fsynced and renamed over ``path``. On any error the temp file is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -40,6 +41,11 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename)."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

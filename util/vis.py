@@ -9,19 +9,19 @@ One row per image: original | masked input (removed patches grey) | then two til
   is the largest bin of its per-channel histogram averaged over the colour channels (the histograms are
   L2-normalized per cell, so this measures how dominant one orientation is), shown grey, nearest-upscaled.
 
-Tiles are separated by 2 px white gaps; files are written atomically (temp file + ``os.replace``).
+Tiles are separated by 2 px white gaps; files are written atomically (``util.checkpoint.atomic_write``).
 
 Also: the FreezeOut lr schedule (``save_schedule_png``) and a classifier's confusion matrix (``save_confusion_png``).
 """
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from util.checkpoint import atomic_write
 from util.transforms import denormalize
 
 __all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
@@ -142,15 +142,7 @@ def _write_png(path: Path, canvas: torch.Tensor) -> Path:
     """Save an [H, W, 3] uint8 tensor as PNG atomically."""
     from PIL import Image  # lazy: pictures are optional at import time
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(canvas.numpy()).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy()).save(tmp, format="PNG"))
 
 
 def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int = 1, width: int = 960,
@@ -204,12 +196,7 @@ def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int =
         draw.line([(width - right + 10, label_y + 6), (width - right + 30, label_y + 6)], fill=colour, width=3)
         when = f"ep {freeze / steps_per_epoch:.1f}" if freeze < total else "end"
         draw.text((width - right + 36, label_y), f"unit {unit}: {when}", fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def confusion_colours(confusion: torch.Tensor) -> torch.Tensor:
@@ -273,13 +260,4 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
                 dark = int(colours[t, p, 0]) < 128
                 draw.text((left + p * cell + 2, top + t * cell + (cell - 10) // 2), str(count),
                           fill="white" if dark else "black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
