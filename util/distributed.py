@@ -42,6 +42,14 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def env_rank_and_world() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) that torchrun, ``torch.distributed.launch --use_env`` or a SLURM task (``util.launch``)
+    put in the environment; None when they are absent (a plain single-process run)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
 def init_distributed(*, dist_url: str = "env://", local_rank: int = -1, device: str = "auto") -> DistInfo:
     """Join the process group described by the environment, or stay single-process.
 
@@ -50,9 +58,10 @@ def init_distributed(*, dist_url: str = "env://", local_rank: int = -1, device: 
         local_rank: value of ``--local_rank`` from ``torch.distributed.launch`` (-1 when absent).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     """
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    env = env_rank_and_world()
+    if env is None:
         return DistInfo(device=resolve_device(device, max(local_rank, 0)))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world_size = env
     local = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
     dev = resolve_device(device, local)
     if dev.type == "cuda":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from util.args import dump_args, parse_args, positive_int, resolve_accum_iter
+from util.distributed import env_rank_and_world
 
 logger = logging.getLogger("vitfreeze")
 
@@ -53,7 +54,8 @@ def planned_world_size(args: argparse.Namespace) -> int:
     environment, else 1."""
     if args.launcher != "none":
         return args.nodes * args.ngpus if args.launcher == "slurm" else 1
-    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+    env = env_rank_and_world()
+    return env[1] if env else 1
 
 
 def strip_launch_args(argv: Sequence[str]) -> list[str]:
