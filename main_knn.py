@@ -29,7 +29,7 @@ from util.distributed import DistInfo, init_distributed
 from util.logging import MetricWriter, setup_logging
 from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
-from util.transfer_datasets import build_dataset, num_classes
+from util.transfer_datasets import build_splits
 from util.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
@@ -65,13 +65,14 @@ def build_backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
     return backbone.requires_grad_(False).eval().to(device)
 
 
-def labelled_dataset(args: argparse.Namespace, split: str, transform: Callable) -> tuple[Dataset, int]:
-    """``split`` of ``--data_set`` and the number of classes, checked against ``--nb_classes``."""
-    dataset = build_dataset(args.data_set, args.data_path, split, transform)
-    classes = num_classes(dataset)
-    if args.nb_classes is not None and args.nb_classes != classes:
-        raise ValueError(f"--nb_classes {args.nb_classes} but {args.data_set} {split} has {classes} classes")
-    return dataset, classes
+def labelled_splits(args: argparse.Namespace, train_transform: Callable,
+                    eval_transform: Callable) -> tuple[Dataset, Dataset, int]:
+    """``train`` and ``val`` of ``--data_set`` and the number of classes, checked against each other and against
+    ``--nb_classes`` (``util.transfer_datasets.build_splits``, as fine-tuning does)."""
+    train_set, eval_sets, names = build_splits(args.data_set, args.data_path, train_transform=train_transform,
+                                               eval_transform=eval_transform, nb_classes=args.nb_classes,
+                                               test_split=False)
+    return train_set, eval_sets["val"], len(names)
 
 
 def embed(backbone: nn.Module, dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[torch.Tensor, ...]:
@@ -121,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                     tuple(test.shape))
     else:
         backbone = build_backbone(args, info.device)
-        (train_set, classes), (test_set, _) = (labelled_dataset(args, s, eval_transform(args.input_size))
-                                               for s in ("train", "val"))
+        train_set, test_set, classes = labelled_splits(args, eval_transform(args.input_size),
+                                                       eval_transform(args.input_size))
         (train, train_labels), (test, test_labels) = (embed(backbone, d, args, info) for d in (train_set, test_set))
         if args.save_features and info.is_main:
             Path(args.save_features).mkdir(parents=True, exist_ok=True)

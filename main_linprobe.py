@@ -22,7 +22,7 @@ from torchvision import transforms as T
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
-from main_knn import build_backbone, embed, labelled_dataset
+from main_knn import build_backbone, embed, labelled_splits
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -78,15 +78,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     amp_dtype, device = resolve_amp(args.amp, info.device), info.device
     backbone = build_backbone(args, device)
     if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)
-        (train_set, classes), (val_set, _) = (labelled_dataset(args, s, eval_transform(args.input_size))
-                                              for s in ("train", "val"))
+        train_set, val_set, classes = labelled_splits(args, eval_transform(args.input_size),
+                                                      eval_transform(args.input_size))
         train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(backbone, d, args, info)))
                               for d in (train_set, val_set))
     else:  # MAE's linear-probe augmentation: RandomResizedCrop (bicubic) + flip; eval: resize + center crop
         train_tf = T.Compose([T.RandomResizedCrop(args.input_size, interpolation=T.InterpolationMode.BICUBIC),
                               T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-        (train_set, classes), (val_set, _) = (labelled_dataset(args, "train", train_tf),
-                                              labelled_dataset(args, "val", eval_transform(args.input_size)))
+        train_set, val_set, classes = labelled_splits(args, train_tf, eval_transform(args.input_size))
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
                                 rank=info.rank, world_size=info.world_size, seed=args.seed,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import main_knn
+import util.transfer_datasets
 import main_pretrain
 from util.datasets import DemoDataset
 
@@ -22,10 +22,10 @@ def one_thread():
 @pytest.fixture
 def small_demo(monkeypatch, one_thread):
     """``--data_set demo`` with 16 images per class (128 per split) at 32 px, so a k-NN or probe run takes seconds."""
-    def build(name, root, split, transform):
+    def build(name, root, split, transform, **options):
         assert name == "demo"
         return DemoDataset(per_class=16, size=32, seed=0 if split == "train" else 1, transform=transform)
-    monkeypatch.setattr(main_knn, "build_dataset", build)
+    monkeypatch.setattr(util.transfer_datasets, "build_dataset", build)
 
 
 @pytest.fixture(scope="session")

@@ -180,3 +180,8 @@ def test_main_knn_few_shot_reports_mean_and_std(small_demo, tmp_path):
              for b in few_shot_indices(labels, n_per_class=2, n_tries=3, seed=0)]
     assert shots["knn5_top1"] == pytest.approx(np.mean(tries))
     assert shots["knn5_top1_std"] == pytest.approx(np.std(tries))
+
+
+def test_main_knn_checks_nb_classes_against_the_data(small_demo, tmp_path):
+    with pytest.raises(ValueError, match=r"--nb_classes 5 does not match the data: demo .* has 8 classes"):
+        main_knn.main([*KNN, "--nb_classes", "5", "--output_dir", str(tmp_path / "o")])

@@ -92,8 +92,8 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
 
 def build_splits(name: str, root: str, *, train_transform: Callable | None, eval_transform: Callable | None,
                  download: bool = False, split_file: str | None = None, fold: int | None = None,
-                 train_per_class: int = 0, seed: int = 0,
-                 nb_classes: int | None = None) -> tuple[Dataset, dict[str, Dataset], list[str]]:
+                 train_per_class: int = 0, seed: int = 0, nb_classes: int | None = None,
+                 test_split: bool = True) -> tuple[Dataset, dict[str, Dataset], list[str]]:
     """Training set, evaluation sets (``val``; ``test`` too for a folder tree that has one) and class names.
 
     Args:
@@ -102,6 +102,7 @@ def build_splits(name: str, root: str, *, train_transform: Callable | None, eval
         train_per_class: keep N training images per class (0: all), the same draw for the same ``seed``
             (few labels, the semi-supervised protocol; ``util.datasets.few_shot_subset``).
         nb_classes: the number of classes the caller expects (None: whatever the data has).
+        test_split: also load ``test`` where a folder tree has one (False: ``val`` only).
 
     Raises:
         ValueError: the splits disagree on their classes, ``nb_classes`` differs from the data's classes, or a
@@ -116,7 +117,7 @@ def build_splits(name: str, root: str, *, train_transform: Callable | None, eval
             train_set = few_shot_subset(train_set, n_per_class=train_per_class, seed=seed)
         except ValueError as err:
             raise ValueError(f"--train_per_class {train_per_class}: {err}") from err
-    splits = ["val"] + (["test"] if name in ("folder", "imagenet") and not split_file
+    splits = ["val"] + (["test"] if test_split and name in ("folder", "imagenet") and not split_file
                         and (Path(root) / "test").is_dir() else [])
     eval_sets = {split: load(split, eval_transform) for split in splits}
     names = class_names(train_set)
