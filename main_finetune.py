@@ -31,14 +31,14 @@ from models.vit import init_head, unit_of as vit_layer_of
 from util import args as cli
 from util.checkpoint import (find_latest, load_checkpoint, load_model_state, load_pretrained, resume_training,
                              save_checkpoint)
-from util.distributed import DistInfo, barrier, init_distributed
+from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter, setup_logging
+from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.transfer_datasets import build_splits, csv_folds
 from util.transforms import eval_transform, finetune_transform
 from util.launch import add_launch_args, parse_or_dispatch
@@ -76,9 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if result is not None:
         return result
     check_args(args)
-    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
-    setup_logging(args.output_dir if info.is_main else None, info.rank)
-    set_backend_flags()
+    info = setup_run(args)
     folds = args.fold or (csv_folds(args.data_path, args.split_file) if args.split_file else [None])
     if len(folds) == 1:
         return run(args, info, argv, fold=folds[0], output_dir=Path(args.output_dir), log_dir=args.log_dir)

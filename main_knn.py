@@ -25,10 +25,10 @@ from models.convert import backbone_state
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
 from util.datasets import IndexedDataset, few_shot_indices
-from util.distributed import DistInfo, init_distributed
-from util.logging import MetricWriter, setup_logging
+from util.distributed import DistInfo
+from util.logging import MetricWriter
 from util.metrics import mean_and_std
-from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.transfer_datasets import build_splits
 from util.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
@@ -108,10 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args, result = parse_or_dispatch(build_parser(), argv, "main_knn")
     if result is not None:
         return result
-    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
-    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    info = setup_run(args)
     seed_everything(args.seed)
-    set_backend_flags()
     if info.is_main:
         write_run_record(args.output_dir, vars(args), {"world_size": info.world_size}, argv)
     if args.load_features:

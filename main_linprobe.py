@@ -26,11 +26,11 @@ from main_knn import build_backbone, embed, labelled_splits
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from util.distributed import broadcast_buffers, init_distributed, wrap_ddp
+from util.distributed import broadcast_buffers, wrap_ddp
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter, setup_logging
+from util.logging import MetricWriter
 from util.lr_sched import apply_lr, cosine_lr, training_budget
-from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.transforms import MEAN, STD, eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
@@ -71,10 +71,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return result
     if args.lr_grid and not args.cache_features:
         raise ValueError("--lr_grid trains its heads on cached features: add --cache_features")
-    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
-    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    info = setup_run(args)
     seed_everything(args.seed)  # the same random backbone and heads on every rank; epochs reseed per rank
-    set_backend_flags()
     amp_dtype, device = resolve_amp(args.amp, info.device), info.device
     backbone = build_backbone(args, device)
     if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)

@@ -18,14 +18,13 @@ from engine.train import NonFiniteLossError, train_one_epoch
 from util import args as cli
 from util.checkpoint import find_latest, resume_training, save_checkpoint
 from util.datasets import build_pretrain_dataset
-from util.distributed import init_distributed
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import add_launch_args, parse_or_dispatch
 from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter, setup_logging
+from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, set_backend_flags, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
@@ -50,10 +49,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args, result = parse_or_dispatch(build_parser(), argv, "main_pretrain")
     if result is not None:
         return result
-    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
-    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    info = setup_run(args)
     seed_everything(args.seed + info.rank)
-    set_backend_flags()
 
     dataset = build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
                                      strict_data=args.strict_data, debug=args.debug, demo_size=args.input_size)

@@ -6,6 +6,7 @@ as DINOv2 and modded-nanogpt do at start.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import platform
@@ -17,6 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from util.distributed import DistInfo, init_distributed
+from util.logging import setup_logging
 import yaml
 
 
@@ -37,6 +41,16 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return AMP_DTYPES[name]
+
+
+def setup_run(args: argparse.Namespace) -> DistInfo:
+    """The start of every run: join the process group (``--dist_url``, ``--local_rank``, ``--device``), log to
+    the console and, on rank 0, to ``<output_dir>/cli_logs.txt``, and set the backend flags. Seeding stays with
+    the scripts, which differ in what must match across ranks."""
+    info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
+    setup_logging(args.output_dir if info.is_main else None, info.rank)
+    set_backend_flags()
+    return info
 
 
 def set_backend_flags() -> None:
