@@ -33,14 +33,14 @@ from util.checkpoint import (find_latest, load_checkpoint, load_model_state, loa
                              save_checkpoint)
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
-from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.transfer_datasets import build_splits, csv_folds
-from util.transforms import eval_transform, finetune_transform
+from util.data.transfer import build_splits, csv_folds
+from util.data.transforms import eval_transform, finetune_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")

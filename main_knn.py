@@ -24,13 +24,13 @@ from engine.knn import extract_features, knn_classify
 from models.convert import backbone_state
 from util import args as cli
 from util.checkpoint import load_checkpoint, load_pretrained
-from util.datasets import IndexedDataset, few_shot_indices
+from util.data.subsets import few_shot_indices, IndexedDataset
 from util.distributed import DistInfo
 from util.logging import MetricWriter
 from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.transfer_datasets import build_splits
-from util.transforms import eval_transform
+from util.data.transfer import build_splits
+from util.data.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
@@ -68,7 +68,7 @@ def build_backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
 def labelled_splits(args: argparse.Namespace, train_transform: Callable,
                     eval_transform: Callable) -> tuple[Dataset, Dataset, int]:
     """``train`` and ``val`` of ``--data_set`` and the number of classes, checked against each other and against
-    ``--nb_classes`` (``util.transfer_datasets.build_splits``, as fine-tuning does)."""
+    ``--nb_classes`` (``util.data.transfer.build_splits``, as fine-tuning does)."""
     train_set, eval_sets, names = build_splits(args.data_set, args.data_path, train_transform=train_transform,
                                                eval_transform=eval_transform, nb_classes=args.nb_classes,
                                                test_split=False)

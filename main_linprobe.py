@@ -27,11 +27,11 @@ from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.distributed import broadcast_buffers, wrap_ddp
-from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.transforms import MEAN, STD, eval_transform
+from util.data.transforms import MEAN, STD, eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")

@@ -17,15 +17,15 @@ from engine.pretrain import mim_step, reconstruct
 from engine.train import NonFiniteLossError, train_one_epoch
 from util import args as cli
 from util.checkpoint import find_latest, resume_training, save_checkpoint
-from util.datasets import build_pretrain_dataset
+from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import add_launch_args, parse_or_dispatch
-from util.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.transforms import pretrain_transform
+from util.data.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
 

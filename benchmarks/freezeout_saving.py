@@ -105,7 +105,7 @@ def demo_run(args: argparse.Namespace, epochs: int, rows: list[dict]) -> dict:
     only) with the saving predicted by integrating the per-k step times over that run's own schedule. Epoch 0 is
     left out of both sums (one-time warm-up costs; nothing freezes that early)."""
     import main_pretrain
-    from util.datasets import DemoDataset
+    from util.data.demo import DemoDataset
 
     warmup = max(1, round(epochs * args.warmup_epochs / args.epochs))
     common = ["--model", args.model, "--input_size", str(args.input_size), "--batch_size", str(args.batch_size),

@@ -1,4 +1,4 @@
-"""Cost of per-sample keyed randomness (util/loaders.py) next to the work it rides on.
+"""Cost of per-sample keyed randomness (util/data/loaders.py) next to the work it rides on.
 
 Three JSON lines:
 - ``keying``: microseconds ``KeyedSamples`` adds to an item that does no work (the pure cost, little noise).
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from util.datasets import build_pretrain_dataset  # noqa: E402
-from util.loaders import KeyedSamples, keyed_noise  # noqa: E402
-from util.transforms import pretrain_transform  # noqa: E402
+from util.data.folder import build_pretrain_dataset  # noqa: E402
+from models.masking import keyed_noise  # noqa: E402
+from util.data.loaders import KeyedSamples  # noqa: E402
+from util.data.transforms import pretrain_transform  # noqa: E402
 
 
 def per_item(dataset, indices) -> float:

@@ -12,7 +12,7 @@ github.com/facebookresearch/dino ``eval_knn.py``), SPEC 7.1:
   Memory is bounded: similarities are computed for ``chunk_size`` test rows at a time, never the full
   test x train matrix, and the bank may be fp16. Under ``torch.distributed`` the chunks are dealt out to the
   ranks and the integer hit counts all-reduced, so every rank gets the single-process numbers.
-- Few-shot banks (N labelled samples per class per seeded try) are drawn by ``util.datasets.few_shot_indices``.
+- Few-shot banks (N labelled samples per class per seeded try) are drawn by ``util.data.subsets.few_shot_indices``.
 
 Deviations from DINO (same results up to float summation order): votes are summed with ``scatter_add_`` instead
 of a [B * k, C] one-hot product (less memory), and classes with equal scores are ranked by class index (stable

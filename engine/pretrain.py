@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from util.distributed import unwrap
-from util.loaders import keyed_noise
+from models.masking import keyed_noise
 
 
 def mim_step(model: nn.Module, batch: Any, step: int, *, mask_ratio: float, device: torch.device,
@@ -22,8 +22,8 @@ def mim_step(model: nn.Module, batch: Any, step: int, *, mask_ratio: float, devi
         model: a masked image model (possibly DDP-wrapped); ``model(imgs, mask_ratio, num_frozen)`` returns
             a dict with ``loss``, ``stage_losses`` and ``scales``.
         batch: ``(images [B, 3, H, W], labels)`` or ``(images, labels, sample keys [B])``; labels are ignored.
-            With keys (``util.loaders.KeyedSamples``) each sample's mask is drawn from its key
-            (``util.loaders.keyed_noise``), else from the global RNG.
+            With keys (``util.data.loaders.KeyedSamples``) each sample's mask is drawn from its key
+            (``models.masking.keyed_noise``), else from the global RNG.
         step: optimizer updates so far (unused here; part of the step-function contract).
         mask_ratio: fraction of patches removed.
         device: where the model lives.

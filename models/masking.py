@@ -18,7 +18,7 @@ def random_masking(x: Tensor, mask_ratio: float, generator: torch.Generator | No
         x: tokens, [B, L, D].
         mask_ratio: fraction of tokens to remove, in [0, 1).
         generator: RNG for the noise, on ``x.device``; None draws from the global RNG.
-        noise: the noise itself, [B, L] (e.g. ``util.loaders.keyed_noise``); ``generator`` is then unused.
+        noise: the noise itself, [B, L] (e.g. ``models.masking.keyed_noise``); ``generator`` is then unused.
 
     Returns:
         ``(x_kept, mask, ids_restore)``: x_kept [B, K, D] with ``K = int(L * (1 - mask_ratio))`` (the tokens with
@@ -72,3 +72,9 @@ def rescale_mask(mask: Tensor, scale: float, grid: int) -> Tensor:
         raise ValueError(f"downsampling scale must be 1/n with n dividing the grid {grid}, got {scale}")
     g = grid // inv
     return mask.reshape(batch, g, inv, g, inv).mean(dim=(2, 4)).reshape(batch, -1)
+
+def keyed_noise(keys: torch.Tensor, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform masking noise [B, length] (for ``random_masking``); row i comes from a generator
+    seeded with ``keys[i]`` XOR a constant, a stream of its own apart from the sample's augmentation."""
+    rows = [torch.rand(length, generator=torch.Generator().manual_seed(int(k) ^ 0x5DEECE66D)) for k in keys.tolist()]
+    return torch.stack(rows).to(device, non_blocking=True)

@@ -201,7 +201,7 @@ class MaskedImageModel(nn.Module):
             num_frozen: frozen prefix length in units, 0 <= num_frozen <= num_units.
             generator: masking RNG (on the images' device); the draw does not depend on num_frozen.
             taps: 0-based blocks whose outputs are returned, increasing; default the last block.
-            noise: masking noise [B, L] (``util.loaders.keyed_noise``) instead of a draw from ``generator``.
+            noise: masking noise [B, L] (``models.masking.keyed_noise``) instead of a draw from ``generator``.
 
         Returns:
             ``(outputs, mask, ids_restore)``: outputs one [B, 1+K, D] per tap (raw block output, cls first);
@@ -243,7 +243,7 @@ class MaskedImageModel(nn.Module):
             num_frozen: the first ``num_frozen`` units run without autograd (the caller sets their eval mode and
                 requires_grad); stages whose feeding unit is frozen are skipped (no decoder, target or loss).
             generator: masking RNG on the images' device (None: global RNG).
-            noise: masking noise [B, L] (``util.loaders.keyed_noise``) instead of a draw from ``generator``.
+            noise: masking noise [B, L] (``models.masking.keyed_noise``) instead of a draw from ``generator``.
 
         Returns:
             dict with ``loss`` (scalar, sum of ``stage_losses``), ``mask`` [B, L] (1 = removed), and per active

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import util.transfer_datasets
+import util.data.transfer
 import main_pretrain
-from util.datasets import DemoDataset
+from util.data.demo import DemoDataset
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def small_demo(monkeypatch, one_thread):
     def build(name, root, split, transform, **options):
         assert name == "demo"
         return DemoDataset(per_class=16, size=32, seed=0 if split == "train" else 1, transform=transform)
-    monkeypatch.setattr(util.transfer_datasets, "build_dataset", build)
+    monkeypatch.setattr(util.data.transfer, "build_dataset", build)
 
 
 @pytest.fixture(scope="session")

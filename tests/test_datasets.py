@@ -1,4 +1,4 @@
-"""Tests for util/datasets.py: folder resolution, robust RGB loading, the demo dataset, debug subsets, indices,
+"""Tests for util/data/folder.py: folder resolution, robust RGB loading, the demo dataset, debug subsets, indices,
 few-shot subsets."""
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from util.datasets import (CorruptImageError, DemoDataset, ImageFileDataset, IndexedDataset, build_folder_dataset,
-                           build_pretrain_dataset, few_shot_subset)
+from util.data.demo import DemoDataset
+from util.data.folder import build_folder_dataset, build_pretrain_dataset, CorruptImageError, ImageFileDataset
+from util.data.subsets import few_shot_subset, IndexedDataset
 
 IMAGENETTE = Path("/work/shared/data/imagenette")
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +229,7 @@ def test_debug_subset_caps_total_over_many_classes(tmp_path: Path) -> None:
 
 def test_demo_pretraining_never_sees_the_evaluation_images() -> None:
     """Whatever --seed a pretraining run uses, it reads the demo train split; evaluation reads val."""
-    from util.transfer_datasets import build_dataset
+    from util.data.transfer import build_dataset
     pretrain = build_pretrain_dataset("demo", None)
     train, val = (build_dataset("demo", "", split, None) for split in ("train", "val"))
     assert np.array_equal(pretrain.images, train.images)
@@ -252,7 +253,7 @@ def test_demo_is_deterministic_across_builds_and_processes() -> None:
     a, b = DemoDataset(per_class=4, size=32, seed=3), DemoDataset(per_class=4, size=32, seed=3)
     assert np.array_equal(a.images, b.images) and a.targets == b.targets
     assert _digest(a) != _digest(DemoDataset(per_class=4, size=32, seed=4))
-    code = ("import hashlib; from util.datasets import DemoDataset; "
+    code = ("import hashlib; from util.data.demo import DemoDataset; "
             "print(hashlib.sha256(DemoDataset(per_class=4, size=32, seed=3).images.tobytes()).hexdigest())")
     env = dict(os.environ, PYTHONHASHSEED="123")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)

@@ -14,7 +14,7 @@ import models
 from engine.train import NonFiniteLossError
 from main_finetune import freeze_unit
 from util.checkpoint import load_checkpoint
-from util.datasets import DemoDataset
+from util.data.demo import DemoDataset
 from util.freezeout import FreezeOutSchedule
 
 IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette"

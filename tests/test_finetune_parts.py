@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 import main_finetune
 import models
 from util.args import parse_args
-from util.transforms import MEAN, STD, finetune_transform
+from util.data.transforms import MEAN, STD, finetune_transform
 from util.metrics import mean_and_std
 from util.vis import confusion_colours, save_confusion_png
 

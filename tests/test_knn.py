@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import main_knn
 from engine.evaluate import eval_shard, evaluate
 from engine.knn import extract_features, knn_classify
-from util.datasets import IndexedDataset, few_shot_indices
+from util.data.subsets import few_shot_indices, IndexedDataset
 from spawn_ranks import spawn
 
 

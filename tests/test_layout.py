@@ -4,7 +4,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # package -> project packages it may import
-ALLOWED = {"models": set(), "util": set(), "engine": {"util"}}
+# engine's step functions call pure model-side functions (e.g. models.masking.keyed_noise)
+ALLOWED = {"models": set(), "util": set(), "engine": {"util", "models"}}
 PROJECT = {"models", "engine", "util"}
 
 
@@ -21,7 +22,7 @@ def imported_packages(path: Path) -> set[str]:
 def test_dependency_direction():
     bad = []
     for package, allowed in ALLOWED.items():
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             extra = imported_packages(path) - allowed - {package}
             if extra:
                 bad.append(f"{path.relative_to(ROOT)} imports {sorted(extra)}")
@@ -29,5 +30,5 @@ def test_dependency_direction():
 
 
 def test_no_grab_bag_modules():
-    names = {p.stem for pkg in PROJECT for p in (ROOT / pkg).glob("*.py")}
+    names = {p.stem for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py")}
     assert not names & {"misc", "utils", "helpers", "common"}

@@ -10,9 +10,9 @@ import main_knn
 import main_linprobe
 import models
 from models.heads import LinearProbe
-from util.datasets import DemoDataset
+from util.data.demo import DemoDataset
 from util.distributed import DistInfo
-from util.transforms import eval_transform
+from util.data.transforms import eval_transform
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",

@@ -9,7 +9,7 @@ import main_pretrain
 import models
 from engine.train import NonFiniteLossError
 from util.checkpoint import load_checkpoint
-from util.datasets import DemoDataset
+from util.data.demo import DemoDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"

@@ -1,6 +1,6 @@
 """A pretraining run does not depend on how its effective batch is split: 2 gloo processes x batch b, 1 process
 x batch 2b and 1 process x batch b x --accum_iter 2 follow the same loss curve and end at the same weights (the
-order comes from one shared permutation, each sample's crop, flip and mask from its own key, util/loaders.py).
+order comes from one shared permutation, each sample's crop, flip and mask from its own key, util/data/loaders.py).
 With --eff_batch_size the recipe keeps its effective batch on any number of processes (accum_iter derived)."""
 from pathlib import Path
 
@@ -74,9 +74,10 @@ def test_the_comparison_can_fail(one_process_2b, tmp_path):
 
 def test_sample_keys_make_masks_and_crops_independent_of_the_batch(tmp_path):
     """The same sample gets the same crop and mask in a batch of 16 and in a batch of 4 (and in 4 workers)."""
-    from util.datasets import build_pretrain_dataset
-    from util.loaders import KeyedSamples, build_train_loader, keyed_noise, set_loader_epoch
-    from util.transforms import pretrain_transform
+    from util.data.folder import build_pretrain_dataset
+    from models.masking import keyed_noise
+    from util.data.loaders import KeyedSamples, build_train_loader, set_loader_epoch
+    from util.data.transforms import pretrain_transform
 
     dataset = build_pretrain_dataset("demo", pretrain_transform(32), debug=True, demo_size=32)
 

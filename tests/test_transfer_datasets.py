@@ -1,4 +1,4 @@
-"""util/transfer_datasets.py on tiny fake trees of each on-disk format (no network)."""
+"""util/data/transfer.py on tiny fake trees of each on-disk format (no network)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 
-from util.transfer_datasets import DATASETS, build_dataset, num_classes
+from util.data.transfer import DATASETS, build_dataset, num_classes
 
 
 def write_image(path: Path, value: int = 128, mode: str = "RGB", size: int = 8) -> Path:

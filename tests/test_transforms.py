@@ -1,4 +1,4 @@
-"""Tests for util/transforms.py: shapes, normalization by hand, MAE crop-scale bounds, eval resize rule."""
+"""Tests for util/data/transforms.py: shapes, normalization by hand, MAE crop-scale bounds, eval resize rule."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from util.transforms import MEAN, STD, denormalize, eval_transform, pretrain_transform
+from util.data.transforms import MEAN, STD, denormalize, eval_transform, pretrain_transform
 
 # ImageNet statistics written out, independent of timm
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -266,7 +266,7 @@ def dump_args(args: argparse.Namespace) -> str:
 # ------------------------------------------------------------------------------------ evaluation (probe, k-NN)
 def add_labelled_data_args(parser: argparse.ArgumentParser) -> None:
     """Labelled train/val data for linear probing and k-NN (MAE's ``--data_path`` + ``--nb_classes``)."""
-    from util.transfer_datasets import DATASETS  # util -> util; the names live with the builders
+    from util.data.transfer import DATASETS  # util -> util; the names live with the builders
     group = parser.add_argument_group("data")
     group.add_argument("--data_set", default="folder", choices=list(DATASETS),
                        help="'folder': <data_path>/train and <data_path>/val (ImageFolder); 'demo': built-in set")

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from util.checkpoint import atomic_write
-from util.transforms import denormalize
+from util.data.transforms import denormalize
 
 __all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
 

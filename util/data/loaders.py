@@ -6,7 +6,7 @@
   batch b x ``accum_iter`` W.
 - Randomness: every sample carries a key, a hash of (seed, epoch, index) (``sample_key``). ``KeyedSamples``
   seeds the augmentation of a sample with its key and returns the key as a third item, from which the MIM
-  step draws the sample's mask (``keyed_noise``). A sample's crop, flip and mask are therefore
+  step draws the sample's mask (``models.masking.keyed_noise``). A sample's crop, flip and mask are therefore
   the same whatever the number of processes, the batch size, the number of workers or a resume: changing
   NGPUS (with ``--eff_batch_size`` keeping the effective batch) does not change the run beyond float
   rounding. Randomness that is not per sample (drop path, mixup) still comes from the per-rank RNGs
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["epoch_seed", "sample_key", "keyed_noise", "KeyedSamples", "build_train_loader", "set_loader_epoch"]
+__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "build_train_loader", "set_loader_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -35,12 +35,6 @@ def sample_key(seed: int, epoch: int, index: int) -> int:
     low, high = np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(2, np.uint32)
     return (int(high) << 32 | int(low)) & (2**63 - 1)
 
-
-def keyed_noise(keys: torch.Tensor, length: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uniform masking noise [B, length] (for ``models.masking.random_masking``); row i comes from a generator
-    seeded with ``keys[i]`` XOR a constant, a stream of its own apart from the sample's augmentation."""
-    rows = [torch.rand(length, generator=torch.Generator().manual_seed(int(k) ^ 0x5DEECE66D)) for k in keys.tolist()]
-    return torch.stack(rows).to(device, non_blocking=True)
 
 
 class KeyedSamples(Dataset):

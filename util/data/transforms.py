@@ -4,8 +4,8 @@
   normalize, exactly MAE's ``main_pretrain.py`` (He et al., "Masked Autoencoders Are Scalable Vision
   Learners", 2022); LocalMIM and ViTFreeze use the same pipeline.
 - ``eval_transform``: Resize(input_size / crop_pct, bicubic) + CenterCrop, crop_pct 224/256 up to 224 px else 1.0
-  (MAE's ``util/datasets.py build_transform`` for eval; DINO's k-NN transform); used by k-NN and linear probing.
-- ``finetune_transform``: MAE's fine-tuning augmentation (``util/datasets.py build_transform``, SPEC 5.5) through
+  (MAE's ``util/data/folder.py build_transform`` for eval; DINO's k-NN transform); used by k-NN and linear probing.
+- ``finetune_transform``: MAE's fine-tuning augmentation (``util/data/folder.py build_transform``, SPEC 5.5) through
   timm's ``create_transform``: RandomResizedCrop (bicubic) + flip + RandAugment + normalize + RandomErasing; its
   posterize op keeps working with Pillow 13 (see ``posterize``).
 - ``denormalize``: undo the ImageNet normalization for pictures.

@@ -13,7 +13,7 @@ Splits follow the recipes we reproduce (SPEC 10):
   ``val`` (the test labels were never released).
 - Medical k-fold protocols (HyperKvasir 2-fold, GastroVision; SPEC 10.2): a CSV with columns ``file,label,fold``.
 
-File-list datasets are ``util.datasets.ImageFileDataset`` (RGB conversion, corrupt files reported and skipped).
+File-list datasets are ``util.data.folder.ImageFileDataset`` (RGB conversion, corrupt files reported and skipped).
 Every missing annotation file or folder raises ``FileNotFoundError`` naming it; an empty split raises ValueError.
 """
 from __future__ import annotations
@@ -29,7 +29,11 @@ import numpy as np
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100, Flowers102, OxfordIIITPet
 
-from util.datasets import DEMO_SEEDS, DemoDataset, ImageFileDataset, build_folder_dataset, few_shot_subset
+from util.data.demo import DEMO_SEEDS, DemoDataset
+
+from util.data.folder import build_folder_dataset, ImageFileDataset
+
+from util.data.subsets import few_shot_subset
 
 logger = logging.getLogger("vitfreeze")
 
@@ -100,7 +104,7 @@ def build_splits(name: str, root: str, *, train_transform: Callable | None, eval
         name, root, download, split_file, fold: as in :func:`build_dataset`.
         train_transform, eval_transform: for the training split and for the evaluation splits.
         train_per_class: keep N training images per class (0: all), the same draw for the same ``seed``
-            (few labels, the semi-supervised protocol; ``util.datasets.few_shot_subset``).
+            (few labels, the semi-supervised protocol; ``util.data.subsets.few_shot_subset``).
         nb_classes: the number of classes the caller expects (None: whatever the data has).
         test_split: also load ``test`` where a folder tree has one (False: ``val`` only).
 
