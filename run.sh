@@ -43,7 +43,16 @@ usage() {
 if [[ $# -ge 1 && ( $1 == --help || $1 == -h ) ]]; then usage; exit 0; fi
 if [[ $# -lt 4 ]]; then usage >&2; echo "error: expected JOB_NAME TASK MODEL NGPUS, got $# arguments" >&2; exit 2; fi
 JOB=$1; TASKS=$2; MODEL=$3; NGPUS=$4; shift 4
+# Checked before any arithmetic: bash evaluates a variable's text inside $(( )) and [[ -gt ]], so a value such
+# as 'a[$(cmd)]' would run cmd.
 if ! [[ $NGPUS =~ ^[0-9]+$ ]]; then echo "error: NGPUS must be a number >= 0, got '$NGPUS'" >&2; exit 2; fi
+NNODES=${NNODES:-1}
+if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]]; then echo "error: NNODES must be a number >= 1, got '$NNODES'" >&2; exit 2; fi
+NGPUS=$((10#$NGPUS)); NNODES=$((10#$NNODES))
+if [[ -z $JOB || $JOB == *..* || $JOB == */* || $JOB == -* ]]; then
+    echo "error: JOB_NAME must be a plain folder name under output/ (no '/', '..' or leading '-'), got '$JOB'" >&2
+    exit 2
+fi
 CKPT=""
 if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then CKPT=$1; shift; fi
 EXTRA=()
@@ -83,9 +92,9 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
     else
         [[ -n $CKPT ]] && args+=(--finetune "$CKPT")
     fi
-    if [[ ${NNODES:-1} -gt 1 || -n $LAUNCHER ]]; then  # submitit: one process here submits the job
+    if [[ $NNODES -gt 1 || -n $LAUNCHER ]]; then  # submitit: one process here submits the job
         [[ -z $LAUNCHER ]] && args+=(--launcher slurm)
-        args+=(--nodes "${NNODES:-1}" --ngpus "$NGPUS" "${EXTRA[@]}")  # the extras may override these
+        args+=(--nodes "$NNODES" --ngpus "$NGPUS" "${EXTRA[@]}")  # the extras may override these
         cmd=(python "$script" "${args[@]}")
         return
     fi
@@ -99,7 +108,7 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
 
 # Resolve every task (recipe, flags, effective batch on this many processes) before starting any, so that a
 # chain does not stop at its third task after two have run.
-world=$(( NGPUS > 0 ? NGPUS * ${NNODES:-1} : 1 ))
+world=$(( NGPUS > 0 ? NGPUS * $NNODES : 1 ))
 for task in "${TASK_LIST[@]}"; do
     command_of "$task"
     if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
@@ -113,6 +122,7 @@ done
 for task in "${TASK_LIST[@]}"; do
     command_of "$task"; out="output/$JOB/$task"
     mkdir -p "$out"
-    echo "[run.sh] ${cmd[*]}" | tee -a "$out/run_sh_commands.txt"
+    line="[run.sh]"; printf -v quoted ' %q' "${cmd[@]}"; line+=$quoted  # shell-quoted, as record.sh does
+    echo "$line" | tee -a "$out/run_sh_commands.txt"
     RECORD_DIR="$out/records/$(date +%Y%m%d_%H%M%S)_$$" bash ./record.sh "${cmd[@]}"
 done
