@@ -139,8 +139,9 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
             raise ValueError(f"--all_stages needs a LocalMIM model (MIM_*), got {args.model}")
         kwargs = {"stage_blocks": list(range(12)), "scales": [8, 4, 4, 2, 2, 2, 2, 2, 2, 1, 1, 0.5]}
     return models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                               hog_nbins=args.hog_nbins, target=args.target, freeze_patch_embed=not args.dont_freeze_pe,
-                               freeze_cls_token=not args.vitfreeze_compat, **kwargs)
+                               hog_nbins=args.hog_nbins, hog_compat=args.hog_compat, target=args.target,
+                               freeze_patch_embed=not args.dont_freeze_pe, freeze_cls_token=not args.vitfreeze_compat,
+                               **kwargs)
 
 
 def partial_describe(model: torch.nn.Module):

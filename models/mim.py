@@ -293,8 +293,8 @@ class MaskedAutoencoder(MaskedImageModel):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 1024,
                  depth: int = 24, num_heads: int = 16, decoder_embed_dim: int = 512, decoder_depth: int = 8,
                  decoder_num_heads: int = 16, mlp_ratio: float = 4.0, norm_pix_loss: bool = False,
-                 target: str | None = None, hog_nbins: int = 9, freeze_patch_embed: bool = True,
-                 freeze_cls_token: bool = True) -> None:
+                 target: str | None = None, hog_nbins: int = 9, hog_compat: bool = False,
+                 freeze_patch_embed: bool = True, freeze_cls_token: bool = True) -> None:
         """
         Args:
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, freeze_patch_embed: see
@@ -304,7 +304,7 @@ class MaskedAutoencoder(MaskedImageModel):
             decoder_num_heads: decoder attention heads.
             norm_pix_loss: per-patch normalized pixel target.
             target: 'pixel' or None (MAE only predicts pixels; 'hog' raises ValueError).
-            hog_nbins: ignored (accepted so one call site builds MAE and LocalMIM models).
+            hog_nbins, hog_compat: ignored (accepted so one call site builds MAE and LocalMIM models).
         """
         if target not in (None, "pixel"):
             raise ValueError(f"MAE models predict pixels (target='pixel'), got target={target!r}; "
@@ -367,9 +367,9 @@ class LocalMIM(MaskedImageModel):
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, decoder_embed_dim: int = 256, decoder_depth: int = 1,
                  decoder_num_heads: int = 8, mlp_ratio: float = 4.0, target: str | None = None, hog_nbins: int = 9,
-                 norm_pix_loss: bool = False, scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-                 stage_blocks: Sequence[int] | None = None, freeze_patch_embed: bool = True,
-                 freeze_cls_token: bool = True) -> None:
+                 hog_compat: bool = False, norm_pix_loss: bool = False,
+                 scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5), stage_blocks: Sequence[int] | None = None,
+                 freeze_patch_embed: bool = True, freeze_cls_token: bool = True) -> None:
         """
         Args:
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, freeze_patch_embed: see
@@ -378,6 +378,7 @@ class LocalMIM(MaskedImageModel):
             target: 'hog' (default when None) or 'pixel' (per-region pixels, region r = p / scale; our extension
                 following LocalMIM-Swin, SPEC 3.7).
             hog_nbins: orientation bins per colour channel.
+            hog_compat: LocalMIM's fp32 Sobel sums, its HOG targets bit for bit (``models.targets`` docstring).
             norm_pix_loss: normalize each pixel region (pixel target only; ValueError with HOG).
             scales: output cells per patch side for each stage, from {8, 4, 2, 1, 0.5}.
             stage_blocks: 0-based blocks feeding the stages, increasing and ending at depth-1; default
@@ -398,7 +399,7 @@ class LocalMIM(MaskedImageModel):
         self.target_sizes = [round(patch_size / s) for s in self.scales]
         self.target_kind = target
         if target == "hog":
-            self.target = HOGTarget(nbins=hog_nbins, pools=self.target_sizes)
+            self.target = HOGTarget(nbins=hog_nbins, pools=self.target_sizes, compat=hog_compat)
         else:
             self.target = PixelTarget(sizes=self.target_sizes, norm_pix=norm_pix_loss)
         self.norm = nn.ModuleList([LAYER_NORM(embed_dim) for _ in self.scales])

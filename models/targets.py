@@ -8,9 +8,18 @@ pixel target). SPEC 2.3, 3.3, 3.7.
 Differences from the references, all with identical results: the Sobel kernels are non-persistent buffers
 (not frozen ``Conv2d`` weights, so they never reach a checkpoint); the per-pixel histogram is computed once per
 image and average-pooled per scale (LocalMIM recomputes the full-resolution gradients once per scale); targets
-are always computed in fp32 with autocast disabled (the reference ran the Sobel conv in fp16 under autocast), with
-the 3x3 Sobel sums taken in fp64 so that flat regions give exactly zero (see :meth:`HOGTarget.histogram`).
+are always computed in fp32 with autocast disabled (the reference ran the Sobel conv in fp16 under autocast).
 The ViT-L recipe's ``--hog_bias`` quirk (a random, never-trained conv bias) is not reproduced.
+
+One difference changes the targets: by default the 3x3 Sobel sums are taken in fp64, where small-integer multiples
+of fp32 pixels add up exactly, so each gradient is the exact value of the formula. LocalMIM sums in fp32, whose
+rounding residues (~1e-7 where the exact sum is 0) change its targets in two ways:
+1. a flat cell (all gradients exactly 0) gets 0 here, but a spurious unit vector in LocalMIM, where the cell's
+   L2-normalization blows the residues up;
+2. a pixel whose horizontal (k0) response is exactly 0 always lands in bin 0 here; in LocalMIM a negative residue
+   makes ``atan2`` slightly negative and puts it in bin ``nbins - 1`` (about 3 % of such pixels on ImageNet).
+At random init the per-scale losses differ by 1-12 % between the two. ``compat=True`` (``--hog_compat``) sums in
+fp32 exactly as LocalMIM does, giving its targets bit for bit, so that published loss curves compare like for like.
 """
 from __future__ import annotations
 
@@ -128,16 +137,19 @@ class HOGTarget(nn.Module):
     cell (an all-zero cell stays zero); channels concatenated as [R bins | G bins | B bins].
     """
 
-    def __init__(self, nbins: int = 9, pools: Sequence[int] = (4, 8, 16, 32)) -> None:
+    def __init__(self, nbins: int = 9, pools: Sequence[int] = (4, 8, 16, 32), compat: bool = False) -> None:
         """
         Args:
             nbins: orientation bins per channel.
             pools: default pool sizes in pixels (p / scale for each LocalMIM stage).
+            compat: take the Sobel sums in fp32 as LocalMIM does (its targets bit for bit, residues included);
+                default fp64, the exact value of the formula (module docstring).
         """
         super().__init__()
         if nbins < 1:
             raise ValueError(f"nbins must be positive, got {nbins}")
         self.nbins = nbins
+        self.compat = compat
         self.pools = tuple(int(k) for k in pools)
         k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
         # Fixed and derivable: a non-persistent buffer, so it follows .to(device) but never enters a checkpoint.
@@ -160,9 +172,12 @@ class HOGTarget(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=imgs.device.type, enabled=False):
             x = F.pad(imgs.float().reshape(batch * chans, 1, height, width), (1, 1, 1, 1), mode="reflect")
             # Sobel sums in fp64: small-integer multiples of fp32 pixels add up exactly there, so a flat region
-            # gives exactly 0. In fp32 the conv's summation order leaves residues of ~1e-7 on flat regions, which
-            # the cell L2-normalization would blow up into a spurious unit vector.
-            grad = F.conv2d(x.double(), self.sobel.double()).float()  # [B*C, 2, H, W]
+            # gives exactly 0. In fp32 (LocalMIM, compat) the conv's summation order leaves residues of ~1e-7 where
+            # the sum is 0, which the cell L2-normalization blows up into a spurious unit vector.
+            if self.compat:
+                grad = F.conv2d(x, self.sobel.float())  # [B*C, 2, H, W]
+            else:
+                grad = F.conv2d(x.double(), self.sobel.double()).float()
             magnitude = grad.norm(dim=1, keepdim=True)
             angle = torch.atan2(grad[:, 0], grad[:, 1])  # first argument is the k0 response (SPEC 3.3)
             bins = torch.floor(angle / math.pi * self.nbins).long() % self.nbins  # non-negative modulo

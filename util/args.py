@@ -87,6 +87,9 @@ def add_mim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mask_ratio", default=0.75, type=open_fraction, help="fraction of patches removed")
     group.add_argument("--norm_pix_loss", action="store_true", help="per-patch normalized pixel targets (MAE)")
     group.add_argument("--hog_nbins", default=9, type=positive_int, help="HOG orientation bins per channel")
+    group.add_argument("--hog_compat", action="store_true",
+                       help="LocalMIM's fp32 Sobel sums: its HOG targets bit for bit (default: exact fp64 sums; "
+                            "flat cells 0 instead of a spurious unit vector, see README)")
     group.add_argument("--target", default=None, choices=["hog", "pixel"],
                        help="LocalMIM target (default: hog for MIM_* models, pixel for mae_*)")
 
