@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 from timm.optim import Lars
 from torch.utils.data import DataLoader, TensorDataset
-from torchvision import transforms as T
 
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
@@ -31,7 +30,7 @@ from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.data.transforms import MEAN, STD, eval_transform
+from util.data.transforms import eval_transform, linprobe_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
@@ -80,10 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                       eval_transform(args.input_size))
         train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(backbone, d, args, info)))
                               for d in (train_set, val_set))
-    else:  # MAE's linear-probe augmentation: RandomResizedCrop (bicubic) + flip; eval: resize + center crop
-        train_tf = T.Compose([T.RandomResizedCrop(args.input_size, interpolation=T.InterpolationMode.BICUBIC),
-                              T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-        train_set, val_set, classes = labelled_splits(args, train_tf, eval_transform(args.input_size))
+    else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
+        train_set, val_set, classes = labelled_splits(args, linprobe_transform(args.input_size),
+                                                      eval_transform(args.input_size))
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
                                 rank=info.rank, world_size=info.world_size, seed=args.seed,
