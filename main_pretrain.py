@@ -15,6 +15,7 @@ import torch
 import models
 from engine.pretrain import mim_step, reconstruct
 from engine.train import NonFiniteLossError, train_one_epoch
+from models.masking import check_mask_ratio
 from util import args as cli
 from util.checkpoint import find_latest, resume_training, save_checkpoint
 from util.data.folder import build_pretrain_dataset
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         world_size=info.world_size, blr=args.blr, lr=args.lr)
 
     model = build_model(args).to(info.device)
+    check_mask_ratio(args.mask_ratio, model.patch_embed.num_patches, img_size=args.input_size,
+                     patch_size=model.patch_size)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=model.unit_of),
                                   lr=lr, betas=(0.9, 0.95))
     amp_dtype = resolve_amp(args.amp, info.device)

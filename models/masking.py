@@ -44,6 +44,23 @@ def random_masking(x: Tensor, mask_ratio: float, generator: torch.Generator | No
     return x_kept, mask, ids_restore
 
 
+def check_mask_ratio(mask_ratio: float, num_patches: int, *, img_size: int, patch_size: int) -> int:
+    """The number of visible patches ``int(L * (1 - mask_ratio))`` (``random_masking``'s rule), after checking that
+    it leaves at least one visible and one masked patch: with none visible the encoder sees nothing, with none
+    masked the loss is an average over no patch (NaN).
+
+    Raises:
+        ValueError: naming the ratio, the input and patch sizes and the resulting counts.
+    """
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1 or keep >= num_patches:
+        what = "no visible patch" if keep < 1 else "no masked patch"
+        raise ValueError(f"--mask_ratio {mask_ratio} leaves {what} at --input_size {img_size} with patch size "
+                         f"{patch_size}: {keep} of {num_patches} patches kept; choose a ratio in "
+                         f"[{1 / num_patches:.4g}, {1 - 1 / num_patches:.4g}] for this grid")
+    return keep
+
+
 def rescale_mask(mask: Tensor, scale: float, grid: int) -> Tensor:
     """Carry the encoder-grid mask to the output grid of a prediction at ``scale`` (LocalMIM ``recal_mask``).
 

@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
@@ -44,7 +45,17 @@ def load_rgb(path: str) -> Image.Image:
         img = Image.open(f)
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # avoids PIL's "palette with transparency" warning
+        if img.mode.startswith("I"):
+            return _wide_grey_to_rgb(img)
         return img.convert("RGB")
+
+
+def _wide_grey_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer) greyscale scaled to 8 bits: PIL's ``convert`` clips such values at 255, which
+    saturates a 16-bit image (a 0-65535 ramp would load almost all white). 65535 maps to 255 (x / 257)."""
+    wide = np.asarray(img).astype(np.float64)
+    grey = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 class ImageFileDataset(Dataset):
