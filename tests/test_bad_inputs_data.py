@@ -34,3 +34,28 @@ def test_pretraining_refuses_a_ratio_that_masks_everything(tmp_path):
     with pytest.raises(ValueError, match="no visible patch"):
         main_pretrain.main(args)
     assert not list((tmp_path / "out").glob("checkpoint-*.pth"))
+
+
+@pytest.mark.parametrize("workers", [2])  # the loader-worker path (the main-process one is the same catch)
+def test_strict_data_on_a_corrupt_image_is_one_line_naming_the_file(tmp_path, workers):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for cls in "ab":
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(tmp_path / "train" / cls / f"{i}.jpg")
+    bad = tmp_path / "train" / "a" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0garbage" * 10)
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "main_pretrain.py"), "--config", "configs/pretrain/demo.yaml",
+                          "--data_path", str(tmp_path), "--strict_data", "--epochs", "1", "--batch_size", "4",
+                          "--num_workers", str(workers), "--vis_every", "0", "--output_dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = res.stdout + res.stderr
+    assert res.returncode == 1, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and str(bad) in errors[0] and "--strict_data" in errors[0], errors

@@ -106,10 +106,15 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     exit status 1 instead of a traceback; the process group is always torn down."""
     from util.distributed import cleanup
 
+    from util.data.folder import CorruptImageError
+
     try:
         main()
-    except (FileNotFoundError, ValueError, *errors) as error:
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, error)
+    except (FileNotFoundError, ValueError, CorruptImageError, *errors) as error:
+        message = str(error)
+        if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, message)
         sys.exit(1)
     finally:
         cleanup()

@@ -103,7 +103,8 @@ class ImageFileDataset(Dataset):
                 img = load_rgb(path)
             except _DECODE_ERRORS as err:
                 if self.strict:
-                    raise CorruptImageError(f"cannot read image {path}: {err!r}") from err
+                    raise CorruptImageError(f"cannot read image {path}: {err!r}; replace or remove the file, or run "
+                                            "without --strict_data to skip unreadable images with a warning") from err
                 self.bad_paths.add(path)
                 logger.warning("skipping unreadable image %s (%r); trying sample %d instead", path, err,
                                (i + 1) % len(self.samples))
