@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename; honour the umask instead
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -41,6 +43,20 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``); else set and restore."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -64,11 +80,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
+        raise ValueError(unreadable_reason(path, err)) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint
+
+
+def unreadable_reason(path: Path, err: BaseException) -> str:
+    """One line that says what ``path`` is instead of a checkpoint and what to do, for ``torch.load``'s ``err``
+    (an empty file gives ``EOFError``, a text file ``KeyError``/``IndexError``: riddles on their own)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(256)
+    detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0].split('. ')[0] if str(err).strip() else '-'}"
+    start = f"cannot load checkpoint {path}"
+    fix = "pass a .pth file written by torch.save (this project, MAE, LocalMIM, DINOv2, timm)"
+    if size == 0:
+        return (f"{start}: the file is empty (0 bytes), its write never finished or it was truncated; use another "
+                f"checkpoint (e.g. an earlier checkpoint-<epoch>.pth) or copy it again")
+    if head.startswith(b"version https://git-lfs"):
+        return f"{start}: a Git LFS pointer, not the file itself; run `git lfs pull` to fetch it"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as bad:  # a character cut at the 256-byte boundary is still text
+        text = head[:bad.start].decode("utf-8") if bad.start >= len(head) - 3 else None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"{start}: a text file ({size} bytes, starts {first!r}), not a checkpoint; {fix}"
+    if isinstance(err, pickle.UnpicklingError) and head.startswith((b"PK", b"\x80")):
+        # weights_only refused an object, so no code from the file ran; torch's own advice (weights_only=False)
+        # would run it, so only the line naming the object is kept
+        what = next((line for line in str(err).splitlines() if "GLOBAL" in line), detail)
+        return f"{start}: it holds Python objects that a weights-only load refuses ({what.strip()}); {fix}"
+    if head.startswith(b"PK"):
+        return f"{start}: a damaged or truncated PyTorch file ({size} bytes; {detail}); copy it again or use another"
+    return f"{start}: not a PyTorch checkpoint ({size} bytes; {detail}); {fix}"
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
