@@ -12,7 +12,7 @@ import main_finetune
 import main_pretrain
 import models
 from engine.train import NonFiniteLossError
-from main_finetune import freeze_unit
+from models.backbone import freeze_unit
 from util.checkpoint import load_checkpoint
 from util.data.demo import DemoDataset
 from util.freezeout import FreezeOutSchedule

@@ -32,3 +32,35 @@ def test_dependency_direction():
 def test_no_grab_bag_modules():
     names = {p.stem for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py")}
     assert not names & {"misc", "utils", "helpers", "common"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (absolute imports, at any depth of the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_entry_scripts_import_no_entry_script():
+    """Shared helpers live in the packages: no ``main_*.py`` imports another, and no package imports one."""
+    scripts = {p.stem for p in ROOT.glob("main_*.py")}
+    assert {"main_pretrain", "main_finetune", "main_linprobe", "main_knn"} <= scripts
+    bad = []
+    packages = [p for pkg in sorted(PROJECT) for p in sorted((ROOT / pkg).rglob("*.py"))]
+    for path in [*sorted(ROOT.glob("main_*.py")), *packages]:
+        hits = imported_modules(path) & (scripts - {path.stem})
+        if hits:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(hits)}")
+    assert not bad, bad
+
+
+def test_layout_check_catches_an_entry_script_import(tmp_path):
+    """The check above can fail: the import forms it must see (plain, from, inside a function)."""
+    for source in ("import main_knn\n", "from main_pretrain import save_schedule_png\n",
+                   "def f():\n    from main_knn import embed\n"):
+        (tmp_path / "main_x.py").write_text(source)
+        assert imported_modules(tmp_path / "main_x.py") & {"main_knn", "main_pretrain"}, source
