@@ -99,8 +99,9 @@ def lock_output_dir(output_dir: str | Path) -> Path:
         raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:
-        raise ValueError(f"--output_dir {path} cannot be created: {err.filename} is a file, not a folder; choose "
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        raise ValueError(f"--output_dir {path} cannot be created: {blocker} is a file, not a folder; choose "
                          "another --output_dir") from None
     except OSError as err:
         raise ValueError(f"--output_dir {path} cannot be created ({err.strerror}); choose a writable folder or fix "
