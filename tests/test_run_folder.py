@@ -142,3 +142,17 @@ def test_lock_file_is_rewritten_by_each_owner(tmp_path):
     text = (tmp_path / LOCK_NAME).read_text()
     assert text.startswith(f"pid {os.getpid()} on host {platform.node()}, since ") and "stale" not in text
     assert abs(time.mktime(time.strptime(text.split("since ")[1].strip(), "%Y-%m-%d %H:%M:%S")) - time.time()) < 60
+
+
+@pytest.mark.parametrize("script", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn"])
+def test_every_entry_script_has_overwrite_and_refuses_a_fresh_start_over_checkpoints(script, tmp_path):
+    module = __import__(script)
+    options = {opt for action in module.build_parser()._actions for opt in action.option_strings}
+    assert "--overwrite" in options
+    save_checkpoint(tmp_path / "checkpoint-last.pth", {"epoch": 0})
+    argv = {"main_pretrain": TINY, "main_finetune": ["--data_set", "demo", "--model", "vit_tiny_patch16"],
+            "main_linprobe": ["--data_set", "demo", "--model", "vit_tiny_patch16"],
+            "main_knn": ["--data_set", "demo", "--model", "vit_tiny_patch16"]}[script]
+    with pytest.raises(ValueError, match="already holds checkpoints \\(checkpoint-last.pth\\)"):
+        module.main([*argv, "--output_dir", str(tmp_path)])
+    assert load_checkpoint(tmp_path / "checkpoint-last.pth") == {"epoch": 0}
