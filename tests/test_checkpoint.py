@@ -123,3 +123,8 @@ def test_unreadable_checkpoints_get_one_line_that_names_file_and_fix(tmp_path):
         message = str(exc.value)
         assert str(tmp_path / name) in message and what in message and "\n" not in message, message
         assert "weights_only` set to `False" not in message
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is a folder: pass a file in it \(e.g. .*checkpoint-last.pth\)"):
+        load_checkpoint(tmp_path)

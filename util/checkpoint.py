@@ -75,6 +75,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ValueError: the file is not a loadable checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder: pass a file in it (e.g. {path / LAST_NAME})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
