@@ -1,5 +1,6 @@
 """util/runtime.py's run-folder protection: one live run per --output_dir (flock, released when the owner dies), no
 silent fresh start over another run's checkpoints (--overwrite), one-line errors for an unusable folder."""
+import fcntl
 import os
 import platform
 import subprocess
@@ -64,9 +65,34 @@ def test_one_process_relocks_its_own_folder_and_moves_its_lock(tmp_path):
     lock_output_dir(tmp_path / "a")
     lock_output_dir(tmp_path / "a")
     lock_output_dir(tmp_path / "b")
-    child = hold_lock(tmp_path / "a")  # would block if this process still held "a"
-    child.kill()
-    child.wait()
+    assert not locked_elsewhere(tmp_path / "a") and locked_elsewhere(tmp_path / "b")
+    release_output_lock()
+    assert not locked_elsewhere(tmp_path / "b")
+
+
+def locked_elsewhere(folder: Path) -> bool:
+    """Whether a flock on folder's lock file is held (another open file description conflicts, in any process)."""
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_process_started_by_the_owner_may_use_its_folder(tmp_path):
+    """A test or notebook that ran in a folder in-process and then starts a run there as a child process (the
+    child's run cannot overlap its own, it waits for it) is not refused; anyone else still is (first test)."""
+    folder = tmp_path / "run"
+    lock_output_dir(folder)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from util.runtime import lock_output_dir; "
+            "lock_output_dir(sys.argv[1]); print('ok')")
+    child = subprocess.run([sys.executable, "-c", code, str(folder), str(ROOT)], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0 and child.stdout.strip() == "ok", child.stderr[-2000:]
+    assert locked_elsewhere(folder) and f"pid {os.getpid()} " in (folder / LOCK_NAME).read_text()
 
 
 def test_fresh_run_into_a_finished_folder_needs_auto_resume_or_overwrite(tmp_path):

@@ -84,8 +84,9 @@ def lock_output_dir(output_dir: str | Path) -> Path:
     The lock is ``fcntl.flock`` on ``<output_dir>/.run.lock``, which holds the pid and host of its owner; the
     kernel drops it when the process ends (also on ``kill -9``), so a dead run never blocks the folder. A process
     that locks another folder (tests run several ``main`` calls) first releases its previous one; locking the
-    folder it already holds is a no-op. On a file system without ``flock`` support (some NFS setups) the run goes
-    on with a warning.
+    folder it already holds is a no-op, and so is a folder held by an ancestor process (a test or notebook that
+    ran in the folder in-process, then started this process there: it waits for us, so its run is over). On a
+    file system without ``flock`` support (some NFS setups) the run goes on with a warning.
 
     Returns:
         The folder.
@@ -123,6 +124,12 @@ def lock_output_dir(output_dir: str | Path) -> Path:
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that has not written its pid yet"
         os.close(fd)
+        owner = int(holder.split()[1]) if holder.startswith("pid ") and holder.split()[1].isdigit() else None
+        if owner is not None and owner in _ancestors():
+            # the process that started this one (a test, a notebook) ran in this folder in-process before: its
+            # run is over, since it is waiting for this one; a third run is still stopped by its lock
+            logger.info("%s is locked by pid %d, which started this process: going on", path, owner)
+            return path
         raise ValueError(f"--output_dir {path} is in use by another run ({holder}); wait for it to end, stop it, or "
                          "choose another --output_dir") from None
     except OSError as err:  # ENOLCK / EOPNOTSUPP: the file system does not lock
@@ -134,6 +141,19 @@ def lock_output_dir(output_dir: str | Path) -> Path:
               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
     _held_lock = (path.resolve(), fd)
     return path
+
+
+def _ancestors() -> set[int]:
+    """Pids of this process's parent, its parent, ... (Linux ``/proc``; elsewhere the parent only)."""
+    pids, pid = set(), os.getppid()
+    while pid > 1 and pid not in pids and len(pids) < 64:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as handle:  # "pid (comm) state ppid ...", comm may hold spaces
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def release_output_lock() -> None:
