@@ -17,20 +17,15 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch.utils.data import DataLoader, Dataset
 
 import models
 from engine.evaluate import eval_shard, evaluate
-from engine.finetune import classify_step
+from engine.finetune import build_criterion, classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
-from main_pretrain import save_schedule_png
-from models.convert import backbone_state
-from models.vit import init_head, unit_of as vit_layer_of
+from models.backbone import freeze_unit, load_finetune_weights
 from util import args as cli
-from util.checkpoint import (find_latest, load_checkpoint, load_model_state, load_pretrained, resume_training,
-                             save_checkpoint)
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
@@ -139,8 +134,13 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
         write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": len(names),
                          "fold": fold, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
         if args.freezeout:
-            save_schedule_png(output_dir / "freezeout_schedule.png", schedule, steps_per_epoch)
-    mixup_fn, criterion = build_criterion(args, len(names))
+            from util.vis import save_schedule_png  # lazy: pictures are optional
+            logger.info("wrote %s", save_schedule_png(output_dir / "freezeout_schedule.png", schedule,
+                                                      steps_per_epoch=steps_per_epoch))
+    mixup_fn, criterion = build_criterion(num_classes=len(names), smoothing=args.smoothing, mixup=args.mixup,
+                                          cutmix=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                                          mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob,
+                                          mixup_mode=args.mixup_mode)
 
     def step_fn(batch, step: int) -> dict:
         return classify_step(freezer.module, batch, step, criterion=criterion, device=device, mixup_fn=mixup_fn)
@@ -215,48 +215,16 @@ def build_model(args: argparse.Namespace, classes: int, *, finetune: str | None)
     model = models.create_model(args.model, img_size=args.input_size, num_classes=classes,
                                 global_pool="avg" if args.global_pool else "token", drop_path_rate=args.drop_path)
     if finetune:
-        load_finetune_weights(model, finetune, source=args.checkpoint_source, global_pool=args.global_pool,
-                              head_init_std=args.head_init_std, what=f"--model {args.model}")
+        load_finetune_weights(model, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune,
+                              global_pool=args.global_pool, head_init_std=args.head_init_std,
+                              what=f"--model {args.model}")
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: training from random initialisation (a baseline)")
     return model
 
 
-def load_finetune_weights(model: nn.Module, path: str, *, source: str = "auto", global_pool: bool = True,
-                          head_init_std: float = 2e-5, what: str = "the model") -> None:
-    """MAE's ``--finetune`` load (SPEC 5.2, 5.3): any supported checkpoint -> timm keys, patch kernel and position
-    embedding resampled to the model, every backbone key required, then a fresh head (trunc_normal(std), bias 0).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: unreadable or unrecognised checkpoint, shapes of another architecture, or backbone keys missing.
-    """
-    state, source = backbone_state(load_checkpoint(path), model, source=source)  # MAE re-initialises the head
-    load_pretrained(model, state, expected_missing=("head.*", "fc_norm.*") if global_pool else ("head.*",),
-                    source=f"{path} ({source} checkpoint into {what})")
-    init_head(model.head, std=head_init_std)
-
-
-def freeze_unit(name: str, *, depth: int) -> int | None:
-    """Unit of a ViT parameter for FreezeOut and layer-wise lr decay: 0 = patch embedding, cls token and position
-    embedding; j + 1 = block j; None = final norm, fc_norm and head (never frozen early; lr_scale 1)."""
-    layer = vit_layer_of(name, depth=depth)
-    return None if layer > depth else layer
-
-
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
-def build_criterion(args: argparse.Namespace, classes: int) -> tuple[Mixup | None, nn.Module]:
-    """MAE's choice (SPEC 5.5): timm mixup/cutmix with smoothing folded into soft targets -> soft-target CE;
-    else label-smoothing CE when ``--smoothing`` > 0; else plain CE."""
-    if mixup_active(args):
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=classes)
-        return mixup, SoftTargetCrossEntropy()
-    return None, LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else nn.CrossEntropyLoss()
 
 
 def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, names: list[str], device: torch.device,

@@ -3,7 +3,7 @@
 Flags follow DINO's ``eval_knn.py`` (``--nb_knn``, ``--temperature``, ``--pretrained_weights``,
 ``--batch_size_per_gpu``, ``--dump_features`` = ``--save_features``, ``--load_features``) and MAE's data flags.
 Example: ``python main_knn.py --model vit_tiny_patch16 --finetune output/demo/checkpoint-last.pth --data_set demo
---input_size 64``. Also hosts the backbone / dataset helpers that ``main_linprobe.py`` imports.
+--input_size 64``.
 """
 from __future__ import annotations
 
@@ -11,25 +11,20 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
-import models
-from engine.evaluate import eval_shard
-from engine.knn import extract_features, knn_classify
-from models.convert import backbone_state
+from engine.knn import embed, knn_classify
+from models.backbone import build_backbone
 from util import args as cli
-from util.checkpoint import load_checkpoint, load_pretrained
-from util.data.subsets import few_shot_indices, IndexedDataset
-from util.distributed import DistInfo
+from util.checkpoint import load_checkpoint, unreadable_reason
+from util.data.subsets import few_shot_indices
 from util.logging import MetricWriter
 from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
-from util.data.transfer import build_splits
+from util.data.transfer import labelled_splits
 from util.data.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
@@ -51,39 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_backbone(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    """The frozen feature extractor [B, 3, H, W] -> [B, D] (timm ViT, no head), weights from ``--finetune``."""
-    backbone = models.create_model(args.model, num_classes=0, img_size=args.input_size,
-                                   global_pool="avg" if args.global_pool else "token")
-    if args.finetune:
-        state, source = backbone_state(load_checkpoint(args.finetune), backbone, source=args.checkpoint_source)
-        # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (SPEC 5.2, 6)
-        load_pretrained(backbone, state, expected_missing=("fc_norm.*",) if args.global_pool else (),
-                        source=f"{args.finetune} ({source})")
-    else:
-        logger.warning("no --finetune checkpoint: the backbone is randomly initialised (a baseline)")
-    return backbone.requires_grad_(False).eval().to(device)
-
-
-def labelled_splits(args: argparse.Namespace, train_transform: Callable,
-                    eval_transform: Callable) -> tuple[Dataset, Dataset, int]:
-    """``train`` and ``val`` of ``--data_set`` and the number of classes, checked against each other and against
-    ``--nb_classes`` (``util.data.transfer.build_splits``, as fine-tuning does)."""
-    train_set, eval_sets, names = build_splits(args.data_set, args.data_path, train_transform=train_transform,
-                                               eval_transform=eval_transform, nb_classes=args.nb_classes,
-                                               test_split=False)
-    return train_set, eval_sets["val"], len(names)
-
-
-def embed(backbone: nn.Module, dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[torch.Tensor, ...]:
-    """Features [N, D] and labels [N] of every sample, each rank embedding an unpadded shard."""
-    shard = eval_shard(IndexedDataset(dataset), rank=info.rank, world_size=info.world_size)
-    loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=args.pin_mem and info.device.type == "cuda")
-    return extract_features(backbone, loader, info.device, num_samples=len(dataset),
-                            amp_dtype=resolve_amp(args.amp, info.device))
-
-
 def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
                 args: argparse.Namespace, classes: int) -> dict[str, float]:
     """Top-1/top-5 per k over the whole bank, or mean and std over ``--n_tries`` few-shot banks."""
@@ -103,6 +65,41 @@ def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Ten
     return mean_and_std(flat) if args.n_per_class else flat[0]  # tries: mean and population std, as folds
 
 
+def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``--load_features``: train features [N, D], labels [N], test features [M, D], labels [M] (DINO's files).
+
+    Raises:
+        FileNotFoundError: the folder or one of its four files is missing.
+        ValueError: a file is not a tensor saved by torch.save, or the shapes / label types do not fit together.
+    """
+    folder, hint = Path(folder), f"pass the folder that --save_features wrote ({', '.join(FEATURE_FILES)})"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--load_features {folder} is not a folder; {hint}")
+    tensors = []
+    for name in FEATURE_FILES:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"--load_features {folder} has no {name}; {hint}")
+        try:
+            tensor = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # torch raises EOFError, KeyError, RuntimeError... for a bad file
+            raise ValueError(f"--load_features: {unreadable_reason(path, err, 'feature file')}") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"--load_features: {path} holds a {type(tensor).__name__}, not a tensor; {hint}")
+        tensors.append(tensor)
+    train, train_labels, test, test_labels = tensors
+    for feats, labels, split in ((train, train_labels, "train"), (test, test_labels, "test")):
+        if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels) or not len(labels):
+            raise ValueError(f"--load_features {folder}: {split} features {tuple(feats.shape)} and labels "
+                             f"{tuple(labels.shape)} do not fit ([N, D] and [N], N > 0); {hint}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"--load_features {folder}: {split} labels are {labels.dtype}, not class indices")
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(f"--load_features {folder}: train features have {train.shape[1]} dims, test {test.shape[1]}"
+                         " (files of two different backbones?)")
+    return train, train_labels, test, test_labels
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_knn")
@@ -113,16 +110,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if info.is_main:
         write_run_record(args.output_dir, vars(args), {"world_size": info.world_size}, argv)
     if args.load_features:
-        train, train_labels, test, test_labels = (torch.load(Path(args.load_features) / name, map_location=info.device,
-                                                             weights_only=True) for name in FEATURE_FILES)
+        train, train_labels, test, test_labels = load_features(args.load_features, info.device)
         classes = args.nb_classes or int(max(train_labels.max(), test_labels.max())) + 1
         logger.info("loaded features from %s: train %s, test %s", args.load_features, tuple(train.shape),
                     tuple(test.shape))
     else:
-        backbone = build_backbone(args, info.device)
-        train_set, test_set, classes = labelled_splits(args, eval_transform(args.input_size),
-                                                       eval_transform(args.input_size))
-        (train, train_labels), (test, test_labels) = (embed(backbone, d, args, info) for d in (train_set, test_set))
+        backbone = build_backbone(args.model, img_size=args.input_size, global_pool=args.global_pool,
+                                  checkpoint=load_checkpoint(args.finetune) if args.finetune else None,
+                                  checkpoint_source=args.checkpoint_source, name=args.finetune).to(info.device)
+        train_set, test_set, classes = labelled_splits(args.data_set, args.data_path, nb_classes=args.nb_classes,
+                                                       train_transform=eval_transform(args.input_size),
+                                                       eval_transform=eval_transform(args.input_size))
+        (train, train_labels), (test, test_labels) = (
+            embed(backbone, d, device=info.device, rank=info.rank, world_size=info.world_size,
+                  batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
+                  amp_dtype=resolve_amp(args.amp, info.device)) for d in (train_set, test_set))
         if args.save_features and info.is_main:
             Path(args.save_features).mkdir(parents=True, exist_ok=True)
             for name, tensor in zip(FEATURE_FILES, (train, train_labels, test, test_labels)):

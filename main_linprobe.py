@@ -21,10 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
-from main_knn import build_backbone, embed, labelled_splits
+from engine.knn import embed
+from models.backbone import build_backbone
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from util.data.transfer import labelled_splits
+from util.param_groups import lars_groups
 from util.distributed import broadcast_buffers, wrap_ddp
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
@@ -50,19 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def lars_groups(probe: LinearProbe, lrs: list[float], weight_decay: float) -> list[dict]:
-    """Head h's groups with ``lr_scale`` = its lr. MoCo v3's LARS (SPEC 6) = timm ``Lars`` with the trust ratio
-    and weight decay on >1-D params only (``always_adapt``) and ``eps=0``; 1-D params take the raw gradient."""
-    groups = []
-    for head, lr in zip(probe.heads, lrs):
-        params = [p for p in head.parameters() if p.requires_grad]
-        groups.append({"params": [p for p in params if p.ndim > 1], "lr_scale": lr, "weight_decay": weight_decay,
-                       "always_adapt": True})
-        groups.append({"params": [p for p in params if p.ndim <= 1], "lr_scale": lr, "weight_decay": 0.0,
-                       "always_adapt": False})
-    return groups
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe")
@@ -73,15 +63,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     info = setup_run(args)
     seed_everything(args.seed)  # the same random backbone and heads on every rank; epochs reseed per rank
     amp_dtype, device = resolve_amp(args.amp, info.device), info.device
-    backbone = build_backbone(args, device)
+    backbone = build_backbone(args.model, img_size=args.input_size, global_pool=args.global_pool,
+                              checkpoint=load_checkpoint(args.finetune) if args.finetune else None,
+                              checkpoint_source=args.checkpoint_source, name=args.finetune).to(device)
+    splits = partial(labelled_splits, args.data_set, args.data_path, nb_classes=args.nb_classes)
     if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)
-        train_set, val_set, classes = labelled_splits(args, eval_transform(args.input_size),
-                                                      eval_transform(args.input_size))
-        train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(backbone, d, args, info)))
-                              for d in (train_set, val_set))
+        train_set, val_set, classes = splits(train_transform=eval_transform(args.input_size),
+                                             eval_transform=eval_transform(args.input_size))
+        train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
+            backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
+            num_workers=args.num_workers, pin_memory=args.pin_mem, amp_dtype=amp_dtype))) for d in (train_set, val_set))
     else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
-        train_set, val_set, classes = labelled_splits(args, linprobe_transform(args.input_size),
-                                                      eval_transform(args.input_size))
+        train_set, val_set, classes = splits(train_transform=linprobe_transform(args.input_size),
+                                             eval_transform=eval_transform(args.input_size))
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
                                 rank=info.rank, world_size=info.world_size, seed=args.seed,

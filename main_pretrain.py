@@ -95,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if info.is_main and args.freezeout:
         for line in schedule.describe(steps_per_epoch):
             logger.info("FreezeOut schedule: %s", line)
-        save_schedule_png(Path(args.output_dir) / "freezeout_schedule.png", schedule, steps_per_epoch)
+        from util.vis import save_schedule_png  # lazy: pictures are optional
+        logger.info("wrote %s", save_schedule_png(Path(args.output_dir) / "freezeout_schedule.png", schedule,
+                                                  steps_per_epoch=steps_per_epoch))
 
     def before_update(step: int) -> None:
         freezer.before_update(step)
@@ -152,12 +154,6 @@ def partial_describe(model: torch.nn.Module):
     first_block = int(model.freeze_patch_embed)
     return lambda unit: (f"blocks.{unit - first_block} (unit {unit})" if unit >= first_block
                          else "patch embedding + cls token (unit 0)")
-
-
-def save_schedule_png(path: Path, schedule: FreezeOutSchedule, steps_per_epoch: int) -> None:
-    from util.vis import save_schedule_png as draw  # lazy: pictures are optional
-    draw(path, schedule, steps_per_epoch=steps_per_epoch)
-    logger.info("wrote %s", path)
 
 
 def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argparse.Namespace, path: Path) -> None:

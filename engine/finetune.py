@@ -2,6 +2,7 @@
 
 After MAE's ``engine_finetune.train_one_epoch`` body (mixup/cutmix through timm's ``Mixup``, then the criterion),
 cut down to one micro-batch: the loop in ``engine/train.py`` owns autocast, backward, accumulation and the step.
+``build_criterion`` is MAE's choice of mixup and loss (``main_finetune.py``).
 A model may return the logits of several heads at once ([H, B, C], a linear-probe lr grid as in DINOv2): the
 loss is the sum of the heads' losses, so each head receives exactly the gradient of its own loss.
 """
@@ -11,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 
 def classify_step(model: nn.Module, batch: Any, step: int, *, criterion: Callable[[torch.Tensor, torch.Tensor],
@@ -40,3 +43,20 @@ def classify_step(model: nn.Module, batch: Any, step: int, *, criterion: Callabl
     if len(losses) > 1:
         out.update({f"loss_head{h}": loss.detach() for h, loss in enumerate(losses)})
     return out
+
+
+def build_criterion(*, num_classes: int, smoothing: float, mixup: float = 0.0, cutmix: float = 0.0,
+                    cutmix_minmax: list[float] | None = None, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                    mixup_mode: str = "batch") -> tuple[Mixup | None, nn.Module]:
+    """MAE's choice (SPEC 5.5): timm mixup/cutmix with smoothing folded into soft targets -> soft-target CE;
+    else label-smoothing CE when ``smoothing`` > 0; else plain CE. Arguments are MAE's flags of the same names.
+
+    Returns:
+        ``(mixup_fn or None, criterion)``.
+    """
+    if mixup > 0 or cutmix > 0 or cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=cutmix_minmax, prob=mixup_prob,
+                         switch_prob=mixup_switch_prob, mode=mixup_mode, label_smoothing=smoothing,
+                         num_classes=num_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    return None, LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()

@@ -6,6 +6,7 @@ github.com/facebookresearch/dino ``eval_knn.py``), SPEC 7.1:
 - ``extract_features``: every rank embeds its shard of an ``IndexedDataset`` and the (index, feature, label)
   triples of all ranks are gathered once and written to row ``index``: ordering and padding cannot misalign
   features and labels (ViTFreeze's ``run_knn.py`` lost that alignment and scored chance, SPEC 7.3).
+- ``embed``: the same for a plain labelled dataset (builds the sharded loader).
 - ``knn_classify``: cosine similarity of L2-normalised features, the k most similar training samples vote
   with weight exp(sim / T) for their class, classes ranked by summed weight; top-1 and top-5 (top-5 over
   min(5, k) classes, as DINO). Several k share one top-k search (the k nearest are a prefix of the kmax nearest).
@@ -26,9 +27,24 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from torch.utils.data import DataLoader, Dataset
+
+from engine.evaluate import eval_shard
+from util.data.subsets import IndexedDataset
 from util.distributed import all_gather_cat, all_reduce_sum, rank_and_world
 
-__all__ = ["extract_features", "knn_classify"]
+__all__ = ["embed", "extract_features", "knn_classify"]
+
+
+def embed(backbone: nn.Module, dataset: Dataset, *, device: torch.device, rank: int = 0, world_size: int = 1,
+          batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+          amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Features [N, D] and labels [N] of every sample of ``dataset`` (items ``(image, label)``), each rank embedding
+    an unpadded shard (:func:`extract_features`); k-NN and the linear probe's cached features."""
+    shard = eval_shard(IndexedDataset(dataset), rank=rank, world_size=world_size)
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=pin_memory and device.type == "cuda")
+    return extract_features(backbone, loader, device, num_samples=len(dataset), amp_dtype=amp_dtype)
 
 
 @torch.inference_mode()

@@ -65,3 +65,16 @@ def test_missing_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(main_pretrain.build_parser(), ["--config", str(tmp_path / "nope.yaml")])
     assert "nope.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, where", [("model: x\n  bad: [1, 2\n", "line 2, column 6"),
+                                         ("epochs: [1, 2\n", "line 2"), ("a: 'open\n", "line")])
+def test_malformed_yaml_is_one_line_and_exit_2(tmp_path, capsys, text, where):
+    """A YAML syntax error names the file and the place (exit 2 like other config errors), not a traceback."""
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        parse_args(main_pretrain.build_parser(), ["--config", str(cfg)])
+    assert exc.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "broken.yaml is not valid YAML" in last and where in last and "Traceback" not in last

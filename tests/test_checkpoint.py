@@ -92,3 +92,39 @@ def test_mismatch_names_keys_and_shapes():
     msg = str(exc.value)
     assert "missing keys (1): 1.bias" in msg and "unexpected keys (1): extra" in msg
     assert "shape of 0.weight: checkpoint (5, 3), model (2, 3)" in msg
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_honours_the_umask(tmp_path, umask):
+    """mkstemp creates 0600 and the rename keeps it: checkpoints and PNGs must get the mode every other file gets."""
+    old = os.umask(umask)
+    try:
+        ckpt = save_checkpoint(tmp_path / "checkpoint-last.pth", {"epoch": 1})
+        png = atomic_write(tmp_path / "picture.png", lambda tmp: Path(tmp).write_bytes(b"png"))
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives, the reference
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == expected
+    assert ckpt.stat().st_mode & 0o777 == expected and png.stat().st_mode & 0o777 == expected
+
+
+def test_unreadable_checkpoints_get_one_line_that_names_file_and_fix(tmp_path):
+    """Empty (torch: EOFError), text (KeyError/IndexError), Git LFS pointer, truncated zip: one line each."""
+    good = save_checkpoint(tmp_path / "good.pth", {"model": {"w": torch.zeros(100)}})
+    cases = {"empty.pth": (b"", "empty (0 bytes)"),
+             "notes.pth": (b"this is a text file\nnot weights\n", "a text file"),
+             "lfs.pth": (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "git lfs pull"),
+             "cut.pth": (good.read_bytes()[:200], "damaged or truncated")}
+    for name, (data, what) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as exc:
+            load_checkpoint(tmp_path / name)
+        message = str(exc.value)
+        assert str(tmp_path / name) in message and what in message and "\n" not in message, message
+        assert "weights_only` set to `False" not in message
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"is a folder: pass a file in it \(e.g. .*checkpoint-last.pth\)"):
+        load_checkpoint(tmp_path)

@@ -303,6 +303,18 @@ def test_convert_14to16_cli(tmp_path, capsys):
     assert "nope.pth" in capsys.readouterr().err
 
 
+def test_convert_14to16_refuses_a_kernel_that_is_not_14(tmp_path, capsys):
+    """A patch-16 checkpoint (e.g. one converted already) is refused: resizing it again would blur its kernel."""
+    tool = _tool("convert_14to16")
+    sd = fake_dinov2()
+    sd["patch_embed.proj.weight"] = torch.randn(DIM, 3, 16, 16)
+    torch.save(sd, tmp_path / "p16.pth")
+    assert tool.main([str(tmp_path / "p16.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "p16.pth" in err and "16x16" in err and "14x14" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "p16_14to16.pth").exists()
+
+
 def test_export_timm_cli_safetensors_and_pth(tmp_path, capsys):
     tool = _tool("export_timm")
     ckpt, enc = fake_localmim()

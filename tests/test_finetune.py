@@ -12,7 +12,7 @@ import main_finetune
 import main_pretrain
 import models
 from engine.train import NonFiniteLossError
-from main_finetune import freeze_unit
+from models.backbone import freeze_unit
 from util.checkpoint import load_checkpoint
 from util.data.demo import DemoDataset
 from util.freezeout import FreezeOutSchedule
@@ -162,7 +162,7 @@ def test_a_pretraining_checkpoint_cannot_be_resumed_as_fine_tuning(pretrained, d
 
 
 def test_missing_annotation_file(tmp_path):
-    from scipy.io import savemat
+    savemat = pytest.importorskip("scipy.io", reason="Flowers-102 labels are a .mat file: pip install .[transfer]").savemat
     (tmp_path / "flowers" / "jpg").mkdir(parents=True)
     savemat(tmp_path / "flowers" / "imagelabels.mat", {"labels": [1, 2]})
     with pytest.raises(FileNotFoundError, match="setid.mat"):

@@ -1,5 +1,4 @@
 """Pieces of fine-tuning: MAE's augmentation, checkpoint resampling on load, criterion, reports, recipes, flags."""
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,10 @@ from timm.models.vision_transformer import VisionTransformer
 
 import main_finetune
 import models
+from engine.finetune import build_criterion
+from models.backbone import load_finetune_weights
 from util.args import parse_args
+from util.checkpoint import load_checkpoint
 from util.data.transforms import MEAN, STD, finetune_transform
 from util.metrics import mean_and_std
 from util.vis import confusion_colours, save_confusion_png
@@ -90,7 +92,7 @@ def test_load_resamples_pos_embed_like_timm_and_reinitialises_the_head(tmp_path)
     source = models.create_model("mae_vit_tiny_patch16", img_size=32)  # 2x2 patch grid
     torch.save({"model": source.state_dict()}, tmp_path / "pre.pth")
     model = models.create_model("vit_tiny_patch16", img_size=64, num_classes=7, global_pool="avg")  # 4x4 grid
-    main_finetune.load_finetune_weights(model, str(tmp_path / "pre.pth"))
+    load_finetune_weights(model, load_checkpoint(tmp_path / "pre.pth"))
     old = source.state_dict()["pos_embed"]
     expected = resample_abs_pos_embed(old, new_size=[4, 4], old_size=[2, 2], num_prefix_tokens=1,
                                       interpolation="bicubic", antialias=False)
@@ -109,7 +111,7 @@ def test_load_resizes_a_patch_14_kernel(tmp_path):
     source = VisionTransformer(img_size=28, patch_size=14, embed_dim=192, depth=12, num_heads=3, num_classes=0)
     torch.save(source.state_dict(), tmp_path / "p14.pth")
     model = models.create_model("vit_tiny_patch16", img_size=32, num_classes=3, global_pool="token")
-    main_finetune.load_finetune_weights(model, str(tmp_path / "p14.pth"), global_pool=False, head_init_std=0.01)
+    load_finetune_weights(model, load_checkpoint(tmp_path / "p14.pth"), global_pool=False, head_init_std=0.01)
     kernel = source.patch_embed.proj.weight.data
     expected = F.interpolate(kernel, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(model.patch_embed.proj.weight.data, expected)
@@ -117,19 +119,19 @@ def test_load_resizes_a_patch_14_kernel(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- criterion and reports
-def _args(**kw) -> argparse.Namespace:
+def _args(**kw) -> dict:
     base = dict(mixup=0.0, cutmix=0.0, cutmix_minmax=None, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
                 smoothing=0.1)
-    return argparse.Namespace(**{**base, **kw})
+    return {**base, **kw}
 
 
 def test_criterion_follows_mae():
-    mixup, criterion = main_finetune.build_criterion(_args(mixup=0.8, cutmix=1.0), 10)
+    mixup, criterion = build_criterion(num_classes=10, **_args(mixup=0.8, cutmix=1.0))
     assert isinstance(mixup, Mixup) and isinstance(criterion, SoftTargetCrossEntropy)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing, mixup.num_classes) == (0.8, 1.0, 0.1, 10)
-    mixup, criterion = main_finetune.build_criterion(_args(), 10)
+    mixup, criterion = build_criterion(num_classes=10, **_args())
     assert mixup is None and isinstance(criterion, LabelSmoothingCrossEntropy) and criterion.smoothing == 0.1
-    mixup, criterion = main_finetune.build_criterion(_args(smoothing=0.0), 10)
+    mixup, criterion = build_criterion(num_classes=10, **_args(smoothing=0.0))
     assert mixup is None and type(criterion) is nn.CrossEntropyLoss
 
 

@@ -185,3 +185,42 @@ def test_main_knn_few_shot_reports_mean_and_std(small_demo, tmp_path):
 def test_main_knn_checks_nb_classes_against_the_data(small_demo, tmp_path):
     with pytest.raises(ValueError, match=r"--nb_classes 5 does not match the data: demo .* has 8 classes"):
         main_knn.main([*KNN, "--nb_classes", "5", "--output_dir", str(tmp_path / "o")])
+
+
+def _feature_folder(path, **replace):
+    """DINO's four feature files (10 train, 6 test, 4 dims), with some replaced by raw bytes or other objects."""
+    path.mkdir()
+    tensors = dict(zip(main_knn.FEATURE_FILES, (torch.randn(10, 4), torch.arange(10) % 3, torch.randn(6, 4),
+                                                 torch.arange(6) % 3)))
+    for name, value in {**tensors, **replace}.items():
+        if isinstance(value, bytes):
+            (path / name).write_bytes(value)
+        elif value is not None:
+            torch.save(value, path / name)
+    return path
+
+
+@pytest.mark.parametrize("replace, expected", [
+    ({"trainfeat.pth": None}, "has no trainfeat.pth"),
+    ({"testfeat.pth": b""}, "empty (0 bytes)"),
+    ({"trainlabels.pth": b"0 1 2 0 1 2\n"}, "a text file"),
+    ({"trainfeat.pth": {"feats": torch.zeros(10, 4)}}, "holds a dict, not a tensor"),
+    ({"testfeat.pth": torch.randn(6, 5)}, "train features have 4 dims, test 5"),
+    ({"trainlabels.pth": torch.arange(9)}, "train features (10, 4) and labels (9,) do not fit"),
+    ({"testlabels.pth": torch.zeros(6)}, "test labels are torch.float32, not class indices"),
+])
+def test_load_features_says_what_is_wrong_with_which_file(tmp_path, replace, expected):
+    folder = _feature_folder(tmp_path / "feats", **replace)
+    with pytest.raises((ValueError, FileNotFoundError)) as exc:
+        main_knn.load_features(folder, torch.device("cpu"))
+    message = str(exc.value)
+    assert expected in message and str(folder) in message and "\n" not in message, message
+    good = _feature_folder(tmp_path / "good")
+    loaded = main_knn.load_features(good, torch.device("cpu"))
+    assert [tuple(t.shape) for t in loaded] == [(10, 4), (10,), (6, 4), (6,)]
+
+
+def test_main_knn_load_features_from_a_bad_folder_is_a_value_error(tmp_path):
+    folder = _feature_folder(tmp_path / "feats", **{"testfeat.pth": b"oops"})
+    with pytest.raises(ValueError, match="testfeat.pth: a text file"):
+        main_knn.main([*KNN, "--load_features", str(folder), "--output_dir", str(tmp_path / "out")])

@@ -6,7 +6,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 import models
-from main_finetune import freeze_unit
+from models.backbone import freeze_unit
 from util.param_groups import param_groups
 
 DEPTH = 3

@@ -9,14 +9,19 @@ ALLOWED = {"models": set(), "util": set(), "engine": {"util", "models"}}
 PROJECT = {"models", "engine", "util"}
 
 
-def imported_packages(path: Path) -> set[str]:
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (absolute imports, at any depth of the file)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add(node.module.split(".")[0])
-    return found & PROJECT
+    return found
+
+
+def imported_packages(path: Path) -> set[str]:
+    return imported_modules(path) & PROJECT
 
 
 def test_dependency_direction():
@@ -32,3 +37,49 @@ def test_dependency_direction():
 def test_no_grab_bag_modules():
     names = {p.stem for pkg in PROJECT for p in (ROOT / pkg).rglob("*.py")}
     assert not names & {"misc", "utils", "helpers", "common"}
+
+
+def helper_imports(path: Path, scripts: set[str]) -> set[str]:
+    """Entry scripts among ``scripts`` whose helpers ``path`` imports (absolute imports, at any depth of the file).
+
+    ``from main_x import main`` alone is an alias of that entry point (the seeds' script names, e.g.
+    ``main_finetune_gastrovision.py``), not a shared helper, so it does not count; ``import main_x`` or any other
+    name does."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if not all(alias.name == "main" for alias in node.names):
+                found.add(node.module.split(".")[0])
+    return found & scripts
+
+
+def test_entry_scripts_import_no_entry_script():
+    """Shared helpers live in the packages: no ``main_*.py`` imports another's helpers, and no package imports an
+    entry script at all."""
+    scripts = {p.stem for p in ROOT.glob("main_*.py")}
+    assert {"main_pretrain", "main_finetune", "main_linprobe", "main_knn"} <= scripts
+    bad = []
+    for path in sorted(ROOT.glob("main_*.py")):
+        hits = helper_imports(path, scripts - {path.stem})
+        if hits:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(hits)}")
+    for path in [p for pkg in sorted(PROJECT) for p in sorted((ROOT / pkg).rglob("*.py"))]:
+        hits = imported_modules(path) & scripts
+        if hits:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(hits)}")
+    assert not bad, bad
+
+
+def test_layout_check_catches_an_entry_script_import(tmp_path):
+    """The check above can fail: the import forms it must see (plain, from, inside a function), and the one alias
+    form it lets pass."""
+    scripts = {"main_knn", "main_pretrain"}
+    for source in ("import main_knn\n", "from main_pretrain import save_schedule_png\n",
+                   "def f():\n    from main_knn import embed\n", "from main_knn import main, embed\n"):
+        (tmp_path / "main_x.py").write_text(source)
+        assert helper_imports(tmp_path / "main_x.py", scripts), source
+    (tmp_path / "main_x.py").write_text("from main_knn import main\n")
+    assert not helper_imports(tmp_path / "main_x.py", scripts)
+    assert imported_modules(tmp_path / "main_x.py") & scripts == {"main_knn"}

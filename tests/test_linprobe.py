@@ -1,6 +1,5 @@
 """main_linprobe.py: LARS = MoCo v3's, frozen backbone, head-only optimizer, cached features, lr grid, resume; and
 end to end on the demo data: the demo pretraining beats a random backbone in k-NN and linear-probe accuracy."""
-import argparse
 from pathlib import Path
 
 import pytest
@@ -9,10 +8,11 @@ import torch
 import main_knn
 import main_linprobe
 import models
+from engine.knn import embed
 from models.heads import LinearProbe
 from util.data.demo import DemoDataset
-from util.distributed import DistInfo
 from util.data.transforms import eval_transform
+from util.param_groups import lars_groups
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
@@ -40,7 +40,7 @@ def test_timm_lars_configuration_equals_moco_v3():
     reference = LinearProbe(None, 16, 5, num_heads=2)
     reference.load_state_dict(probe.state_dict())
     lrs = [6.4, 0.3]
-    optimizer = main_linprobe.Lars(main_linprobe.lars_groups(probe, lrs, 0.0), lr=0.0, momentum=0.9,
+    optimizer = main_linprobe.Lars(lars_groups(probe, lrs, 0.0), lr=0.0, momentum=0.9,
                                    trust_coeff=0.001, eps=0.0)
     for group in optimizer.param_groups:
         group["lr"] = group["lr_scale"]  # what apply_lr does at schedule value 1
@@ -62,8 +62,8 @@ def test_backbone_frozen_and_optimizer_holds_only_the_head(small_demo, tmp_path,
     seen = {}
     build, lars = main_linprobe.build_backbone, main_linprobe.Lars
 
-    def spy_backbone(args, device):
-        seen["backbone"] = build(args, device)
+    def spy_backbone(*args, **kwargs):
+        seen["backbone"] = build(*args, **kwargs)
         seen["before"] = {k: v.clone() for k, v in seen["backbone"].state_dict().items()}
         return seen["backbone"]
 
@@ -90,8 +90,7 @@ def test_cached_features_equal_fresh_ones():
     torch.manual_seed(0)
     backbone = models.create_model("vit_tiny_patch16", img_size=32, num_classes=0, depth=2).eval()
     data = DemoDataset(num_classes=3, per_class=5, size=40, transform=eval_transform(32))
-    args = argparse.Namespace(batch_size=4, num_workers=0, pin_mem=False, amp="none")
-    feats, labels = main_knn.embed(backbone, data, args, DistInfo())
+    feats, labels = embed(backbone, data, device=torch.device("cpu"), batch_size=4)
     with torch.no_grad():
         fresh = torch.cat([backbone(torch.stack([data[i][0] for i in range(j, min(j + 4, 15))]))
                            for j in range(0, 15, 4)])

@@ -1,6 +1,5 @@
 """run.sh: task table, argument mapping and refusals (dry runs only: nothing trains)."""
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -11,19 +10,32 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / "run.sh"), *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    """The checkout seen through symlinks in tmp_path: run.sh works from its own folder (``cd $(dirname $0)``), so
+    its ``output/`` lands here instead of in the real checkout."""
+    mirror = tmp_path / "checkout"
+    mirror.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name not in ("output", ".git"):
+            (mirror / entry.name).symlink_to(entry)
+    return mirror
+
+
+@pytest.fixture
+def run_sh(checkout):
+    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(checkout / "run.sh"), *args], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **(env or {})})
+    return run
 
 
 @pytest.fixture
 def job():
-    name = f"test_{uuid.uuid4().hex[:8]}"
-    yield name
-    shutil.rmtree(ROOT / "output" / name, ignore_errors=True)
+    return f"test_{uuid.uuid4().hex[:8]}"
 
 
-def test_help_lists_tasks():
+def test_help_lists_tasks(run_sh):
     res = run_sh("--help")
     assert res.returncode == 0
     for task in ("pretrain_demo", "pretrain_localmim_vit_base_freezeout_cubic_t0.8_100e", "imagenet_finetune",
@@ -31,32 +43,33 @@ def test_help_lists_tasks():
         assert task in res.stdout
 
 
-def test_refusals(job):
+def test_refusals(run_sh, checkout, job):
     for args, msg in [((job, "nope", "base", "0"), "unknown task 'nope'"),
                       ((job, "pretrain_demo+ade20k_seg", "base", "0"), "not supported yet"),
                       ((job, "pretrain_demo", "base"), "expected JOB_NAME TASK MODEL NGPUS"),
                       ((job, "pretrain_demo", "base", "two"), "NGPUS must be a number")]:
         res = run_sh(*args)
         assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
-    assert not (ROOT / "output" / job).exists()  # nothing started
+    assert not (checkout / "output" / job).exists()  # nothing started
 
 
-def test_pretrain_dry_run_maps_arguments(job):
+def test_pretrain_dry_run_maps_arguments(run_sh, job):
     res = run_sh(job, "pretrain_demo", "small", "0", "epochs=3", "--dry_run")
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])  # first line echoes the command
-    assert resolved["model"] == "MIM_vit_small_patch16"  # the demo recipe is LocalMIM and resolved["epochs"] == 3
+    assert resolved["model"] == "MIM_vit_small_patch16"  # the demo recipe is LocalMIM
+    assert resolved["epochs"] == 3  # the key=value override wins over the recipe's 10
     assert resolved["output_dir"] == f"output/{job}/pretrain_demo" and resolved["auto_resume"] is True
     assert resolved["input_size"] == 64  # from the recipe
 
 
-def test_checkpoint_goes_to_finetune_for_transfer_tasks(job):
+def test_checkpoint_goes_to_finetune_for_transfer_tasks(run_sh, job):
     res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", "/some/ckpt.pth", "--dry_run")
     assert res.returncode == 0, res.stderr
     assert "--finetune /some/ckpt.pth" in res.stdout.splitlines()[0]
 
 
-def test_a_chain_is_checked_before_anything_starts(job):
+def test_a_chain_is_checked_before_anything_starts(run_sh, checkout, job):
     """3 GPUs cannot keep the LocalMIM recipe's effective batch 2048 (256 per GPU): refused up front, even though
     the first task of the chain (the demo) would run."""
     res = run_sh(job, "pretrain_demo+pretrain_localmim_vit_base_100e", "base", "3")
@@ -64,13 +77,13 @@ def test_a_chain_is_checked_before_anything_starts(job):
     assert "effective batch 2048 is not a multiple of batch_size 256 x 3 processes" in res.stderr
     assert "task 'pretrain_localmim_vit_base_100e' does not resolve on 3 process(es)" in res.stderr
     assert "usage:" not in res.stderr  # the one line that matters, not argparse's usage block
-    assert not (ROOT / "output" / job).exists()
+    assert not (checkout / "output" / job).exists()
 
 
-def test_each_task_is_recorded(job):
+def test_each_task_is_recorded(run_sh, checkout, job):
     res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
     assert res.returncode == 0, res.stderr
-    (record,) = (ROOT / "output" / job / "knn" / "records").iterdir()
+    (record,) = (checkout / "output" / job / "knn" / "records").iterdir()
     command = (record / "command.txt").read_text()
     assert "command: python main_knn.py --config configs/knn/imagenet_vit_base.yaml" in command
     assert "exit status: 0" in command and "git: " in command
@@ -90,7 +103,7 @@ def test_record_sh_keeps_command_output_and_exit_status(tmp_path):
 
 
 @pytest.mark.parametrize("extra, env", [(["launcher=slurm", "--partition", "p"], {}), ([], {"NNODES": "2"})])
-def test_slurm_goes_through_submitit_not_torchrun(job, extra, env):
+def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env):
     res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--dry_run", env=env)
     assert res.returncode == 0, res.stderr
     command = res.stdout.splitlines()[0]
@@ -99,3 +112,9 @@ def test_slurm_goes_through_submitit_not_torchrun(job, extra, env):
     nodes = int(env.get("NNODES", 1))
     assert (resolved["launcher"], resolved["nodes"], resolved["ngpus"]) == ("slurm", nodes, 4)
     assert resolved["accum_iter"] == 1024 // (32 * 4 * nodes)  # the recipe's effective batch on nodes x 4 GPUs
+
+
+def test_nothing_is_written_into_the_real_checkout(run_sh, checkout, job):
+    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    assert (checkout / "output" / job / "knn" / "records").is_dir() and not (ROOT / "output" / job).exists()

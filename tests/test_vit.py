@@ -1,4 +1,4 @@
-"""models/vit.py + models/heads.py + util/checkpoint.load_pretrained: sizes, pooling, head init, loading."""
+"""models/vit.py + models/heads.py + models/backbone.load_pretrained: sizes, pooling, head init, loading."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ import models
 from models.convert import to_timm_vit
 from models.heads import LinearProbe, LinearProbeHead
 from models.vit import init_head, unit_of
-from util.checkpoint import load_pretrained
+from models.backbone import load_pretrained
 
 SIZES = {"vit_tiny_patch16": (16, 192, 12, 3), "vit_small_patch16": (16, 384, 12, 6),
          "vit_base_patch16": (16, 768, 12, 12), "vit_large_patch16": (16, 1024, 24, 16),

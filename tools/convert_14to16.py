@@ -9,7 +9,7 @@ The result keeps LayerScale as ``gamma1`` / ``gamma2`` for ViT-Adapter's backbon
 ``tools/export_timm.py`` (LayerScale folded) instead. Differences from ViT-Adapter's script: a wrapped checkpoint
 (``model`` / ``teacher`` / ``module.`` prefixes) is unwrapped first, the output name is derived from the file stem
 (the original's ``str.replace('.pth', ...)`` overwrites its input when the name has no ``.pth``), the write is
-atomic, and errors are one line with exit status 1.
+atomic, a kernel that is not 14x14 is refused, and errors are one line with exit status 1.
 """
 from __future__ import annotations
 
@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("filename", help="DINOv2 state dict (.pth)")
     args = parser.parse_args(argv)
     try:
-        converted = dinov2_14to16(unwrap_checkpoint(load_checkpoint(args.filename)))
+        state = unwrap_checkpoint(load_checkpoint(args.filename))
+        kernel = state.get("patch_embed.proj.weight")
+        if kernel is not None and tuple(kernel.shape[-2:]) != (14, 14):
+            raise ValueError(f"{args.filename} has a {kernel.shape[-2]}x{kernel.shape[-1]} patch kernel, not 14x14: "
+                             "this tool resizes DINOv2 patch-14 checkpoints only (is it converted already?)")
+        converted = dinov2_14to16(state)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -157,6 +157,8 @@ def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <output_dir>/tensorboard)")
     group.add_argument("--resume", default="", help="checkpoint to resume from")
     group.add_argument("--auto_resume", action="store_true", help="resume from the latest checkpoint in output_dir")
+    group.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an output_dir that already holds checkpoints, replacing them")
     group.add_argument("--start_epoch", default=0, type=non_negative_int, help="first epoch (resume overrides)")
     group.add_argument("--save_every", default=save_every, type=positive_int, help="keep checkpoint-<epoch>.pth")
     group.add_argument("--vis_every", default=0, type=non_negative_int, help="picture every N epochs (0: off)")
@@ -198,14 +200,24 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: a key is not a flag of this script (the message names the nearest valid ones) or a
+        ValueError: the file is not valid YAML, a key is not a flag of this script (the message names the nearest valid ones) or a
             value fails the flag's validation.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as handle:
-        raw = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:  # one line with the place instead of a traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"config {path} is not valid YAML ({where}{problem}); fix it: one `flag_name: value` "
+                         "per line") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path} is not a text file; pass a YAML recipe (e.g. configs/pretrain/demo.yaml)") \
+            from None
     if not isinstance(raw, dict):
         raise ValueError(f"config {path} must be a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
@@ -335,6 +347,8 @@ def add_eval_output_args(parser: argparse.ArgumentParser) -> None:
     """Output folder and seed of an evaluation that trains nothing."""
     group = parser.add_argument_group("output")
     group.add_argument("--output_dir", default="./output_dir", help="results, log.txt, args.yaml")
+    group.add_argument("--overwrite", action="store_true",
+                       help="write into an output_dir that holds a training run's checkpoints (its args.yaml too)")
     group.add_argument("--seed", default=0, type=int, help="seed of the few-shot draws")
 
 

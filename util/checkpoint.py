@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -31,6 +32,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename; honour the umask instead
     try:
         write(tmp)
         with open(tmp, "rb") as handle:
@@ -41,6 +43,20 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``); else set and restore."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -59,16 +75,50 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ValueError: the file is not a loadable checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is a folder: pass a file in it (e.g. {path / LAST_NAME})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ValueError(f"cannot load checkpoint {path}: {type(err).__name__}: {err}") from err
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
+        raise ValueError(unreadable_reason(path, err)) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint
+
+
+def unreadable_reason(path: Path, err: BaseException, what: str = "checkpoint") -> str:
+    """One line that says what ``path`` is instead of a ``what`` (a torch.save file) and what to do, for
+    ``torch.load``'s ``err`` (an empty file gives ``EOFError``, a text file ``KeyError``/``IndexError``: riddles)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(256)
+    detail = f"{type(err).__name__}: {str(err).strip().splitlines()[0].split('. ')[0] if str(err).strip() else '-'}"
+    start = f"cannot load {what} {path}"
+    fix = "pass a .pth file written by torch.save (this project, MAE, LocalMIM, DINOv2, timm)"
+    if size == 0:
+        other = "an earlier checkpoint-<epoch>.pth" if what == "checkpoint" else f"write the {what} again"
+        return (f"{start}: the file is empty (0 bytes), its write never finished or it was truncated; use another "
+                f"({other}) or copy it again")
+    if head.startswith(b"version https://git-lfs"):
+        return f"{start}: a Git LFS pointer, not the file itself; run `git lfs pull` to fetch it"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as bad:  # a character cut at the 256-byte boundary is still text
+        text = head[:bad.start].decode("utf-8") if bad.start >= len(head) - 3 else None
+    if text is not None and all(c.isprintable() or c.isspace() for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        return f"{start}: a text file ({size} bytes, starts {first!r}), not a {what}; {fix}"
+    if isinstance(err, pickle.UnpicklingError) and head.startswith((b"PK", b"\x80")):
+        # weights_only refused an object, so no code from the file ran; torch's own advice (weights_only=False)
+        # would run it, so only the line naming the object is kept
+        what = next((line for line in str(err).splitlines() if "GLOBAL" in line), detail)
+        return f"{start}: it holds Python objects that a weights-only load refuses ({what.strip()}); {fix}"
+    if head.startswith(b"PK"):
+        return f"{start}: a damaged or truncated PyTorch file ({size} bytes; {detail}); copy it again or use another"
+    return f"{start}: not a file written by torch.save ({size} bytes; {detail}); {fix}"
 
 
 def find_latest(output_dir: str | Path) -> Path | None:
@@ -144,44 +194,3 @@ def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 def _short(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def load_pretrained(model: nn.Module, state_dict: dict[str, torch.Tensor], *,
-                    expected_missing: tuple[str, ...] | list[str] | set[str] = (),
-                    source: str = "checkpoint") -> tuple[list[str], list[str]]:
-    """Non-strict load of a backbone that fails loudly when the backbone did not really load.
-
-    MAE's ``main_finetune.py`` / ``main_linprobe.py`` assert the exact missing set after ``strict=False``
-    (``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling, SPEC 5.2); here any missing key
-    outside ``expected_missing`` raises, unexpected keys (decoders, ``mask_token``, a head we do not use, ``norm.*``
-    under global pooling) are reported, and a shape mismatch raises instead of crashing inside ``load_state_dict``.
-
-    Args:
-        model: the module to load into.
-        state_dict: weights under the model's key names (e.g. from ``models.convert.to_timm_vit``).
-        expected_missing: ``fnmatch`` patterns of keys that may stay at their initial values
-            (e.g. ``'fc_norm.*'``, ``'head.*'``).
-        source: name used in messages (e.g. the file path).
-
-    Returns:
-        ``(missing, unexpected)`` key lists, sorted.
-
-    Raises:
-        ValueError: a key outside ``expected_missing`` is missing, or a shape differs.
-    """
-    import fnmatch
-    own = model.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if shapes:
-        raise ValueError(f"{source}: shapes differ from the model:\n  " + "\n  ".join(shapes))
-    result = model.load_state_dict(state_dict, strict=False)
-    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    bad = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in expected_missing)]
-    if bad:
-        raise ValueError(f"{source} did not load the backbone: {len(bad)} of {len(own)} model keys are missing "
-                         f"({_short(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
-    logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unexpected (ignored): %s", source,
-                len(own) - len(missing), _short(missing) if missing else "none",
-                _short(unexpected) if unexpected else "none")
-    return missing, unexpected

@@ -8,6 +8,8 @@ cls_token and mask tokens, which are 3-D) decays. Frozen parameters are left out
 Fine-tuning's layer-wise lr decay (BEiT, Bao et al. 2022; MAE ``util/lr_decay.py param_groups_lrd``, SPEC 5.4) uses
 the same unit as its layer id: ``lr_scale = layer_decay ** (num_layers - unit)``, with unit None (head, final norms)
 counted as ``num_layers`` (scale 1). One layer-id function, two consumers: FreezeOut and layer decay.
+
+``lars_groups``: the linear probe's LARS groups, one pair per head of an lr grid (MoCo v3 / MAE ``main_linprobe.py``).
 """
 from __future__ import annotations
 
@@ -67,3 +69,17 @@ def _lr_scale(unit: int | None, layer_decay: float | None, num_layers: int | Non
     if not 0 <= unit <= num_layers:
         raise ValueError(f"unit {unit} lies outside [0, num_layers={num_layers}] of the layer-wise lr decay")
     return layer_decay ** (num_layers - unit)
+
+
+def lars_groups(probe: nn.Module, lrs: list[float], weight_decay: float) -> list[dict]:
+    """Head h's groups of a linear probe (``models.heads.LinearProbe``: ``probe.heads``) with ``lr_scale`` = its lr.
+    MoCo v3's LARS (SPEC 6) = timm ``Lars`` with the trust ratio and weight decay on >1-D params only
+    (``always_adapt``) and ``eps=0``; 1-D params take the raw gradient."""
+    groups = []
+    for head, lr in zip(probe.heads, lrs):
+        params = [p for p in head.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in params if p.ndim > 1], "lr_scale": lr, "weight_decay": weight_decay,
+                       "always_adapt": True})
+        groups.append({"params": [p for p in params if p.ndim <= 1], "lr_scale": lr, "weight_decay": 0.0,
+                       "always_adapt": False})
+    return groups

@@ -1,4 +1,4 @@
-"""Run setup: seeds, backend flags, output folder and the record of what ran.
+"""Run setup: seeds, backend flags, output folder (created, locked for the run) and the record of what ran.
 
 Every run writes, into its output folder, the exact command line, the resolved arguments (``args.yaml``,
 loadable as a recipe), git commit and dirty flag, library versions and devices (``run_info.json``),
@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +24,13 @@ import torch
 from util.distributed import DistInfo, init_distributed
 from util.logging import setup_logging
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+logger = logging.getLogger("vitfreeze")
 
 
 def seed_everything(seed: int) -> None:
@@ -44,13 +53,135 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def setup_run(args: argparse.Namespace) -> DistInfo:
-    """The start of every run: join the process group (``--dist_url``, ``--local_rank``, ``--device``), log to
-    the console and, on rank 0, to ``<output_dir>/cli_logs.txt``, and set the backend flags. Seeding stays with
-    the scripts, which differ in what must match across ranks."""
+    """The start of every run: join the process group (``--dist_url``, ``--local_rank``, ``--device``), lock
+    ``--output_dir`` on rank 0 (:func:`lock_output_dir`), log to the console and, on rank 0, to
+    ``<output_dir>/cli_logs.txt``, refuse a fresh start over another run's checkpoints unless ``--overwrite``,
+    and set the backend flags. Seeding stays with the scripts, which differ in what must match across ranks.
+
+    Raises:
+        ValueError: the output folder is a file, not writable, locked by a live run, or holds checkpoints of a
+            run this one would silently replace.
+    """
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
+    if info.is_main:  # before the first log line goes into the folder: a second run must not append to ours
+        lock_output_dir(args.output_dir)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
+    if info.is_main:
+        refuse_fresh_over_checkpoints(args.output_dir, fresh=not (getattr(args, "resume", "") or
+                                      getattr(args, "auto_resume", False)), overwrite=getattr(args, "overwrite", False))
     set_backend_flags()
     return info
+
+
+# ------------------------------------------------------------------------------------------------ run-folder lock
+LOCK_NAME = ".run.lock"
+_held_lock: tuple[Path, int] | None = None  # (folder, fd) of the lock this process holds: one run at a time
+
+
+def lock_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` and lock it for the life of this process's run (rank 0 only).
+
+    The lock is ``fcntl.flock`` on ``<output_dir>/.run.lock``, which holds the pid and host of its owner; the
+    kernel drops it when the process ends (also on ``kill -9``), so a dead run never blocks the folder. A process
+    that locks another folder (tests run several ``main`` calls) first releases its previous one; locking the
+    folder it already holds is a no-op, and so is a folder held by an ancestor process (a test or notebook that
+    ran in the folder in-process, then started this process there: it waits for us, so its run is over). On a
+    file system without ``flock`` support (some NFS setups) the run goes on with a warning.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: ``output_dir`` is a file or cannot be created or written, or another live run holds it.
+    """
+    global _held_lock
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path)
+        raise ValueError(f"--output_dir {path} cannot be created: {blocker} is a file, not a folder; choose "
+                         "another --output_dir") from None
+    except OSError as err:
+        raise ValueError(f"--output_dir {path} cannot be created ({err.strerror}); choose a writable folder or fix "
+                         "its permissions") from None
+    if _held_lock is not None and _held_lock[0] == path.resolve():
+        return path
+    release_output_lock()
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:  # EACCES, EROFS
+        raise ValueError(f"--output_dir {path} is not writable ({err.strerror}); choose a writable folder or fix "
+                         "its permissions") from None
+    if fcntl is None:
+        logger.warning("no fcntl on this platform: %s is not locked against a second run", path)
+        os.close(fd)
+        return path
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process that has not written its pid yet"
+        os.close(fd)
+        owner = int(holder.split()[1]) if holder.startswith("pid ") and holder.split()[1].isdigit() else None
+        if owner is not None and owner in _ancestors():
+            # the process that started this one (a test, a notebook) ran in this folder in-process before: its
+            # run is over, since it is waiting for this one; a third run is still stopped by its lock
+            logger.info("%s is locked by pid %d, which started this process: going on", path, owner)
+            return path
+        raise ValueError(f"--output_dir {path} is in use by another run ({holder}); wait for it to end, stop it, or "
+                         "choose another --output_dir") from None
+    except OSError as err:  # ENOLCK / EOPNOTSUPP: the file system does not lock
+        logger.warning("cannot lock %s (%s): a second run into this folder will not be detected", path, err.strerror)
+        os.close(fd)
+        return path
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {platform.node()}, since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _held_lock = (path.resolve(), fd)
+    return path
+
+
+def _ancestors() -> set[int]:
+    """Pids of this process's parent, its parent, ... (Linux ``/proc``; elsewhere the parent only)."""
+    pids, pid = set(), os.getppid()
+    while pid > 1 and pid not in pids and len(pids) < 64:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as handle:  # "pid (comm) state ppid ...", comm may hold spaces
+                pid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def release_output_lock() -> None:
+    """Release this process's run-folder lock, if any (the kernel also does it when the process ends)."""
+    global _held_lock
+    if _held_lock is not None:
+        os.close(_held_lock[1])  # closing the only descriptor drops the flock
+        _held_lock = None
+
+
+def refuse_fresh_over_checkpoints(output_dir: str | Path, *, fresh: bool, overwrite: bool) -> None:
+    """A fresh run (no ``--resume`` / ``--auto_resume``) must not silently replace another run's checkpoints.
+
+    Raises:
+        ValueError: ``output_dir`` (or one of its ``fold_*`` folders) holds ``checkpoint-*.pth`` files and
+            neither ``fresh`` is False nor ``overwrite`` is set.
+    """
+    path = Path(output_dir)
+    found = sorted(path.glob("checkpoint-*.pth")) + sorted(path.glob("fold_*/checkpoint-*.pth"))
+    if not fresh or not found:
+        return
+    names = ", ".join(str(p.relative_to(path)) for p in found[:4]) + (f" (+{len(found) - 4} more)"
+                                                                      if len(found) > 4 else "")
+    if not overwrite:
+        raise ValueError(f"--output_dir {path} already holds checkpoints ({names}): add --auto_resume to continue "
+                         "that run, --resume CKPT to start from one, --overwrite to replace them, or choose another "
+                         "--output_dir")
+    logger.warning("--overwrite: this run replaces the checkpoints in %s (%s)", path, names)
 
 
 def set_backend_flags() -> None:

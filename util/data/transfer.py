@@ -137,6 +137,16 @@ def build_splits(name: str, root: str, *, train_transform: Callable | None, eval
     return train_set, eval_sets, names
 
 
+def labelled_splits(name: str, root: str, *, train_transform: Callable | None, eval_transform: Callable | None,
+                    nb_classes: int | None = None) -> tuple[Dataset, Dataset, int]:
+    """``train`` and ``val`` of a dataset and its number of classes, checked against each other and against
+    ``nb_classes`` (:func:`build_splits` without ``test``): the k-NN and linear-probe splits."""
+    train_set, eval_sets, names = build_splits(name, root, train_transform=train_transform,
+                                               eval_transform=eval_transform, nb_classes=nb_classes,
+                                               test_split=False)
+    return train_set, eval_sets["val"], len(names)
+
+
 def class_names(dataset: Dataset) -> list[str]:
     """``dataset.classes`` as strings, else the class indices as strings."""
     names = getattr(dataset, "classes", None)
