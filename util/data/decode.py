@@ -24,7 +24,8 @@ raises ``CorruptImageError`` naming the file or (not strict) is replaced by anot
 
 Tolerance against the ``pil`` path (tests/test_decode.py), in uint8 levels of the crop before normalization: the
 same box and flip on every path. At full scale the pixels differ only by the resize kernel's arithmetic (torch's
-antialiased bicubic vs Pillow's fixed-point one): at most 4 levels, mean below 0.5. With DCT scaling (``cpu``
+antialiased bicubic vs Pillow's fixed-point one): at most 4 levels on photos (6 at a palette image's hard
+edges), mean below 0.5. With DCT scaling (``cpu``
 path, crop downsampled 2x or more) libjpeg's scaled IDCT replaces part of the bicubic low-pass: a different,
 equally valid antialiasing filter, mean difference below 6 levels on natural images, larger at sharp edges.
 """
