@@ -30,6 +30,7 @@ from util.logging import MetricWriter
 from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transfer import build_splits
+from util.data.decode import DeviceInput, build_fast_input, collate, use_fast_input
 from util.data.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))
     cli.add_labelled_data_args(parser)
+    cli.add_decode_args(parser, what="evaluation crops (resize + center crop)")
     cli.add_knn_args(parser)
     cli.add_extraction_args(parser)
     cli.add_dist_args(parser)
@@ -75,12 +77,19 @@ def labelled_splits(args: argparse.Namespace, train_transform: Callable,
     return train_set, eval_sets["val"], len(names)
 
 
+def use_eval_decode(args: argparse.Namespace, *datasets: Dataset) -> None:
+    """``--decode cpu/device``: the evaluation crop of these datasets' images (``util.data.decode``)."""
+    fast = build_fast_input(args.decode, args.input_size, kind="eval")
+    for dataset in datasets:
+        use_fast_input(dataset, fast)
+
+
 def embed(backbone: nn.Module, dataset: Dataset, args: argparse.Namespace, info: DistInfo) -> tuple[torch.Tensor, ...]:
     """Features [N, D] and labels [N] of every sample, each rank embedding an unpadded shard."""
     shard = eval_shard(IndexedDataset(dataset), rank=info.rank, world_size=info.world_size)
     loader = DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=args.pin_mem and info.device.type == "cuda")
-    return extract_features(backbone, loader, info.device, num_samples=len(dataset),
+                        pin_memory=args.pin_mem and info.device.type == "cuda", collate_fn=collate)
+    return extract_features(backbone, DeviceInput(loader, info.device), info.device, num_samples=len(dataset),
                             amp_dtype=resolve_amp(args.amp, info.device))
 
 
@@ -122,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         backbone = build_backbone(args, info.device)
         train_set, test_set, classes = labelled_splits(args, eval_transform(args.input_size),
                                                        eval_transform(args.input_size))
+        use_eval_decode(args, train_set, test_set)
         (train, train_labels), (test, test_labels) = (embed(backbone, d, args, info) for d in (train_set, test_set))
         if args.save_features and info.is_main:
             Path(args.save_features).mkdir(parents=True, exist_ok=True)
