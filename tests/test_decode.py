@@ -117,6 +117,23 @@ def test_fast_paths_match_pil_path_per_key(tmp_path, mode, kind):
     assert other.min() > 5 * diffs.mean()  # pairs of different samples are far apart: the tolerance is not vacuous
 
 
+def test_batched_device_resize_keeps_box_and_flip(tmp_path):
+    """The CUDA default (roi_align over the batch, an area filter): mean within 2 levels of the PIL path per sample,
+    far from every other sample; the same output shape and normalization as the per-image resize."""
+    paths = sorted(write_tree(tmp_path, 8, (120, 90)).rglob("*.jpg"))
+    for kind, transform in (("pretrain", pretrain_transform(32)), ("eval", eval_transform(32))):
+        fast, items, refs = FastInput(32, mode="device", kind=kind), [], []
+        for seed, path in enumerate(paths):
+            torch.manual_seed(seed)
+            items.append(fast.load(str(path)))
+            torch.manual_seed(seed)
+            refs.append(levels(transform(Image.open(path).convert("RGB"))))
+        ours = levels(decode_batch(collate(items), CPU, resize="batched"))
+        assert ours.shape == (8, 3, 32, 32)
+        means = torch.stack([torch.stack([(o - r).abs().mean() for r in refs]) for o in ours])  # [ours, ref]
+        assert means.diagonal().max() <= 2 and (means + 100 * torch.eye(8)).min() > 2 * means.diagonal().max()
+
+
 def test_device_path_workers_send_bytes_and_uint8_crosses(tmp_path):
     root = write_tree(tmp_path, 2, (48, 40))
     item = FastInput(32, mode="device").load(str(next(root.rglob("*.jpg"))))

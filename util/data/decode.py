@@ -24,8 +24,9 @@ raises ``CorruptImageError`` naming the file or (not strict) is replaced by anot
 
 Tolerance against the ``pil`` path (tests/test_decode.py), in uint8 levels of the crop before normalization: the
 same box and flip on every path. At full scale the pixels differ only by the resize kernel's arithmetic (torch's
-antialiased bicubic vs Pillow's fixed-point one): at most 4 levels on photos (6 at a palette image's hard
-edges), mean below 0.5. With DCT scaling (``cpu``
+antialiased bicubic vs Pillow's fixed-point one): mean below 0.5 levels, at most 4 on downscaled photo crops
+(up to 7 on upscaled crops and palette images' hard edges). The device path's batched resize on CUDA
+(``roi_align``, an area filter, see ``_cut_batched``) differs more: mean below 2 levels, sharper edges up to ~30. With DCT scaling (``cpu``
 path, crop downsampled 2x or more) libjpeg's scaled IDCT replaces part of the bicubic low-pass: a different,
 equally valid antialiasing filter, mean difference below 6 levels on natural images, larger at sharp edges.
 """
@@ -281,11 +282,49 @@ def _cut(img: torch.Tensor, plan: Plan) -> torch.Tensor:
     return region.round_().clamp_(0, 255)
 
 
-def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = False) -> torch.Tensor:
+def _source_box(plan: Plan) -> tuple[float, float, float, float]:
+    """The region of the source image that becomes the final ``size`` x ``size`` output (after the center crop)."""
+    x0, y0, x1, y1 = plan.box
+    sx, sy = (x1 - x0) / plan.out[1], (y1 - y0) / plan.out[0]
+    top, left = plan.offset
+    return x0 + left * sx, y0 + top * sy, x0 + (left + plan.size) * sx, y0 + (top + plan.size) * sy
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to ``device`` without a stream sync (a pageable host-to-device copy waits for the
+    stream; a pinned one is queued)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def _cut_batched(images: list[torch.Tensor], plans: list[Plan]) -> torch.Tensor:
+    """All crops of a batch with ``torchvision.ops.roi_align`` (one call per distinct image size): each output
+    pixel averages ceil(box / size)^2 bilinear samples of its bin, an area filter that antialiases downscaling.
+    A few kernels per batch instead of ~6 per image (the per-image launches bound a GPU at thousands of
+    images/s); the filter differs from bicubic (tests/test_decode.py states the tolerance)."""
+    from torchvision.ops import roi_align
+
+    size, device = plans[0].size, images[0].device
+    out = torch.empty(len(images), 3, size, size, device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for idx in groups.values():
+        stacked = torch.stack([images[i] for i in idx]).float()
+        boxes = torch.tensor([[j, *_source_box(plans[i])] for j, i in enumerate(idx)], dtype=torch.float32)
+        out[idx] = roi_align(stacked, _to_device(boxes, device), output_size=(size, size), spatial_scale=1.0,
+                             sampling_ratio=-1, aligned=True)
+    flip = _to_device(torch.tensor([p.flip for p in plans]), device).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out).round_().clamp_(0, 255)
+
+
+def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = False,
+                 resize: str = "auto") -> torch.Tensor:
     """Decode, crop, resize, flip and normalize a ``PlannedBatch`` on ``device``; float32 [B, 3, size, size].
 
     JPEG bytes are decoded together (``decode_jpeg`` on a list: one nvJPEG batch on CUDA); if the batch call
-    fails, each file is retried alone, then with PIL on the host (see ``_decode_one``).
+    fails, each file is retried alone, then with PIL on the host (see ``_decode_one``). ``resize``:
+    ``'per_image'`` (antialiased bicubic, closest to the PIL path), ``'batched'`` (``roi_align``, a few kernels a
+    batch) or ``'auto'`` (batched on CUDA, per image elsewhere).
     """
     images: list[torch.Tensor | None] = [None] * len(batch)
     encoded = [i for i, d in enumerate(batch.data) if d.ndim == 1]
@@ -303,15 +342,18 @@ def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = Fa
     good = [i for i, img in enumerate(images) if img is not None]
     if not good:
         raise CorruptImageError(f"no readable image in the batch: {batch.paths}")
-    out = [_cut(images[i] if images[i] is not None else images[good[0]], plans[i]) for i in range(len(batch))]
-    return _normalize(torch.stack(out))
+    images = [img if img is not None else images[good[0]] for img in images]
+    if resize == "batched" or (resize == "auto" and torch.device(device).type == "cuda"):
+        return _normalize(_cut_batched(images, plans))
+    return _normalize(torch.stack([_cut(img, plan) for img, plan in zip(images, plans)]))
 
 
-def to_model_input(images: Any, device: torch.device, *, strict: bool = False) -> torch.Tensor:
-    """A loader's image batch -> normalized float32 on ``device``: a ``PlannedBatch`` is decoded there, a uint8
-    batch (``cpu`` path) is copied as uint8 and normalized there, a float batch (``pil`` path) is copied."""
+def to_model_input(images: Any, device: torch.device, *, strict: bool = False, resize: str = "auto") -> torch.Tensor:
+    """A loader's image batch -> normalized float32 on ``device``: a ``PlannedBatch`` is decoded there (``resize``
+    as in ``decode_batch``), a uint8 batch (``cpu`` path) is copied as uint8 and normalized there, a float batch
+    (``pil`` path) is copied."""
     if isinstance(images, PlannedBatch):
-        return decode_batch(images, device, strict=strict)
+        return decode_batch(images, device, strict=strict, resize=resize)
     images = images.to(device, non_blocking=True)
     return normalize_uint8(images) if images.dtype == torch.uint8 else images
 
@@ -325,8 +367,9 @@ class DeviceInput:
     ``training_budget`` work unchanged.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device, *, strict: bool = False) -> None:
-        self.loader, self.device, self.strict = loader, device, strict
+    def __init__(self, loader: DataLoader, device: torch.device, *, strict: bool = False,
+                 resize: str = "auto") -> None:
+        self.loader, self.device, self.strict, self.resize = loader, device, strict, resize
 
     def __getattr__(self, name: str) -> Any:
         if name == "loader":
@@ -337,7 +380,7 @@ class DeviceInput:
         return len(self.loader)
 
     def _convert(self, batch: Any) -> Any:
-        return (to_model_input(batch[0], self.device, strict=self.strict), *batch[1:])
+        return (to_model_input(batch[0], self.device, strict=self.strict, resize=self.resize), *batch[1:])
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.loader)
@@ -353,7 +396,7 @@ class DeviceInput:
 
     def prepare(self, images: Sequence[Any]) -> torch.Tensor:
         """Single worker items (e.g. ``dataset[i][0]``) -> one normalized batch on the device (pictures)."""
-        return to_model_input(collate(list(images)), self.device, strict=self.strict)
+        return to_model_input(collate(list(images)), self.device, strict=self.strict, resize=self.resize)
 
 
 def use_fast_input(dataset: Dataset, fast: FastInput | None) -> Dataset:
