@@ -266,8 +266,8 @@ def build_config(argv: list[str] | None) -> argparse.Namespace:
     cfg.arch = SMOKE_ARCH if smoke else {}
     # smoke: the demo --debug set has 64 images, so batch 16 gives 4 steps an epoch in parts 3 and 5
     cfg.batch_size, cfg.step_batch, cfg.input_size = (16, 4, 32) if smoke else (256, 256, 224)
-    cfg.steps, cfg.warmup = (2, 1) if smoke else (20, 3)
-    cfg.input_images, cfg.input_batch = (16, 8) if smoke else (4096, 256)
+    cfg.steps, cfg.warmup = (2, 1) if smoke else (10, 2)
+    cfg.input_images, cfg.input_batch = (16, 8) if smoke else (2048, 256)
     cfg.e2e_model = "MIM_vit_tiny_patch16" if smoke else "MIM_vit_base_patch16"
     cfg.e2e_data = "demo" if smoke else cfg.data
     cfg.e2e_epochs = 2 if smoke else 4

@@ -18,7 +18,7 @@ from util.data import decode
 from util.data.decode import (FastInput, Planned, PlannedBatch, build_fast_input, collate, crop_pil, decode_batch,
                               plan_eval, plan_pretrain, to_model_input, use_fast_input)
 from util.data.folder import CorruptImageError, build_folder_dataset
-from util.data.loaders import KeyedSamples, build_train_loader, set_loader_epoch
+from util.data.loaders import build_train_loader, set_loader_epoch
 from util.data.transforms import denormalize, eval_transform, pretrain_transform
 
 CPU = torch.device("cpu")
@@ -55,7 +55,7 @@ def levels(x: torch.Tensor) -> torch.Tensor:
     return denormalize(x) * 255
 
 
-def keyed_batches(dataset, *, batch_size: int = 8, workers: int = 0, epochs=(0,)) -> dict[tuple[int, int], torch.Tensor]:
+def keyed_batches(dataset, *, batch_size: int = 8, workers: int = 0, epochs=(0,)) -> dict[tuple, torch.Tensor]:
     """(epoch, key) -> normalized crop on the CPU, through build_train_loader + DeviceInput."""
     loader = build_train_loader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=False, rank=0,
                                 world_size=1, seed=0, device=CPU)

@@ -26,9 +26,10 @@ Tolerance against the ``pil`` path (tests/test_decode.py), in uint8 levels of th
 same box and flip on every path. At full scale the pixels differ only by the resize kernel's arithmetic (torch's
 antialiased bicubic vs Pillow's fixed-point one): mean below 0.5 levels, at most 4 on downscaled photo crops
 (up to 7 on upscaled crops and palette images' hard edges). The device path's batched resize on CUDA
-(``roi_align``, an area filter, see ``_cut_batched``) differs more: mean below 2 levels, sharper edges up to ~30. With DCT scaling (``cpu``
-path, crop downsampled 2x or more) libjpeg's scaled IDCT replaces part of the bicubic low-pass: a different,
-equally valid antialiasing filter, mean difference below 6 levels on natural images, larger at sharp edges.
+(``roi_align``, an area filter, see ``_cut_batched``) differs more: mean below 2 levels, sharper edges up to ~30.
+With DCT scaling (``cpu`` path, crop downsampled 2x or more) libjpeg's scaled IDCT replaces part of the bicubic
+low-pass: a different, equally valid antialiasing filter, mean difference below 6 levels on natural images,
+larger at sharp edges.
 """
 from __future__ import annotations
 
