@@ -250,3 +250,18 @@ def test_build_fast_input_names():
         build_fast_input("gpu", 32)
     batch = collate([(Planned(torch.zeros(3, 4, 4, dtype=torch.uint8), plan_eval(4, 4, 4, 1.0)), 1, 2)])
     assert isinstance(batch[0], PlannedBatch) and batch[1].tolist() == [1]
+
+
+def test_use_fast_input_reaches_files_inside_subsets_and_prepare_matches_the_loader(tmp_path):
+    from util.data.decode import DeviceInput
+    from util.data.subsets import LabelledSubset
+    root = write_tree(tmp_path, 8, (48, 40))
+    subset = use_fast_input(LabelledSubset(build_folder_dataset(str(root), eval_transform(32)), [1, 3, 5]),
+                            FastInput(32, mode="device", kind="eval"))
+    assert isinstance(subset[0][0], Planned) and subset.dataset.transform is None
+    loader = DeviceInput(torch.utils.data.DataLoader(subset, batch_size=3, collate_fn=collate), CPU)
+    (batch, labels), = list(loader)
+    assert torch.equal(loader.prepare([subset[i][0] for i in range(3)]), batch)  # pictures: same pixels
+    ref = torch.stack([eval_transform(32)(Image.open(p).convert("RGB"))
+                       for p, _ in (subset.dataset.samples[i] for i in subset.indices)])
+    assert (levels(batch) - levels(ref)).abs().max() <= 4 and labels.tolist() == subset.targets == [0, 0, 1]
