@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -301,22 +302,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     emit({"part": "setup", "device": device_name(device), "smoke": cfg.smoke, "torch": torch.__version__,
           "cpu_count": os.cpu_count(), "workers": cfg.workers, "peak_tflops": (peak_flops(device) or 0) / 1e12 or None,
           "parts": cfg.parts}, rows)
-    prefix = None
+    prefix, failed = None, []
     started = time.perf_counter()
-    for part in cfg.parts:
+    for part in cfg.parts:  # a failing part is reported and the others still run (GPU time is scarce)
         tic = time.perf_counter()
-        if part == "step":
-            part_step(cfg, device, rows)
-        elif part == "input":
-            part_input(cfg, device, rows)
-        elif part == "e2e":
-            prefix = part_e2e(cfg, device, rows)
-        elif part == "memory":
-            part_memory(cfg, device, rows, prefix)
-        elif part == "knn":
-            part_knn(cfg, device, rows)
+        try:
+            if part == "step":
+                part_step(cfg, device, rows)
+            elif part == "input":
+                part_input(cfg, device, rows)
+            elif part == "e2e":
+                prefix = part_e2e(cfg, device, rows)
+            elif part == "memory":
+                part_memory(cfg, device, rows, prefix)
+            elif part == "knn":
+                part_knn(cfg, device, rows)
+        except Exception as err:  # noqa: BLE001 - reported as a JSON line, re-raised at the end
+            failed.append(part)
+            emit({"part": part, "error": f"{type(err).__name__}: {err}"[:2000]}, rows)
+            traceback.print_exc()
         rows[-1]["part_s"] = round(time.perf_counter() - tic, 1)
-    emit({"part": "done", "total_s": round(time.perf_counter() - started, 1)}, rows)
+    emit({"part": "done", "total_s": round(time.perf_counter() - started, 1), "failed": failed}, rows)
+    if failed:
+        raise SystemExit(f"gpu_check: parts failed: {failed}")
     return rows
 
 

@@ -16,7 +16,7 @@ def test_smoke_runs_every_part(tmp_path):
     by_part = {}
     for row in rows:
         by_part.setdefault(row["part"], []).append(row)
-    assert set(by_part) == {"setup", "step", "input", "e2e", "memory", "knn", "done"}
+    assert set(by_part) == {"setup", "step", "input", "e2e", "memory", "knn", "done"} and rows[-1]["failed"] == []
     steps = by_part["step"]
     assert [(r["model"], r["compile"]) for r in steps] == [("mae_vit_tiny_patch16", False),
                                                            ("mae_vit_tiny_patch16", True),
