@@ -24,6 +24,7 @@ from util.data.subsets import few_shot_indices
 from util.logging import MetricWriter
 from util.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.data.decode import use_eval_decode
 from util.data.transfer import labelled_splits
 from util.data.transforms import eval_transform
 from util.launch import add_launch_args, parse_or_dispatch
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))
     cli.add_labelled_data_args(parser)
+    cli.add_decode_args(parser, what="evaluation crops (resize + center crop)")
     cli.add_knn_args(parser)
     cli.add_extraction_args(parser)
     cli.add_dist_args(parser)
@@ -121,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         train_set, test_set, classes = labelled_splits(args.data_set, args.data_path, nb_classes=args.nb_classes,
                                                        train_transform=eval_transform(args.input_size),
                                                        eval_transform=eval_transform(args.input_size))
+        use_eval_decode(args.decode, args.input_size, train_set, test_set)
         (train, train_labels), (test, test_labels) = (
             embed(backbone, d, device=info.device, rank=info.rank, world_size=info.world_size,
                   batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,

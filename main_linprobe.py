@@ -23,12 +23,14 @@ from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
 from engine.knn import embed
 from models.backbone import build_backbone
+from util.data.decode import use_eval_decode
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from util.data.transfer import labelled_splits
 from util.param_groups import lars_groups
 from util.distributed import broadcast_buffers, wrap_ddp
+from util.data.decode import DeviceInput, collate
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import apply_lr, cosine_lr, training_budget
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)
     cli.add_labelled_data_args(parser)
+    cli.add_decode_args(parser, what="evaluation crops (resize + center crop; training crops stay PIL)")
     cli.add_linprobe_args(parser)
     cli.add_optim_args(parser, blr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10, batch_size=512)
     cli.add_dist_args(parser)
@@ -70,18 +73,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)
         train_set, val_set, classes = splits(train_transform=eval_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))
+        use_eval_decode(args.decode, args.input_size, train_set, val_set)
         train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
             backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
             num_workers=args.num_workers, pin_memory=args.pin_mem, amp_dtype=amp_dtype))) for d in (train_set, val_set))
     else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
         train_set, val_set, classes = splits(train_transform=linprobe_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))
+        use_eval_decode(args.decode, args.input_size, val_set)
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
                                 rank=info.rank, world_size=info.world_size, seed=args.seed,
-                                keyed=not args.cache_features)
-    val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size),
-                            batch_size=args.batch_size, num_workers=workers, shuffle=False)
+                                keyed=not args.cache_features, device=device)
+    val_loader = DeviceInput(DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size),
+                                        batch_size=args.batch_size, num_workers=workers, shuffle=False,
+                                        collate_fn=collate), device)
     steps_per_epoch, eff_batch, lr = training_budget(
         num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)

@@ -18,12 +18,14 @@ from engine.train import NonFiniteLossError, train_one_epoch
 from models.masking import check_mask_ratio
 from util import args as cli
 from util.checkpoint import find_latest, resume_training, save_checkpoint
+from util.data.decode import build_fast_input, use_fast_input
 from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import add_launch_args, parse_or_dispatch
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import training_budget
+from util.compute import adamw_kwargs, compile_model
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transforms import pretrain_transform
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser, default_model="mae_vit_base_patch16")
     cli.add_mim_args(parser)
     cli.add_data_args(parser)
+    cli.add_decode_args(parser, what="pretraining crops")
+    cli.add_compute_args(parser)
     cli.add_optim_args(parser, blr=1.5e-4, weight_decay=0.05, epochs=400, warmup_epochs=40, batch_size=64)
     cli.add_freezeout_args(parser)
     cli.add_dist_args(parser)
@@ -53,10 +57,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     info = setup_run(args)
     seed_everything(args.seed + info.rank)
 
-    dataset = build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
-                                     strict_data=args.strict_data, debug=args.debug, demo_size=args.input_size)
+    dataset = use_fast_input(build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
+                                                    strict_data=args.strict_data, debug=args.debug,
+                                                    demo_size=args.input_size),
+                             build_fast_input(args.decode, args.input_size))
     loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed)
+                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
+                                device=info.device, strict_data=args.strict_data)
     steps_per_epoch, eff_batch, lr = training_budget(
         num_samples=len(dataset), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)
@@ -64,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = build_model(args).to(info.device)
     check_mask_ratio(args.mask_ratio, model.patch_embed.num_patches, img_size=args.input_size,
                      patch_size=model.patch_size)
+    if args.compile:
+        compile_model(model, num_units=model.num_units, backend=args.compile_backend)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=model.unit_of),
-                                  lr=lr, betas=(0.9, 0.95))
+                                  lr=lr, betas=(0.9, 0.95), **adamw_kwargs(info.device))
     amp_dtype = resolve_amp(args.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype == torch.float16)
 
@@ -107,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     def step_fn(batch, step: int) -> dict:
         return mim_step(freezer.module, batch, step, mask_ratio=args.mask_ratio, device=info.device,
                         num_frozen=freezer.num_frozen)
-    vis_imgs = torch.stack([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]).to(info.device) \
+    vis_imgs = loader.prepare([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]) \
         if args.vis_every and info.is_main else None
 
     stats: dict[str, float] = {}

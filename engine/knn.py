@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from engine.evaluate import eval_shard
+from util.data.decode import DeviceInput, collate
 from util.data.subsets import IndexedDataset
 from util.distributed import all_gather_cat, all_reduce_sum, rank_and_world
 
@@ -43,8 +44,10 @@ def embed(backbone: nn.Module, dataset: Dataset, *, device: torch.device, rank: 
     an unpadded shard (:func:`extract_features`); k-NN and the linear probe's cached features."""
     shard = eval_shard(IndexedDataset(dataset), rank=rank, world_size=world_size)
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=pin_memory and device.type == "cuda")
-    return extract_features(backbone, loader, device, num_samples=len(dataset), amp_dtype=amp_dtype)
+                        pin_memory=pin_memory and device.type == "cuda", collate_fn=collate)
+    # DeviceInput: images arrive normalized on the device whatever --decode made of them (uint8 or float)
+    return extract_features(backbone, DeviceInput(loader, device), device, num_samples=len(dataset),
+                            amp_dtype=amp_dtype)
 
 
 @torch.inference_mode()

@@ -105,3 +105,23 @@ def test_sample_keys_make_masks_and_crops_independent_of_the_batch(tmp_path):
     assert torch.equal(keyed[3][0], first[0]) and keyed[3][2] == first[2]
     keyed.set_epoch(1)  # a new epoch re-draws every sample's augmentation (and key, hence mask)
     assert not torch.equal(keyed[3][0], first[0]) and keyed[3][2] != first[2]
+
+
+@pytest.fixture(scope="module")
+def jpeg_tree(tmp_path_factory) -> Path:
+    """64 demo images as JPEG files, 8 classes of 8 (all kept by --debug), 40x40 so the crops are resized."""
+    from util.data.demo import DemoDataset
+    root = tmp_path_factory.mktemp("jpegs")
+    for i, (img, label) in enumerate(DemoDataset(per_class=8, size=40, seed=1)):
+        path = root / f"class{label}" / f"{i:03d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        img.save(path, quality=90)
+    return root
+
+
+def test_device_decode_run_is_the_same_on_1_and_2_processes(jpeg_tree, tmp_path):
+    """--decode device (batches decoded, cropped and normalized by the model's device, here the CPU): the crop,
+    flip and mask of each sample come from its key, so 2 processes x 8 follow 1 process x 16."""
+    extra = ["--decode", "device", "--data_path", str(jpeg_tree)]
+    one = run(tmp_path / "1x16", *extra, "--batch_size", "16")
+    assert_same_run(run(tmp_path / "2x8", *extra, "--batch_size", "8", processes=2), one)

@@ -105,6 +105,24 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--debug", action="store_true", help="small data subset for a quick end-to-end check")
 
 
+def add_decode_args(parser: argparse.ArgumentParser, *, what: str) -> None:
+    """``--decode``: where images are decoded and cropped (``util.data.decode``)."""
+    parser.add_argument_group("input pipeline").add_argument(
+        "--decode", default="cpu", choices=["pil", "cpu", "device"],
+        help=f"{what}: 'pil' = PIL decode + torchvision transforms to float32 in the workers (the old path); "
+             "'cpu' = workers decode only what the crop needs (JPEG DCT scaling) and send uint8, normalized on "
+             "the device; 'device' = workers send file bytes, the batch is decoded, cropped and normalized on the "
+             "device (nvJPEG on CUDA). Same crop box and flip on every path")
+
+
+def add_compute_args(parser: argparse.ArgumentParser) -> None:
+    """``--compile``: torch.compile of the model (recompiles once per FreezeOut event)."""
+    group = parser.add_argument_group("compute")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (in place; keys unchanged)")
+    group.add_argument("--compile_backend", default="inductor",
+                       help="torch.compile backend (inductor; aot_eager traces without generating code)")
+
+
 def add_optim_args(parser: argparse.ArgumentParser, *, blr: float, weight_decay: float, epochs: int,
                    warmup_epochs: int, batch_size: int, min_lr: float = 0.0) -> None:
     group = parser.add_argument_group("optimization")

@@ -82,6 +82,7 @@ class ImageFileDataset(Dataset):
         self.classes = list(classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
         self.transform = transform
+        self.load = load_rgb  # path -> image; util.data.decode swaps in its byte reader for --decode cpu/device
         self.strict = strict
         self.max_tries = max_tries
         self.num_skipped = 0
@@ -100,7 +101,7 @@ class ImageFileDataset(Dataset):
                 failed.append(path)
                 continue
             try:
-                img = load_rgb(path)
+                img = self.load(path)
             except _DECODE_ERRORS as err:
                 if self.strict:
                     raise CorruptImageError(f"cannot read image {path}: {err!r}; replace or remove the file, or run "

@@ -9,7 +9,8 @@
   step draws the sample's mask (``models.masking.keyed_noise``). A sample's crop, flip and mask are therefore
   the same whatever the number of processes, the batch size, the number of workers or a resume: changing
   NGPUS (with ``--eff_batch_size`` keeping the effective batch) does not change the run beyond float
-  rounding. Randomness that is not per sample (drop path, mixup) still comes from the per-rank RNGs
+  rounding. The sampler hands each worker ``(epoch, index)``, so persistent workers (kept across epochs) still
+  draw the current epoch's keys. Randomness that is not per sample (drop path, mixup) still comes from the per-rank RNGs
   (``epoch_seed``), reseeded every epoch, so an epoch is reproducible on its own.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from util.data.decode import DeviceInput, collate
 
 __all__ = ["epoch_seed", "sample_key", "KeyedSamples", "build_train_loader", "set_loader_epoch"]
 
@@ -62,8 +65,9 @@ class KeyedSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        key = sample_key(self.seed, self.epoch, index)
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # (epoch, index): _EpochSampler
+        key = sample_key(self.seed, epoch, index)
         # The CPU generator alone (torch.manual_seed also seeds every accelerator: ~90 us an item, this ~1 us).
         generator = torch.default_generator
         torch_state, python_state = generator.get_state(), random.getstate()
@@ -77,16 +81,32 @@ class KeyedSamples(Dataset):
         return item[0], item[1], key
 
 
+class _EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose indices carry the epoch, ``(epoch, index)``, for ``KeyedSamples``."""
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
-                       world_size: int, seed: int, keyed: bool = True) -> DataLoader:
+                       world_size: int, seed: int, keyed: bool = True, device: torch.device | None = None,
+                       strict_data: bool = False) -> DataLoader | DeviceInput:
     """Shuffled, ``drop_last`` training loader sharded over ``world_size`` ranks, of ``KeyedSamples(dataset)``
     (or of ``dataset`` itself with ``keyed=False``: items without randomness, e.g. cached features, where the
-    per-item reseeding would cost more than the item)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
-    return DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size, sampler=sampler,
-                      num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(), drop_last=True,
-                      generator=torch.Generator(), persistent_workers=False)
+    per-item reseeding would cost more than the item).
+
+    Workers persist across epochs and keep 4 batches each in flight; batches are pinned on CUDA. With ``device``
+    the loader is wrapped in ``util.data.decode.DeviceInput``: images arrive on ``device``, normalized (decoded
+    there on the ``--decode device`` path, ``strict_data`` deciding what a file only the device finds corrupt
+    does)."""
+    sampler_type = _EpochSampler if keyed else DistributedSampler
+    sampler = sampler_type(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    loader = DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size,
+                        sampler=sampler, num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
+                        drop_last=True, generator=torch.Generator(), collate_fn=collate, **extra)
+    return loader if device is None else DeviceInput(loader, device, strict=strict_data)
 
 
 def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int) -> None:
