@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from spawn_ranks import spawn
 
 
@@ -30,9 +30,10 @@ def run(batch, accum, steps, *, nan_steps=(), max_skipped=0, clip=None, lr=0.1, 
             loss = loss * float("nan")
         return {"loss": loss, "aux": loss.detach() * 2}
 
-    stats = train_one_epoch(step_fn, loader, opt, torch.amp.GradScaler("cpu", enabled=False),
-                            before_update=calls.append, start_step=5, num_steps=steps, accum_steps=accum,
-                            max_skipped_steps=max_skipped, clip_grad=clip, model=model, print_freq=1)
+    config = LoopConfig(steps_per_epoch=steps, accum_steps=accum, max_skipped_steps=max_skipped, clip_grad=clip,
+                        print_freq=1)
+    stats = train_one_epoch(step_fn, loader, opt, torch.amp.GradScaler("cpu", enabled=False), config,
+                            EpochProgress(epoch=0, first_step=5), before_update=calls.append)
     return model, stats, calls
 
 

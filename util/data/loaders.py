@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "build_train_loader", "set_loader_epoch"]
+__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "ResumableSampler", "build_train_loader", "set_loader_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -77,21 +78,39 @@ class KeyedSamples(Dataset):
         return item[0], item[1], key
 
 
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start its epoch part-way: ``start`` positions of this rank's shard are
+    skipped as indices, so the images of the batches already trained on are never loaded or decoded (a resume
+    from inside an epoch, ``set_loader_epoch(..., start_batch=k)``)."""
+
+    start: int = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
                        world_size: int, seed: int, keyed: bool = True) -> DataLoader:
     """Shuffled, ``drop_last`` training loader sharded over ``world_size`` ranks, of ``KeyedSamples(dataset)``
     (or of ``dataset`` itself with ``keyed=False``: items without randomness, e.g. cached features, where the
     per-item reseeding would cost more than the item)."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(), drop_last=True,
                       generator=torch.Generator(), persistent_workers=False)
 
 
-def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int) -> None:
-    """Shuffle order, sample keys and worker seeds for ``epoch`` (call before iterating)."""
+def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:
+    """Shuffle order, sample keys and worker seeds for ``epoch`` (call before iterating); ``start_batch`` > 0
+    starts the epoch at that batch (the same batches, crops and masks an unbroken epoch has from there on)."""
     loader.sampler.set_epoch(epoch)
+    if start_batch and not isinstance(loader.sampler, ResumableSampler):
+        raise ValueError("starting an epoch part-way needs a loader from build_train_loader")
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.start = start_batch * loader.batch_size
     if isinstance(loader.dataset, KeyedSamples):
         loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
