@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
 
     result: dict[str, float] = checkpoint.get("metrics", {}) if checkpoint else {}
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
-    with Preemption() as preemption, ckpts:
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
             seed_everything(epoch_seed(args.seed, epoch, info.rank))
             progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
             if progress.stopped:
                 barrier()
                 preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {output_dir / 'checkpoint-last.pth'}", argv)
+                                f"{epoch}); saved {output_dir / 'checkpoint-last.pth'}")
             skipped = progress.skipped
             result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
             confusion = result.pop("confusion")
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                 "epoch": epoch, "num_frozen": freezer.num_frozen})
             if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
                 barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / 'checkpoint-last.pth'}", argv)
+                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / 'checkpoint-last.pth'}")
     writer.close()
     if "test" in eval_loaders and best["epoch"] != args.epochs - 1:  # test the model selected on val
         barrier()  # rank 0 has written checkpoint-best.pth

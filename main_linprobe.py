@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     result: dict[str, float] = checkpoint.get("metrics", {}) if checkpoint else {}
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
-    with Preemption() as preemption, ckpts:
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
             seed_everything(epoch_seed(args.seed, epoch, info.rank))
             progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             if progress.stopped:
                 barrier()
                 preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}", argv)
+                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
             skipped = progress.skipped
             broadcast_buffers(probe.heads)  # every rank evaluates with rank 0's BatchNorm statistics
             heads = evaluate_heads(probe, val_loader, device=device, num_classes=classes, amp_dtype=amp_dtype)
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                             log={**{f"train_{k}": v for k, v in stats.items()}, **result, "epoch": epoch})
             if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
                 barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}", argv)
+                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
     writer.close()
     return result
 

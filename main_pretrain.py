@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     stats: dict = checkpoint.get("train_stats", {}) if checkpoint else {}
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
-    with Preemption() as preemption, ckpts:
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
             seed_everything(epoch_seed(args.seed, epoch, info.rank))
             progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             if progress.stopped:
                 barrier()
                 preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}", argv)
+                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
             skipped = progress.skipped
             vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
             ckpts.end_epoch(epoch, state(epoch, progress, train_stats=stats), log={
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                            f"vis-{epoch:04d}.png")) if vis_due else None)
             if epoch + 1 < args.epochs and preemption.requested_anywhere(info.device):
                 barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}", argv)
+                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
     writer.close()
     return stats
 

@@ -91,9 +91,8 @@ def resume_argv(argv: Sequence[str]) -> list[str]:
     return out if "--auto_resume" in out else [*out, "--auto_resume"]
 
 
-def resume_command(argv: Sequence[str] | None) -> str:
-    """The shell command that resumes this run (``argv`` None: this process's own command line)."""
-    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "main_*.py"
+def resume_command(script: str, argv: Sequence[str] | None) -> str:
+    """The shell command that resumes a run of ``script`` (``argv`` None: this process's own arguments)."""
     args = sys.argv[1:] if argv is None else list(argv)
     return shlex.join(["python", script, *resume_argv(args)])
 
@@ -113,7 +112,8 @@ class Preemption:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
-    def __init__(self) -> None:
+    def __init__(self, script: str, argv: Sequence[str] | None) -> None:
+        self.script, self.argv = script, argv  # for the resume command
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -149,11 +149,11 @@ class Preemption:
         from util.distributed import all_reduce_mean
         return all_reduce_mean(torch.tensor(float(self.requested()), device=device)).item() > 0
 
-    def exit(self, where: str, argv: Sequence[str] | None) -> NoReturn:
+    def exit(self, where: str) -> NoReturn:
         """Log where the run stopped and how to resume it, hand SIGUSR2 to submitit, then exit 128 + signal."""
         signum = self.signum or signal.SIGTERM
         name = signal.Signals(signum).name
-        logger.warning("stopped by %s %s. Resume with: %s", name, where, resume_command(argv))
+        logger.warning("stopped by %s %s. Resume with: %s", name, where, resume_command(self.script, self.argv))
         previous = self._previous.get(signum)
         self.__exit__()
         if callable(previous):  # submitit: checkpoint (requeue with --auto_resume) and exit
