@@ -153,7 +153,7 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
     cfg = config
     data_iter = iter(loader)
     loss_meter, timer = SmoothedValue(), SmoothedValue()
-    window: dict[str, list] = {}  # step_fn's other scalars since the last log step
+    window: dict[str, list] = {}  # the loss and step_fn's other scalars since the last log step
     extras = {k: torch.tensor(v) for k, v in progress.extra_totals.items()}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     piece_start = time.time()
@@ -198,6 +198,7 @@ def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Op
             progress.loss_total += loss_value
             progress.loss_count += 1
             loss_meter.update(loss_value)
+            window.setdefault("loss", []).append(loss_value)
         progress.update += 1
         timer.update(time.time() - tic)
         done = progress.update == cfg.steps_per_epoch
@@ -273,10 +274,8 @@ def _log(cfg: LoopConfig, progress: EpochProgress, optimizer: torch.optim.Optimi
                 progress.update, cfg.steps_per_epoch, format_eta(eta), lr, loss_meter.avg, loss_avg, timer.avg, mem)
     if log_fn is None:
         return
-    metrics = {"train/loss": loss_meter.avg, "train/lr": lr}
-    if loss_meter.count == 0:
-        metrics.pop("train/loss")
-    metrics.update({f"train/{k}": float(sum(v) / len(v)) for k, v in window.items()})
+    # every scalar (the loss too) as its mean over the updates applied since the last log step
+    metrics = {"train/lr": lr, **{f"train/{k}": float(sum(v) / len(v)) for k, v in window.items()}}
     if cfg.images_per_update and timer.avg > 0:
         metrics["train/images_per_s"] = cfg.images_per_update / timer.avg
     log_fn(metrics, progress.step)

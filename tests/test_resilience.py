@@ -284,3 +284,34 @@ def test_sigterm_to_the_cli_exits_143_with_the_resume_command(tmp_path):
     assert f"Resume with: python main_pretrain.py --model mae_vit_tiny_patch16" in line
     assert line.endswith(f"--output_dir {out} --auto_resume")
     assert load_checkpoint(out / LAST_NAME)["step"] > 0
+
+
+def test_a_loader_started_part_way_gives_the_rest_of_the_epoch_without_loading_the_skipped_images():
+    from torch.utils.data import Dataset
+
+    from util.data.loaders import build_train_loader, set_loader_epoch
+
+    class Counting(Dataset):
+        def __init__(self):
+            self.loaded = []
+
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            self.loaded.append(i)
+            return torch.rand(2), i  # augmentation-like randomness, keyed per sample
+
+    def epoch(start_batch, rank=0):
+        data = Counting()
+        loader = build_train_loader(data, batch_size=4, num_workers=0, pin_memory=False, rank=rank, world_size=2,
+                                    seed=3)
+        set_loader_epoch(loader, seed=3, epoch=5, rank=rank, start_batch=start_batch)
+        return list(loader), data.loaded
+
+    full, _ = epoch(0)
+    rest, loaded = epoch(2)
+    assert len(full) == 5 and len(rest) == 3 and len(loaded) == 12
+    for a, b in zip(full[2:], rest):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # same indices, same draws, same keys
+    assert set(loaded).isdisjoint(torch.cat([b[1] for b in full[:2]]).tolist())
