@@ -315,3 +315,12 @@ def test_a_loader_started_part_way_gives_the_rest_of_the_epoch_without_loading_t
     for a, b in zip(full[2:], rest):
         assert all(torch.equal(x, y) for x, y in zip(a, b))  # same indices, same draws, same keys
     assert set(loaded).isdisjoint(torch.cat([b[1] for b in full[:2]]).tolist())
+
+
+def test_the_resume_command_continues_from_the_run_folder():
+    from util.launch import resume_argv, resume_command
+    assert resume_argv(["--epochs", "3", "--resume", "a.pth", "--output_dir", "o"]) == [
+        "--epochs", "3", "--output_dir", "o", "--auto_resume"]
+    assert resume_argv(["--resume=a.pth", "--auto_resume"]) == ["--auto_resume"]
+    assert resume_command("main_pretrain.py", ["--output_dir", "my run"]) == \
+        "python main_pretrain.py --output_dir 'my run' --auto_resume"

@@ -188,3 +188,23 @@ def test_stop_and_continue_from_the_progress_equals_one_epoch():
     assert torch.equal(model.weight, model2.weight) and torch.equal(model.bias, model2.bias)
     for key in ("loss", "aux", "step", "skipped_steps"):
         assert rest[key] == full[key], key
+
+
+def _stop_worker(rank: int, out: str) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = make_data(seed=rank)
+    loader = [(x[i:i + 2], y[i:i + 2]) for i in range(0, 16, 2)]
+    calls = []
+    progress = EpochProgress(epoch=0, first_step=0)
+    train_one_epoch(lambda b, s: {"loss": ((model(b[0]).squeeze(1) - b[1]) ** 2).mean()}, loader,
+                    torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False),
+                    LoopConfig(steps_per_epoch=8), progress, before_update=calls.append,
+                    should_stop=lambda: rank == 1 and len(calls) >= 3)  # only rank 1 is signalled
+    torch.save({"update": progress.update, "stopped": progress.stopped}, f"{out}/rank{rank}.pt")
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_update(tmp_path):
+    spawn(_stop_worker, str(tmp_path))
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [{"update": 3, "stopped": True}] * 2
