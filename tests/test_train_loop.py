@@ -208,3 +208,26 @@ def _stop_worker(rank: int, out: str) -> None:
 def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_update(tmp_path):
     spawn(_stop_worker, str(tmp_path))
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == [{"update": 3, "stopped": True}] * 2
+
+
+def test_fp16_loss_scaler_owns_gradient_overflow_and_a_nan_loss_still_counts():
+    """With an enabled loss scaler an overflowing gradient is routine: the scaler skips that update and halves its
+    scale, and it is not counted against --max_skipped_steps; a NaN loss is skipped and counted (and the scaler
+    is closed for that update, so the next unscale_ works)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    x, y = make_data()
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+
+    def step_fn(b, step):
+        loss = ((model(b[0]).squeeze(1) - b[1]) ** 2).mean()
+        return {"loss": NanGrad.apply(loss) if step == 1 else loss * float("nan") if step == 2 else loss}
+
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 8)
+    weights = []
+    stats = train_one_epoch(step_fn, loader, torch.optim.SGD(model.parameters(), lr=0.1), scaler,
+                            LoopConfig(steps_per_epoch=4, max_skipped_steps=1, clip_grad=1.0),
+                            EpochProgress(epoch=0, first_step=0),
+                            before_update=lambda s: weights.append(model.weight.detach().clone()))
+    assert [torch.equal(a, b) for a, b in zip(weights, weights[1:])] == [False, True, True]
+    assert stats["skipped_steps"] == 1 and scaler.get_scale() == 2.0 ** 6 and torch.isfinite(model.weight).all()
