@@ -207,6 +207,8 @@ def test_crash_between_epoch_end_writes_then_auto_resume_gives_every_output(poin
     result = main_finetune.main(ft_argv(demo_folder, out, "--auto_resume"))
 
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == sorted(p.name for p in full.glob("checkpoint-*.pth"))
+    assert sorted(p.name for p in full.glob("checkpoint-*.pth")) == [  # every 2 epochs and after the last
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
     assert not list(out.glob(".*.tmp"))
     for name in ("checkpoint-last.pth", "checkpoint-best.pth", f"checkpoint-{final}.pth", "checkpoint-1.pth"):
         assert_same_weights(full / name, out / name)
@@ -324,3 +326,21 @@ def test_the_resume_command_continues_from_the_run_folder():
     assert resume_argv(["--resume=a.pth", "--auto_resume"]) == ["--auto_resume"]
     assert resume_command("main_pretrain.py", ["--output_dir", "my run"]) == \
         "python main_pretrain.py --output_dir 'my run' --auto_resume"
+
+
+def test_the_three_scripts_share_the_save_rules_and_the_probe_resumes_with_key_checks(small_demo, tmp_path):
+    """Numbered checkpoints every --save_every epochs and after the last epoch for pretraining, fine-tuning and
+    the probe alike; the probe resumes through resume_training, so a checkpoint of another kind is refused."""
+    import main_linprobe
+    probe = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
+             "--batch_size", "32", "--epochs", "3", "--warmup_epochs", "1", "--print_freq", "100", "--cache_features",
+             "--save_every", "2"]
+    main_linprobe.main([*probe, "--output_dir", str(tmp_path / "probe")])
+    assert sorted(p.name for p in (tmp_path / "probe").glob("checkpoint-*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
+    main_pretrain.main([*TINY, "--epochs", "3", "--save_every", "2", "--output_dir", str(tmp_path / "pre")])
+    assert sorted(p.name for p in (tmp_path / "pre").glob("checkpoint-*.pth")) == [
+        "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-last.pth"]
+    with pytest.raises(ValueError, match=r"not a training checkpoint of this script \(no \['best'\]"):
+        main_linprobe.main([*probe, "--output_dir", str(tmp_path / "p2"),
+                            "--resume", str(tmp_path / "pre" / "checkpoint-last.pth")])
