@@ -249,8 +249,9 @@ def _grad_norm(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, p
 
 def _skip(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, progress: EpochProgress,
           loss_value: float, norm_value: float, step: int, max_skipped: int) -> None:
+    had_grads = any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
     optimizer.zero_grad(set_to_none=True)
-    if scaler.is_enabled():
+    if scaler.is_enabled() and had_grads:
         scaler.update()  # closes the unscale_ of this update (and lowers the scale when it found an overflow)
     progress.skipped += 1
     what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {norm_value}"
