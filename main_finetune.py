@@ -9,7 +9,6 @@ Example: ``python main_finetune.py --config configs/finetune/demo.yaml --finetun
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -22,21 +21,22 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from engine.evaluate import eval_shard, evaluate
 from engine.finetune import build_criterion, classify_step
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
 from models.backbone import freeze_unit, load_finetune_weights
 from util import args as cli
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
+from util.checkpoint import (NonFiniteStateError, RunCheckpoints, find_latest, load_checkpoint, load_model_state,
+                             training_state)
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter
+from util.logging import MetricWriter, dumps_json
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transfer import build_splits, csv_folds
 from util.data.transforms import eval_transform, finetune_transform
-from util.launch import add_launch_args, parse_or_dispatch
+from util.launch import Preemption, add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOut flags of the MIM models
@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     logger.info("folds %s: %s", folds, "  ".join(f"{k} {summary[k]:.2f} ± {summary[k + '_std']:.2f}" for k in
                                                     ("acc1", "precision", "recall", "f1", "mcc") if k in summary))
     if info.is_main:
-        (Path(args.output_dir) / "folds.json").write_text(json.dumps({"folds": folds, "per_fold": results,
-                                                                       "summary": summary}, indent=2) + "\n")
+        (Path(args.output_dir) / "folds.json").write_text(dumps_json({"folds": folds, "per_fold": results,
+                                                                        "summary": summary}, indent=2) + "\n")
     return summary
 
 
@@ -124,12 +124,15 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                                  scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
     freezer = Freezer(model, optimizer, schedule, unit_of=unit_of, dist=info,
                       describe_unit=lambda u: f"blocks.{u - 1} (unit {u})" if u else "patch embedding + tokens")
-    start_epoch, skipped, best = args.start_epoch, 0, {"acc1": -1.0, "epoch": -1}
-    if resume:
-        checkpoint = resume_training(resume, model, optimizer, scaler, sync=freezer.sync,
-                                     steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch", "best"),
-                                     hint="a pretrained or foreign checkpoint goes to --finetune; --eval evaluates one")
-        start_epoch, skipped, best = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0), checkpoint["best"]
+    writer = MetricWriter(output_dir, log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
+                              sync=freezer.sync, steps_per_epoch=steps_per_epoch,
+                              required=("model", "optimizer", "epoch", "best"),
+                              hint="a pretrained or foreign checkpoint goes to --finetune; --eval evaluates one")
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
+    best = checkpoint["best"] if checkpoint else {"acc1": -1.0, "epoch": -1}
     if info.is_main:
         write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": len(names),
                          "fold": fold, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
@@ -144,37 +147,46 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
 
     def step_fn(batch, step: int) -> dict:
         return classify_step(freezer.module, batch, step, criterion=criterion, device=device, mixup_fn=mixup_fn)
-    writer = MetricWriter(output_dir, log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    result: dict[str, float] = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, info.rank))
-        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
-        freezer.train()
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=freezer.before_update,
-                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
-                                accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
-                                device=device, model=freezer, max_skipped_steps=args.max_skipped_steps,
-                                skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
-                                header=f"Epoch: [{epoch}]")
-        skipped = int(stats["skipped_steps"])
-        result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
-        confusion = result.pop("confusion")
-        if result["acc1"] > best["acc1"]:
-            best = {"acc1": result["acc1"], "epoch": epoch, "confusion": confusion}
-        logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",
-                    epoch, result["acc1"], result["acc5"], result["f1"], result["mcc"], result["loss"], best["acc1"],
-                    best["epoch"])
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "step": int(stats["step"]), "skipped_steps": skipped, "best": best,
-                     "classes": names, "args": vars(args)}
-            save_checkpoint(output_dir / "checkpoint-last.pth", state)
-            if best["epoch"] == epoch:
-                save_checkpoint(output_dir / "checkpoint-best.pth", state)
-            if (epoch + 1) % args.save_every == 0:
-                save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
-            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in
-                              result.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen})
+    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
+                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
+                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps)
+
+    def state(epoch: int, progress: EpochProgress, **extra) -> dict:
+        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
+                              args=vars(args), best=best, classes=names, **extra)
+
+    result: dict[str, float] = checkpoint.get("metrics", {}) if checkpoint else {}
+    skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank))
+            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
+                                                                                   skipped=skipped)
+            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
+                             start_batch=progress.update * args.accum_iter)
+            freezer.train()
+            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress,
+                                    before_update=freezer.before_update, no_sync=freezer.no_sync, log_fn=writer.log,
+                                    should_stop=preemption.requested,
+                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
+            if progress.stopped:
+                barrier()
+                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
+                                f"{epoch}); saved {output_dir / 'checkpoint-last.pth'}")
+            skipped = progress.skipped
+            result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
+            confusion = result.pop("confusion")
+            if result["acc1"] > best["acc1"]:
+                best = {"acc1": result["acc1"], "epoch": epoch, "confusion": confusion}
+            logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",
+                        epoch, result["acc1"], result["acc5"], result["f1"], result["mcc"], result["loss"],
+                        best["acc1"], best["epoch"])
+            ckpts.end_epoch(epoch, state(epoch, progress, metrics=result), is_best=best["epoch"] == epoch, log={
+                **{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in result.items()},
+                "epoch": epoch, "num_frozen": freezer.num_frozen})
+            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
+                barrier()
+                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / 'checkpoint-last.pth'}")
     writer.close()
     if "test" in eval_loaders and best["epoch"] != args.epochs - 1:  # test the model selected on val
         barrier()  # rank 0 has written checkpoint-best.pth
@@ -259,9 +271,9 @@ def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[st
     """Write ``results.json`` into ``output_dir`` (None: not the main process) and return ``results``."""
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (output_dir / "results.json").write_text(dumps_json(results, indent=2) + "\n")
     return results
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    run_cli(main, NonFiniteLossError, NonFiniteStateError)

@@ -20,23 +20,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
 from engine.knn import embed
 from models.backbone import build_backbone
-from util.data.decode import use_eval_decode
 from models.heads import LinearProbe
 from util import args as cli
-from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from util.checkpoint import NonFiniteStateError, RunCheckpoints, load_checkpoint, training_state
+from util.data.decode import DeviceInput, collate, use_eval_decode
 from util.data.transfer import labelled_splits
 from util.param_groups import lars_groups
-from util.distributed import broadcast_buffers, wrap_ddp
-from util.data.decode import DeviceInput, collate
+from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transforms import eval_transform, linprobe_transform
-from util.launch import add_launch_args, parse_or_dispatch
+from util.launch import Preemption, add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 
@@ -101,15 +100,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.weight_decay:
         logger.warning("LARS with weight decay: timm's trust ratio divides by |g| + wd |w|, MoCo v3's by |g + wd w|")
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best = args.start_epoch, {"acc1": -1.0}
-    resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
-    if resume:
-        checkpoint = load_checkpoint(resume)
-        probe.heads.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint["best"]
-        logger.info("resumed from %s (epoch %d done)", resume, checkpoint["epoch"])
+    writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard", enabled=info.is_main)
+    ckpts = RunCheckpoints(args.output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    # the probe's checkpoints hold the heads only ("model"); no FreezeOut, so nothing to sync
+    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=probe.heads, optimizer=optimizer,
+                              scaler=scaler, sync=lambda step: None, steps_per_epoch=steps_per_epoch,
+                              required=("model", "optimizer", "epoch", "best"),
+                              hint="a pretrained backbone goes to --finetune")
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
+    best = checkpoint["best"] if checkpoint else {"acc1": -1.0}
     if info.is_main:
         protocol = "cached features, no augmentation" if args.cache_features else "MAE: fresh RandomResizedCrop + flip"
         write_run_record(args.output_dir, vars(args), {"lrs": lrs, "effective_batch": eff_batch, "classes": classes,
@@ -119,39 +119,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                        steps_per_epoch, total_steps=args.epochs * steps_per_epoch)
     ddp_probe = wrap_ddp(probe, info)
     step_fn = partial(classify_step, ddp_probe, criterion=nn.CrossEntropyLoss(), device=device)
-    writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard", enabled=info.is_main)
-    result: dict[str, float] = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, info.rank))
-        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
-        probe.train()
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=lambda s: apply_lr(optimizer,
-                                schedule(s)), start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
-                                accum_steps=args.accum_iter, amp_dtype=amp_dtype, device=device, model=ddp_probe,
-                                clip_grad=args.clip_grad, max_skipped_steps=args.max_skipped_steps,
-                                print_freq=args.print_freq, log_fn=writer.log, header=f"Epoch: [{epoch}]")
-        broadcast_buffers(probe.heads)  # every rank evaluates with rank 0's BatchNorm statistics
-        heads = evaluate_heads(probe, val_loader, device=device, num_classes=classes, amp_dtype=amp_dtype)
-        h = max(range(len(heads)), key=lambda i: heads[i]["acc1"])
-        result = {k: v for k, v in heads[h].items() if k != "confusion"}
-        result.update({"lr": lrs[h], **{f"acc1_lr{x:g}": m["acc1"] for x, m in zip(lrs, heads)}})
-        is_best = result["acc1"] > best["acc1"]
-        best = {**result, "epoch": epoch} if is_best else best
-        result["best_acc1"] = best["acc1"]
-        logger.info("epoch %d: acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  (lr %.3e; best acc1 %.2f)", epoch,
-                    result["acc1"], result["acc5"], result["f1"], result["mcc"], lrs[h], best["acc1"])
-        if info.is_main:
-            state = {"model": probe.heads.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scaler": scaler.state_dict(), "best": best, "lrs": lrs, "args": vars(args)}
-            save_checkpoint(Path(args.output_dir) / "checkpoint-last.pth", state)
-            if is_best:
-                save_checkpoint(Path(args.output_dir) / "checkpoint-best.pth", state)
-            if (epoch + 1) % args.save_every == 0:
-                save_checkpoint(Path(args.output_dir) / f"checkpoint-{epoch}.pth", state)
-            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, **result, "epoch": epoch})
+    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
+                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
+                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps)
+
+    def state(epoch: int, progress: EpochProgress, **extra) -> dict:
+        return training_state(probe.heads, optimizer, scaler, epoch=epoch, step=progress.step,
+                              skipped=progress.skipped, args=vars(args), best=best, lrs=lrs, **extra)
+
+    result: dict[str, float] = checkpoint.get("metrics", {}) if checkpoint else {}
+    skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank))
+            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
+                                                                                   skipped=skipped)
+            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
+                             start_batch=progress.update * args.accum_iter)
+            probe.train()
+            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress,
+                                    before_update=lambda s: apply_lr(optimizer, schedule(s)),
+                                    no_sync=getattr(ddp_probe, "no_sync", None), log_fn=writer.log,
+                                    should_stop=preemption.requested,
+                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
+            if progress.stopped:
+                barrier()
+                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
+                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
+            skipped = progress.skipped
+            broadcast_buffers(probe.heads)  # every rank evaluates with rank 0's BatchNorm statistics
+            heads = evaluate_heads(probe, val_loader, device=device, num_classes=classes, amp_dtype=amp_dtype)
+            h = max(range(len(heads)), key=lambda i: heads[i]["acc1"])
+            result = {k: v for k, v in heads[h].items() if k != "confusion"}
+            result.update({"lr": lrs[h], **{f"acc1_lr{x:g}": m["acc1"] for x, m in zip(lrs, heads)}})
+            is_best = result["acc1"] > best["acc1"]
+            best = {**result, "epoch": epoch} if is_best else best
+            result["best_acc1"] = best["acc1"]
+            logger.info("epoch %d: acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  (lr %.3e; best acc1 %.2f)", epoch,
+                        result["acc1"], result["acc5"], result["f1"], result["mcc"], lrs[h], best["acc1"])
+            ckpts.end_epoch(epoch, state(epoch, progress, metrics=result), is_best=is_best,
+                            log={**{f"train_{k}": v for k, v in stats.items()}, **result, "epoch": epoch})
+            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
+                barrier()
+                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
     writer.close()
     return result
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    run_cli(main, NonFiniteLossError, NonFiniteStateError)

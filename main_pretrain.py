@@ -14,14 +14,15 @@ import torch
 
 import models
 from engine.pretrain import mim_step, reconstruct
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
 from models.masking import check_mask_ratio
 from util import args as cli
-from util.checkpoint import find_latest, resume_training, save_checkpoint
+from util.checkpoint import NonFiniteStateError, RunCheckpoints, training_state
 from util.data.decode import build_fast_input, use_fast_input
+from util.distributed import barrier
 from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
-from util.launch import add_launch_args, parse_or_dispatch
+from util.launch import Preemption, add_launch_args, parse_or_dispatch
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.logging import MetricWriter
 from util.lr_sched import training_budget
@@ -87,20 +88,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                  warmup_jump=args.vitfreeze_compat)
     freezer = Freezer(model, optimizer, schedule, unit_of=model.unit_of, dist=info,
                       describe_unit=partial_describe(model))
-    start_epoch, skipped = args.start_epoch, 0
-    resume = args.resume or (find_latest(args.output_dir) if args.auto_resume else None)
-    if resume:
-        checkpoint = resume_training(resume, model, optimizer, scaler, sync=freezer.sync,
-                                     steps_per_epoch=steps_per_epoch)
-        start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
+    writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard",
+                          enabled=info.is_main)
+    ckpts = RunCheckpoints(args.output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
+                              sync=freezer.sync, steps_per_epoch=steps_per_epoch)
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
     if info.is_main:
         write_run_record(args.output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch,
                          "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs from %d", args.model,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs,
                 start_epoch)
-    writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard",
-                          enabled=info.is_main)
     if info.is_main and args.freezeout:
         for line in schedule.describe(steps_per_epoch):
             logger.info("FreezeOut schedule: %s", line)
@@ -119,29 +119,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     vis_imgs = loader.prepare([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]) \
         if args.vis_every and info.is_main else None
 
-    stats: dict[str, float] = {}
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, info.rank))
-        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
-        freezer.train()
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=before_update,
-                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
-                                accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
-                                device=info.device, model=freezer, max_skipped_steps=args.max_skipped_steps,
-                                skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
-                                header=f"Epoch: [{epoch}]")
-        skipped = int(stats["skipped_steps"])
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": int(stats["step"]),
-                     "skipped_steps": skipped, "args": vars(args), "rng": {"torch": torch.get_rng_state()}}
-            save_checkpoint(Path(args.output_dir) / "checkpoint-last.pth", state)
-            if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-                save_checkpoint(Path(args.output_dir) / f"checkpoint-{epoch}.pth", state)
-            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                              "num_frozen": freezer.num_frozen})
-            if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-                save_reconstruction(model, vis_imgs, args, Path(args.output_dir) / f"vis-{epoch:04d}.png")
+    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
+                      amp_dtype=amp_dtype, device=info.device, max_skipped_steps=args.max_skipped_steps,
+                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps)
+
+    def state(epoch: int, progress: EpochProgress, **extra) -> dict:
+        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
+                              args=vars(args), **extra)
+
+    stats: dict = checkpoint.get("train_stats", {}) if checkpoint else {}
+    skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank))
+            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
+                                                                                   skipped=skipped)
+            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
+                             start_batch=progress.update * args.accum_iter)
+            freezer.train()
+            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
+                                    no_sync=freezer.no_sync, log_fn=writer.log, should_stop=preemption.requested,
+                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
+            if progress.stopped:
+                barrier()
+                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
+                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
+            skipped = progress.skipped
+            vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
+            ckpts.end_epoch(epoch, state(epoch, progress, train_stats=stats), log={
+                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen},
+                extra_outputs=(lambda: save_reconstruction(model, vis_imgs, args, Path(args.output_dir) /
+                                                           f"vis-{epoch:04d}.png")) if vis_due else None)
+            if epoch + 1 < args.epochs and preemption.requested_anywhere(info.device):
+                barrier()
+                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
     writer.close()
     return stats
 
@@ -174,4 +185,4 @@ def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argpar
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    run_cli(main, NonFiniteLossError, NonFiniteStateError)

@@ -3,8 +3,9 @@
 For every frozen-prefix length k = 0..N the script measures one training step (forward, backward, AdamW update
 of the parameters that still train, exactly as the Freezer leaves them):
 - FLOPs, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions, forward + backward);
-- wall-clock seconds per step (median of ``--steps`` timed steps after ``--warmup`` untimed ones, with
-  ``cuda.synchronize()`` before each clock read on GPU);
+- wall-clock seconds per step of the real loop, ``engine.train.train_one_epoch`` with ``engine.pretrain.mim_step``
+  (median of ``--steps`` timed steps after ``--warmup`` untimed ones, with ``cuda.synchronize()`` before each clock
+  read on GPU);
 - bytes of activations saved for backward (``saved_tensors_hooks``), device-independent; and peak CUDA memory.
 Each is integrated over the schedule (the fraction of steps spent at each k for ``--epochs`` / ``--warmup_epochs``
 / ``--how_scale`` / ``--t_0``), giving analytic saving = 1 - sum_k w_k F(k) / F(0), measured saving =
@@ -30,10 +31,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
+from engine.pretrain import mim_step  # noqa: E402
+from engine.train import EpochProgress, LoopConfig, train_one_epoch  # noqa: E402
 from util.freezeout import FreezeOutSchedule, set_train_mode  # noqa: E402
 from util.param_groups import param_groups  # noqa: E402
-
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+from util.runtime import AMP_DTYPES as AMP  # noqa: E402
 
 
 def prefix_fractions(schedule: FreezeOutSchedule, start: int = 0) -> list[float]:
@@ -55,6 +57,8 @@ class Bench:
         self.imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=self.device)
         self.sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.dtype = AMP[args.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.config = LoopConfig(steps_per_epoch=1, amp_dtype=self.dtype, device=self.device, print_freq=10**9)
 
     def configure(self, k: int) -> torch.optim.Optimizer:
         for name, param in self.model.named_parameters():
@@ -66,11 +70,12 @@ class Bench:
                                  betas=(0.9, 0.95))
 
     def step(self, opt: torch.optim.Optimizer, k: int) -> None:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            loss = self.model(self.imgs, mask_ratio=0.75, num_frozen=k)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        """One update of the real training loop (``engine.train.train_one_epoch``, as ``main_pretrain`` runs it)."""
+        def step_fn(batch, step: int) -> dict:
+            return mim_step(self.model, batch, step, mask_ratio=0.75, device=self.device, num_frozen=k)
+
+        train_one_epoch(step_fn, [(self.imgs, None)], opt, self.scaler, self.config, EpochProgress(0, 0),
+                        before_update=lambda step: None)
 
     def measure(self, k: int) -> dict:
         opt = self.configure(k)

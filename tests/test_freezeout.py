@@ -6,7 +6,7 @@ import torch
 
 import models
 from engine.pretrain import mim_step
-from engine.train import train_one_epoch
+from engine.train import EpochProgress, LoopConfig, train_one_epoch
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.lr_sched import cosine_lr
 from util.param_groups import param_groups
@@ -116,8 +116,9 @@ def train_tiny(model, schedule, steps, *, start=0, optimizer_state=None):
 
     torch.manual_seed(start)
     freezer.train()
-    train_one_epoch(step_fn, data, opt, torch.amp.GradScaler("cpu", enabled=False), before_update=freezer.before_update,
-                    start_step=start, num_steps=steps, model=freezer, print_freq=100)
+    train_one_epoch(step_fn, data, opt, torch.amp.GradScaler("cpu", enabled=False),
+                    LoopConfig(steps_per_epoch=steps, print_freq=100), EpochProgress(epoch=0, first_step=start),
+                    before_update=freezer.before_update, no_sync=freezer.no_sync)
     return freezer, opt
 
 

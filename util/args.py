@@ -179,6 +179,8 @@ def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None
                        help="start afresh in an output_dir that already holds checkpoints, replacing them")
     group.add_argument("--start_epoch", default=0, type=non_negative_int, help="first epoch (resume overrides)")
     group.add_argument("--save_every", default=save_every, type=positive_int, help="keep checkpoint-<epoch>.pth")
+    group.add_argument("--save_every_steps", default=0, type=non_negative_int,
+                       help="also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)")
     group.add_argument("--vis_every", default=0, type=non_negative_int, help="picture every N epochs (0: off)")
     group.add_argument("--print_freq", default=20, type=positive_int, help="log every N optimizer steps")
     group.add_argument("--seed", default=0, type=int)

@@ -8,6 +8,7 @@ followed by ``os.replace``, so a crash never leaves a half-written file where th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import pickle
@@ -123,11 +124,34 @@ def unreadable_reason(path: Path, err: BaseException, what: str = "checkpoint") 
 
 def find_latest(output_dir: str | Path) -> Path | None:
     """``checkpoint-last.pth`` if present, else the ``checkpoint-<epoch>.pth`` with the highest epoch."""
+    candidates = resume_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def resume_candidates(output_dir: str | Path) -> list[Path]:
+    """``checkpoint-last.pth`` (if present), then the numbered checkpoints, newest epoch first."""
     output_dir = Path(output_dir)
-    if (output_dir / LAST_NAME).is_file():
-        return output_dir / LAST_NAME
     numbered = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*.pth") if (m := _EPOCH_RE.search(p.name))]
-    return max(numbered)[1] if numbered else None
+    last = [output_dir / LAST_NAME] if (output_dir / LAST_NAME).is_file() else []
+    return last + [p for _, p in sorted(numbered, reverse=True)]
+
+
+def load_latest(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint of a run folder (``--auto_resume``) and its contents, or None.
+
+    ``checkpoint-last.pth`` comes first; when it cannot be read (a disk error, a truncated copy) the newest
+    readable ``checkpoint-<epoch>.pth`` is used instead, and a warning says so.
+    """
+    for path in resume_candidates(output_dir):
+        try:
+            checkpoint = load_checkpoint(path)
+        except ValueError as err:
+            logger.warning("--auto_resume: cannot read %s (%s); trying the next newest checkpoint", path, err)
+            continue
+        if path.name != LAST_NAME and (Path(output_dir) / LAST_NAME).is_file():
+            logger.warning("--auto_resume: falling back to %s because %s is unreadable", path, LAST_NAME)
+        return path, checkpoint
+    return None
 
 
 def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
@@ -161,36 +185,264 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
 
 def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, sync: Callable[[int], Any], steps_per_epoch: int,
-                    required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "") -> dict[str, Any]:
+                    required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "",
+                    checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Continue a run from one of its own checkpoints: weights, FreezeOut state, optimizer and loss scaler.
 
     The optimizer's parameter groups depend on the step (FreezeOut drops frozen units), so ``sync`` (a
     ``Freezer.sync``) first rebuilds them as they were after the checkpoint's last update, then the state loads.
 
+    Args:
+        checkpoint: the contents of ``path`` when already loaded (``load_latest``).
+
     Returns:
-        The checkpoint (``epoch`` = last finished epoch, ``skipped_steps``, and whatever else the run saved).
+        The checkpoint (``epoch`` = last finished epoch, ``skipped_steps``, ``position`` when saved inside an
+        epoch, and whatever else the run saved).
 
     Raises:
         ValueError: keys in ``required`` are missing (``hint`` says what to do instead), the weights do not
             match the model, or the optimizer state does not match this run's parameter groups.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
     missing = [key for key in required if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this script (no {missing}; keys: "
                          f"{sorted(checkpoint)[:8]}){'; ' + hint if hint else ''}")
     load_model_state(model, checkpoint["model"], source=f"checkpoint {path}")
-    sync((checkpoint["epoch"] + 1) * steps_per_epoch - 1)
+    # the optimizer groups as they were at the last update done (a mid-epoch checkpoint stores its step)
+    sync(max(checkpoint.get("step", (checkpoint["epoch"] + 1) * steps_per_epoch) - 1, 0))
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (KeyError, ValueError) as err:
         raise ValueError(f"optimizer state in {path} does not match this run: {err}") from err
     if "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    logger.info("resumed from %s (epoch %d done)", path, checkpoint["epoch"])
+    where = (f"epoch {checkpoint['epoch']} done, {checkpoint['position']['update']} updates into epoch "
+             f"{checkpoint['position']['epoch']}" if "position" in checkpoint else f"epoch {checkpoint['epoch']} done")
+    logger.info("resumed from %s (%s)", path, where)
     return checkpoint
 
 
 def _short(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+
+# ------------------------------------------------------------------------------------------------- epoch-end helper
+class NonFiniteError(RuntimeError):
+    """Training turned non-finite beyond what may be skipped; the run stops without writing a checkpoint."""
+
+
+class NonFiniteStateError(NonFiniteError):
+    """The weights or the optimizer state hold NaN or infinity: no checkpoint is written over a good one."""
+
+
+def non_finite_tensors(tree: Any, prefix: str = "") -> list[str]:
+    """Names (``model.blocks.0.attn.qkv.weight``, ``optimizer.state.3.exp_avg``) of the floating tensors in
+    ``tree`` (nested dicts / lists) that hold a NaN or an infinity. One host read per device."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                found.append((name, node))
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{name}.{key}" if name else str(key))
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{name}.{i}" if name else str(i))
+
+    walk(tree, prefix)
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in found:
+        by_device.setdefault(tensor.device, []).append((name, tensor))
+    bad = []
+    for items in by_device.values():
+        finite = torch.stack([torch.isfinite(t).all() for _, t in items]).tolist()
+        bad += [name for (name, _), ok in zip(items, finite) if not ok]
+    return bad
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random state (torch CPU and current CUDA device, NumPy, Python) as plain data."""
+    import random
+
+    import numpy as np
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype("int64")), pos, has_gauss,
+                                                       cached], "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    import random
+
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, epoch: int,
+                   step: int, skipped: int, args: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The state dict every training script saves: MAE's keys (``model``, ``optimizer``, ``epoch``, ``scaler``,
+    ``args`` as a dict) plus ``step`` (updates done), ``skipped_steps`` and the script's own ``extra`` keys
+    (``best``, ``classes``, ``lrs``, ``metrics``, ...). ``epoch`` is the last finished epoch."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "step": step, "skipped_steps": skipped, "args": args, **extra}
+
+
+class RunCheckpoints:
+    """Epoch-end writes and resume, one implementation for pretraining, fine-tuning and linear probing.
+
+    Save rules: ``checkpoint-last.pth`` after every epoch (and inside one, see :meth:`save_position`);
+    ``checkpoint-<epoch>.pth`` every ``save_every`` epochs and after the last; ``checkpoint-best.pth`` when the
+    script says the epoch is its best (classification). A checkpoint is never written with non-finite weights
+    or optimizer state (:class:`NonFiniteStateError`, the earlier files stay as they were).
+
+    Crash safety: ``checkpoint-last.pth`` is what ``--auto_resume`` continues from, so it is written last, after
+    the numbered and best checkpoints, the epoch's pictures and its ``log.txt`` line. A crash anywhere in between
+    leaves the previous ``checkpoint-last.pth``: the resumed run trains that epoch again (bit-identically) and
+    rewrites every output; :meth:`resume` first drops ``log.txt`` lines of epochs after the checkpoint so that no
+    epoch is logged twice. Stale temporary files of a killed writer are removed at start.
+
+    Calls are collective (every rank calls them, only ``enabled`` writes): all ranks raise together on a
+    non-finite state, and mid-epoch checkpoints gather every rank's random state.
+
+    Args:
+        output_dir: the run folder.
+        epochs: epochs of the run (the last one always gets a numbered checkpoint).
+        save_every: numbered checkpoint every this many epochs.
+        enabled: write files (rank 0).
+        log_epoch: appends one JSON line to ``log.txt`` (``MetricWriter.log_epoch``).
+    """
+
+    def __init__(self, output_dir: str | Path, *, epochs: int, save_every: int, enabled: bool = True,
+                 log_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.output_dir, self.epochs, self.save_every = Path(output_dir), epochs, save_every
+        self.enabled, self.log_epoch = enabled, log_epoch
+        if enabled and self.output_dir.is_dir():
+            for stale in self.output_dir.glob(".checkpoint-*.tmp"):
+                logger.warning("removing %s, a partial checkpoint left by a killed run", stale)
+                stale.unlink(missing_ok=True)
+
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        """A :class:`NonFiniteError` from the loop leaves the folder as it was: say which checkpoint is good."""
+        if isinstance(exc, NonFiniteError) and not isinstance(exc, NonFiniteStateError):
+            raise type(exc)(f"{exc} {self._last_good()}") from exc
+
+    def _last_good(self) -> str:
+        latest = find_latest(self.output_dir)
+        return (f"The last good checkpoint, {latest}, is left as it was; resume from it with a lower --blr/--lr, "
+                f"--clip_grad or --amp bf16." if latest else "No checkpoint was written.")
+
+    # -------------------------------------------------------------------------------------------------- resume
+    def resume(self, resume: str | Path | None, *, auto: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, sync: Callable[[int], Any], steps_per_epoch: int,
+               required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "") -> dict[str, Any] | None:
+        """``--resume PATH`` or ``--auto_resume`` (newest readable checkpoint of the folder) through
+        :func:`resume_training`; None when there is nothing to resume. Drops later epochs' ``log.txt`` lines."""
+        checkpoint = None
+        if not resume and auto:
+            found = load_latest(self.output_dir)
+            if found is None:
+                logger.info("--auto_resume: no checkpoint in %s, starting from scratch", self.output_dir)
+                return None
+            resume, checkpoint = found
+        if not resume:
+            return None
+        checkpoint = resume_training(resume, model, optimizer, scaler, sync=sync, steps_per_epoch=steps_per_epoch,
+                                     required=required, hint=hint, checkpoint=checkpoint)
+        if self.enabled:
+            self._trim_log(int(checkpoint["epoch"]))
+        return checkpoint
+
+    def _trim_log(self, last_epoch: int) -> None:
+        """Keep only the ``log.txt`` lines of epochs up to ``last_epoch`` (the resumed run writes the others)."""
+        path = self.output_dir / "log.txt"
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                epoch = json.loads(line).get("epoch")
+            except (json.JSONDecodeError, AttributeError):
+                dropped += 1  # a line cut short by a crash
+                continue
+            if isinstance(epoch, int) and epoch > last_epoch:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            logger.info("log.txt: dropped %d line(s) after epoch %d; the resumed run writes them again", dropped,
+                        last_epoch)
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+
+    # ---------------------------------------------------------------------------------------------------- save
+    def check_finite(self, state: dict[str, Any], where: str) -> None:
+        """Raise :class:`NonFiniteStateError` when ``state``'s weights or optimizer state are not finite."""
+        bad = non_finite_tensors({"model": state["model"], "optimizer": state.get("optimizer", {})})
+        if bad:
+            raise NonFiniteStateError(
+                f"{where}: {len(bad)} tensor(s) of the weights or optimizer state are NaN or infinite "
+                f"({_short(bad, 4)}); nothing is saved. {self._last_good()}")
+
+    def end_epoch(self, epoch: int, state: dict[str, Any], *, log: dict[str, Any], is_best: bool = False,
+                  extra_outputs: Callable[[], Any] | None = None) -> None:
+        """Every output of a finished epoch, ``checkpoint-last.pth`` last (see the class docstring).
+
+        Args:
+            epoch: the epoch just finished (``state['epoch']``).
+            state: from :func:`training_state`.
+            log: the epoch's ``log.txt`` line.
+            is_best: also write ``checkpoint-best.pth``.
+            extra_outputs: writes the epoch's other files (pictures) before ``checkpoint-last.pth``.
+        """
+        self.check_finite(state, f"epoch {epoch}")
+        if not self.enabled:
+            return
+        if (epoch + 1) % self.save_every == 0 or epoch + 1 == self.epochs:
+            save_checkpoint(self.output_dir / f"checkpoint-{epoch}.pth", state)
+        if is_best:
+            save_checkpoint(self.output_dir / "checkpoint-best.pth", state)
+        if extra_outputs is not None:
+            extra_outputs()
+        if self.log_epoch is not None:
+            self.log_epoch(log)
+        save_checkpoint(self.output_dir / LAST_NAME, state)
+
+    def save_position(self, state: dict[str, Any], position: dict[str, Any]) -> Path:
+        """``checkpoint-last.pth`` inside an epoch (``--save_every_steps``, preemption): ``state`` of the last
+        finished epoch's keys plus ``position`` (an ``EpochProgress.state_dict()``) and every rank's random state,
+        from which ``engine.train.resume_position`` continues the epoch exactly."""
+        from util.distributed import all_gather_object
+        rngs = all_gather_object(capture_rng())
+        path = self.output_dir / LAST_NAME
+        self.check_finite(state, f"epoch {position['epoch']}, update {position['update']}")
+        if self.enabled:
+            save_checkpoint(path, {**state, "position": position, "rng_per_rank": rngs})
+            logger.info("saved %s at step %d (update %d of epoch %d)", path, state["step"], position["update"],
+                        position["epoch"])
+        return path
+
+
+def restore_position_rng(checkpoint: dict[str, Any], rank: int, world_size: int) -> None:
+    """Put this rank's random state back as it was when a mid-epoch checkpoint was saved."""
+    rngs = checkpoint.get("rng_per_rank") or []
+    if len(rngs) == world_size:
+        restore_rng(rngs[rank])
+    else:
+        logger.warning("mid-epoch checkpoint from %d process(es), this run has %d: per-rank random state (drop "
+                       "path, mixup) not restored; samples, crops and masks are still the same", len(rngs), world_size)

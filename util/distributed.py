@@ -155,3 +155,12 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
+
+
+def all_gather_object(obj: object) -> list:
+    """``obj`` of every rank in rank order (pickled in memory, never to disk); ``[obj]`` when single-process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -4,7 +4,8 @@ Follows MAE's ``submitit_pretrain.py`` (same options: ``--nodes --ngpus --partit
 --use_volta32 --exclude``; one task per GPU, 10 CPUs and 40 GB per GPU, signal 120 s before the end, up to 30
 requeues) with its requeue bug fixed: MAE's hook resumes from ``checkpoint.pth``, a file that is never written,
 so requeued jobs silently restart from scratch. Here the requeued job gets ``--auto_resume``, which loads the
-``checkpoint-last.pth`` the run writes after every epoch.
+``checkpoint-last.pth`` the run writes after every epoch and, on SIGUSR2 or SIGTERM, at the next optimizer step
+(``Preemption``).
 """
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ import argparse
 import importlib
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from util.args import dump_args, parse_args, positive_int, resolve_accum_iter
 from util.distributed import env_rank_and_world
@@ -73,6 +77,90 @@ def strip_launch_args(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def resume_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` that continues the run from its own folder: ``--resume PATH`` dropped (it would start over from
+    that file), ``--auto_resume`` added."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            out.append(token)
+    return out if "--auto_resume" in out else [*out, "--auto_resume"]
+
+
+def resume_command(script: str, argv: Sequence[str] | None) -> str:
+    """The shell command that resumes a run of ``script`` (``argv`` None: this process's own arguments)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", script, *resume_argv(args)])
+
+
+class Preemption:
+    """Stop at the next optimizer step on SIGTERM or SIGUSR2 instead of dying mid-epoch.
+
+    Schedulers and ``kill`` send SIGTERM (torchrun forwards it to every worker); SLURM sends SIGUSR2 before a
+    job's time runs out (``slurm_signal_delay_s``). While active (a context manager), the handler only records the
+    signal; the training loop polls :meth:`requested` once per update (the ranks agree through the loop's one
+    all-reduce), the script saves ``checkpoint-last.pth`` with the position inside the epoch and calls
+    :meth:`exit`, which logs how to resume and exits with status 128 + signal (143 for SIGTERM, 140 for SIGUSR2).
+    Under submitit, SIGUSR2 then goes on to submitit's own handler, which requeues the job with ``--auto_resume``
+    (``Task.checkpoint``); submitit ignores SIGTERM on purpose, so a SIGTERM handler already installed by it is
+    left alone. Outside the main thread (no signals there) nothing is installed.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self, script: str, argv: Sequence[str] | None) -> None:
+        self.script, self.argv = script, argv  # for the resume command
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Preemption:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for signum in self.SIGNALS:
+            current = signal.getsignal(signum)
+            if signum == signal.SIGTERM and current not in (signal.SIG_DFL, None):
+                continue  # submitit's (or the user's) SIGTERM policy
+            self._previous[signum] = current
+            signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _record(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            logger.warning("received %s: stopping after the current optimizer step", signal.Signals(signum).name)
+        self.signum = signum
+
+    def requested(self) -> bool:
+        """A stop signal has arrived in this process."""
+        return self.signum is not None
+
+    def requested_anywhere(self, device: Any) -> bool:
+        """:meth:`requested` on any rank (a collective: every rank calls it, e.g. at the end of an epoch)."""
+        import torch
+
+        from util.distributed import all_reduce_mean
+        return all_reduce_mean(torch.tensor(float(self.requested()), device=device)).item() > 0
+
+    def exit(self, where: str) -> NoReturn:
+        """Log where the run stopped and how to resume it, hand SIGUSR2 to submitit, then exit 128 + signal."""
+        signum = self.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
+        logger.warning("stopped by %s %s. Resume with: %s", name, where, resume_command(self.script, self.argv))
+        previous = self._previous.get(signum)
+        self.__exit__()
+        if callable(previous):  # submitit: checkpoint (requeue with --auto_resume) and exit
+            previous(signum, None)
+        raise SystemExit(128 + signum)
+
+
 class Task:
     """What every SLURM task runs: the entry script's ``main`` with the distributed environment set.
 
@@ -97,7 +185,7 @@ class Task:
     def checkpoint(self) -> Any:
         import submitit
 
-        argv = self.argv if "--auto_resume" in self.argv else [*self.argv, "--auto_resume"]
+        argv = resume_argv(self.argv)
         logger.warning("job preempted or timed out: requeued to resume from checkpoint-last.pth")
         return submitit.helpers.DelayedSubmission(Task(self.module, argv))
 

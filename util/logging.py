@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import sys
 from collections import deque
 from pathlib import Path
@@ -66,6 +67,23 @@ def format_eta(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(max(0.0, seconds))))
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinity (floats, also inside dicts, lists and tuples) replaced by None, so that
+    it serialises to valid JSON (``json.dumps`` writes a bare ``NaN`` otherwise)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that never writes NaN or Infinity (they become null)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
 class MetricWriter:
     """Metrics to TensorBoard (per log step) and ``log.txt`` (one JSON line per epoch); rank 0 only."""
 
@@ -81,12 +99,13 @@ class MetricWriter:
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self._tb is not None:
             for key, value in metrics.items():
-                self._tb.add_scalar(key, value, step)
+                if value is not None:
+                    self._tb.add_scalar(key, value, step)
 
     def log_epoch(self, stats: dict[str, Any]) -> None:
         if self.log_file is not None:
             with open(self.log_file, "a") as handle:
-                handle.write(json.dumps(stats) + "\n")
+                handle.write(dumps_json(stats) + "\n")
         if self._tb is not None:
             self._tb.flush()
 

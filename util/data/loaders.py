@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import random
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.data.decode import DeviceInput, collate
 
-__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "build_train_loader", "set_loader_epoch"]
+__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "ResumableSampler", "build_train_loader", "set_loader_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -81,12 +82,25 @@ class KeyedSamples(Dataset):
         return item[0], item[1], key
 
 
-class _EpochSampler(DistributedSampler):
-    """``DistributedSampler`` whose indices carry the epoch, ``(epoch, index)``, for ``KeyedSamples``."""
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start its epoch part-way: ``start`` positions of this rank's shard are
+    skipped as indices, so the images of the batches already trained on are never loaded or decoded (a resume
+    from inside an epoch, ``set_loader_epoch(..., start_batch=k)``). With ``with_epoch`` the indices carry the
+    epoch, ``(epoch, index)``, for ``KeyedSamples`` in persistent workers (whose copy of the dataset does not see
+    ``set_epoch``)."""
+
+    start: int = 0
+    with_epoch: bool = False
 
     def __iter__(self):
+        indices = itertools.islice(super().__iter__(), self.start, None)
+        if not self.with_epoch:
+            return indices
         epoch = self.epoch
-        return ((epoch, index) for index in super().__iter__())
+        return ((epoch, index) for index in indices)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
@@ -100,8 +114,8 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, p
     the loader is wrapped in ``util.data.decode.DeviceInput``: images arrive on ``device``, normalized (decoded
     there on the ``--decode device`` path, ``strict_data`` deciding what a file only the device finds corrupt
     does)."""
-    sampler_type = _EpochSampler if keyed else DistributedSampler
-    sampler = sampler_type(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.with_epoch = keyed
     extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
     loader = DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size,
                         sampler=sampler, num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
@@ -109,9 +123,14 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, p
     return loader if device is None else DeviceInput(loader, device, strict=strict_data)
 
 
-def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int) -> None:
-    """Shuffle order, sample keys and worker seeds for ``epoch`` (call before iterating)."""
+def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int, start_batch: int = 0) -> None:
+    """Shuffle order, sample keys and worker seeds for ``epoch`` (call before iterating); ``start_batch`` > 0
+    starts the epoch at that batch (the same batches, crops and masks an unbroken epoch has from there on)."""
     loader.sampler.set_epoch(epoch)
+    if start_batch and not isinstance(loader.sampler, ResumableSampler):
+        raise ValueError("starting an epoch part-way needs a loader from build_train_loader")
+    if isinstance(loader.sampler, ResumableSampler):
+        loader.sampler.start = start_batch * loader.batch_size
     if isinstance(loader.dataset, KeyedSamples):
         loader.dataset.set_epoch(epoch)
     loader.generator.manual_seed(epoch_seed(seed, epoch, rank))
