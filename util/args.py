@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -215,18 +218,127 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     return resolved
 
 
+# FreezeOut's own flags: giving any of them (command line or recipe) turns FreezeOut on. The seeds' ViTFreeze
+# commands pass --how_scale/--t_0 and never --freezeout (the reference code freezes whenever it runs).
+FREEZEOUT_FLAGS = ("how_scale", "t_0", "all_stages", "dont_freeze_pe", "not_scale_lr", "non_layerwise_lr")
+
+# DeiT's flags (MoCo v3's transfer seed runs DeiT's main.py) that have no counterpart here: one line says what to
+# use instead. Hyphenated spellings of our own flags (--batch-size, --data-set, --drop-path, ...) need no entry.
+FOREIGN_FLAGS = {
+    "--model_ema": "no EMA of the weights here; drop the flag",
+    "--model_ema_decay": "no EMA of the weights here; drop the flag",
+    "--model_ema_force_cpu": "no EMA of the weights here; drop the flag",
+    "--repeated_aug": "repeated augmentation is not implemented; drop the flag (--no-repeated-aug is the behaviour)",
+    "--opt": "the optimizer is fixed (AdamW for fine-tuning, LARS for the linear probe); drop the flag",
+    "--opt_eps": "the optimizer is fixed (AdamW, eps 1e-8); drop the flag",
+    "--opt_betas": "the optimizer is fixed (AdamW betas 0.9, 0.999 for fine-tuning); drop the flag",
+    "--momentum": "the optimizer is fixed (AdamW); drop the flag",
+    "--sched": "the schedule is fixed: linear warmup (--warmup_epochs) then cosine to --min_lr",
+    "--lr_noise": "the schedule is fixed: linear warmup then cosine; drop the flag",
+    "--warmup_lr": "warmup starts at 0 (MAE's rule); drop the flag",
+    "--decay_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--cooldown_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--patience_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--decay_rate": "the schedule is cosine over --epochs; drop the flag",
+    "--train_interpolation": "training crops use bicubic interpolation (timm's default); drop the flag",
+    "--resplit": "RandomErasing splitting is not supported; drop the flag",
+    "--drop": "no dropout besides --drop_path; drop the flag",
+    "--teacher_model": "no distillation here; drop the flag",
+    "--teacher_path": "no distillation here; drop the flag",
+    "--distillation_type": "no distillation here; drop the flag",
+    "--distillation_alpha": "no distillation here; drop the flag",
+    "--distillation_tau": "no distillation here; drop the flag",
+    "--inat_category": "iNaturalist uses the species labels; choose --data_set inat18 or inat19",
+}
+# DeiT flags whose behaviour is already ours, accepted and dropped: (values the flag takes, what is said, if anything)
+IGNORED_FLAGS = {"--no_repeated_aug": (0, ""), "--no_model_ema": (0, ""),
+                 "--eval_freq": (1, "evaluation runs after every epoch here (MoCo's --eval-freq only saved time)")}
+
+
+def _flag_of(token: str) -> str | None:
+    """``--name`` of a long option token (``--name=value`` too), else None."""
+    return token.split("=", 1)[0] if token.startswith("--") and len(token) > 2 else None
+
+
+def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` in this parser's spelling: hyphenated flags (DeiT's ``--batch-size``, ``--data-set``) become ours
+    (``--batch_size``), DeiT's no-op flags are dropped, and an option of no meaning here, or an unknown one, stops
+    with one line that names it and says what to use instead (or the nearest flags).
+
+    Raises:
+        SystemExit: through ``parser.error`` (exit status 2), for a foreign or unknown flag.
+    """
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    out: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token, flag = tokens[i], _flag_of(tokens[i])
+        i += 1
+        if flag is None or flag in options:
+            out.append(token)
+            continue
+        spelled = "--" + flag[2:].replace("-", "_")
+        if spelled in options:
+            out.append(spelled + token[len(flag):])
+        elif spelled in IGNORED_FLAGS:
+            takes, note = IGNORED_FLAGS[spelled]
+            i += takes if "=" not in token else 0
+            if note and os.environ.get("RANK", "0") == "0":
+                logging.getLogger("vitfreeze").warning("%s ignored: %s", flag, note)
+        elif spelled in FOREIGN_FLAGS:
+            parser.error(f"{flag} has no meaning here: {FOREIGN_FLAGS[spelled]}")
+        else:
+            names = sorted(o for o in options if o.startswith("--"))
+            close = difflib.get_close_matches(spelled, names, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (--help lists the flags)"
+            parser.error(f"unrecognized argument {flag}{hint}")
+    return out
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options that ``argv`` (already normalised) gives explicitly."""
+    by_flag = {opt: action.dest for action in parser._actions for opt in action.option_strings}
+    return {by_flag[flag] for token in argv if (flag := _flag_of(token)) in by_flag}
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: ``--config`` sets defaults, the command line overrides them.
 
-    Errors in the recipe are reported like command-line errors (usage + message, exit status 2).
+    Flags are first brought to this parser's spelling (:func:`normalize_argv`). Errors in the recipe are reported
+    like command-line errors (usage + message, exit status 2). Any FreezeOut flag given explicitly (on the command
+    line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
     """
+    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
+    recipe: dict[str, Any] = {}
     if pre.config:
         try:
-            parser.set_defaults(**load_config(pre.config, parser))
+            recipe = load_config(pre.config, parser)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-    return parser.parse_args(argv)
+        parser.set_defaults(**recipe)
+    args = parser.parse_args(argv)
+    if hasattr(args, "freezeout"):
+        imply_freezeout(args, parser, explicit_dests(parser, argv), recipe)
+    return args
+
+
+def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str],
+                    recipe: dict[str, Any]) -> None:
+    """Turn ``args.freezeout`` on when a FreezeOut flag was given explicitly on the command line or in the recipe.
+
+    A recipe that says ``freezeout: false`` next to FreezeOut keys contradicts itself: an error.
+    """
+    named = [f"--{d}" for d in FREEZEOUT_FLAGS if d in given or d in recipe]
+    if not named or args.freezeout:
+        return
+    if recipe.get("freezeout") is False and "freezeout" not in given:
+        parser.error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
+    args.freezeout = True
+    if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+        logging.getLogger("vitfreeze").warning(
+            "FreezeOut on: %s given (any FreezeOut flag turns it on, as in the ViTFreeze commands)", ", ".join(named))
 
 
 def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
