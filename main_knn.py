@@ -136,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         record = {**results, "feature": pool, "temperature": args.temperature, "n_per_class": args.n_per_class,
                   "n_tries": args.n_tries, "num_train": len(train_labels), "num_test": len(test_labels)}
         (Path(args.output_dir) / "knn_results.json").write_text(json.dumps(record, indent=2) + "\n")
-        MetricWriter(args.output_dir, None).log_epoch(record)
+        writer = MetricWriter(args.output_dir, args.log_dir)  # --log_dir: the results as TensorBoard scalars
+        writer.log({f"knn/{k}": v for k, v in results.items()}, 0)
+        writer.log_epoch(record)
+        writer.close()
     return results
 
 

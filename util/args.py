@@ -444,6 +444,7 @@ def add_eval_output_args(parser: argparse.ArgumentParser) -> None:
     """Output folder and seed of an evaluation that trains nothing."""
     group = parser.add_argument_group("output")
     group.add_argument("--output_dir", default="./output_dir", help="results, log.txt, args.yaml")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder for the results (default: none)")
     group.add_argument("--seed", default=0, type=int, help="seed of the few-shot draws")
 
 
