@@ -483,7 +483,8 @@ def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
     """Cross-validation folds from a CSV (medical protocols, SPEC 10.2), opt-in downloads, few-label training."""
     group = parser.add_argument_group("transfer data")
     group.add_argument("--split_file", default=None,
-                       help="CSV with columns file,label,fold (file relative to --data_path); needs --data_set folder")
+                       help="CSV with columns file,label,fold (file relative to --data_path), or HyperKvasir's "
+                            "official_splits/2_fold_split.csv as it is; needs --data_set folder")
     group.add_argument("--fold", default=None, type=int, nargs="+",
                        help="held-out fold(s) of --split_file, one run each (mean and std reported over several); "
                             "default: every fold in the file")
