@@ -105,7 +105,8 @@ def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Ten
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_knn")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_knn",
+                                     models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
     info = setup_run(args)

@@ -23,6 +23,7 @@ from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
 from engine.train import NonFiniteLossError, train_one_epoch
 from main_knn import build_backbone, embed, labelled_splits
+import models
 from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -66,7 +67,8 @@ def lars_groups(probe: LinearProbe, lrs: list[float], weight_decay: float) -> li
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe",
+                                     models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
     if args.lr_grid and not args.cache_features:

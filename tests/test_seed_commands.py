@@ -13,14 +13,16 @@ import pytest
 from PIL import Image
 
 import main_finetune
+import main_knn
+import main_linprobe
 import main_pretrain
 from util.args import FREEZEOUT_FLAGS, parse_args
 from util.data.transfer import build_dataset, csv_folds
 
 
 # ------------------------------------------------------------------------------------------------ (a) FreezeOut
-@pytest.mark.parametrize("flags", [["--how_scale", "cubic"], ["--t_0", "0.8"], ["--all_stages"], ["--dont_freeze_pe"],
-                                   ["--not_scale_lr"], ["--non_layerwise_lr"], ["--t_0=0.85"]])
+@pytest.mark.parametrize("flags", [["--how_scale", "cubic"], ["--t_0", "0.8"], ["--all_stages"],
+                                   ["--dont_freeze_pe"], ["--not_scale_lr"], ["--non_layerwise_lr"], ["--t_0=0.85"]])
 def test_any_freezeout_flag_turns_freezeout_on(flags, caplog):
     with caplog.at_level(logging.WARNING, logger="vitfreeze"):
         args = parse_args(main_pretrain.build_parser(), flags)
@@ -36,7 +38,7 @@ def test_default_values_given_explicitly_still_count():
 
 def test_no_freezeout_flag_leaves_it_off(caplog):
     with caplog.at_level(logging.WARNING, logger="vitfreeze"):
-        args = parse_args(main_pretrain.build_parser(), ["--epochs", "3", "--model", "MIM_vit_tiny_patch16"])
+        args = parse_args(main_pretrain.build_parser(), ["--epochs", "3", "--warmup_epochs", "1", "--model", "MIM_vit_tiny_patch16"])
     assert args.freezeout is False and not any("FreezeOut" in r.getMessage() for r in caplog.records)
 
 
@@ -71,7 +73,8 @@ def test_hyphenated_spellings_are_ours():
 
 def test_deit_no_op_flags_are_accepted(caplog):
     with caplog.at_level(logging.WARNING, logger="vitfreeze"):
-        args = parse_args(main_finetune.build_parser(), ["--no-repeated-aug", "--eval-freq", "10", "--epochs", "4"])
+        args = parse_args(main_finetune.build_parser(), ["--no-repeated-aug", "--eval-freq", "10", "--epochs", "4",
+                                                                 "--warmup-epochs", "1"])
     assert args.epochs == 4
     assert any("--eval-freq ignored" in r.getMessage() for r in caplog.records)
 
@@ -142,3 +145,65 @@ def test_project_split_format_still_works(tmp_path):
     (tmp_path / "s.csv").write_text("file,label,fold\nx/p.png,a,0\nx/q.png,b,1\n")
     val = build_dataset("folder", str(tmp_path), "val", None, split_file="s.csv", fold=1)
     assert [(Path(f).name, val.classes[y]) for f, y in val.samples] == [("q.png", "b")]
+
+
+# ------------------------------------------------------------------------------ (e) validation before anything
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def error_of(script, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    (main_pretrain, ["--data_path", "demo", "--epochs", "3", "--warmup_epochs", "30"],
+     "--warmup_epochs 30 is larger than --epochs 3"),
+    (main_pretrain, ["--data_path", "demo", "--epochs", "3"],
+     "--warmup_epochs 40 (the default) is larger than --epochs 3"),
+    (main_finetune, ["--config", str(ROOT / "configs/finetune/mae_vit_base.yaml"), "--epochs", "3"],
+     "--warmup_epochs 5 (from the recipe) is larger than --epochs 3"),
+    (main_linprobe, ["--data_set", "demo", "--epochs", "2"],
+     "--warmup_epochs 10 (the default) is larger than --epochs 2"),
+])
+def test_warmup_longer_than_the_run_is_said_in_the_flags_words(script, argv, words, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert words in error_of(script, argv, capsys)
+
+
+def test_no_arguments_does_not_start_a_run(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    err = error_of(main_pretrain, [], capsys)
+    assert "--data_path" in err and "configs/pretrain/demo.yaml" in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    (main_pretrain, ["--data_path", "{tmp}/nope"], "--data_path {tmp}/nope does not exist"),
+    (main_pretrain, ["--data_path", "demo", "--resume", "{tmp}/ck.pth"], "--resume {tmp}/ck.pth does not exist"),
+    (main_pretrain, ["--data_path", "demo", "--model", "MIM_vit_bsae_patch16"], "did you mean MIM_vit_base_patch16"),
+    (main_finetune, ["--data_path", "{tmp}", "--model", "mae_vit_base_patch16"], "not a registered model"),
+    (main_finetune, ["--data_path", "{tmp}", "--finetune", "{tmp}/pre.pth"], "--finetune {tmp}/pre.pth does not exist"),
+    (main_finetune, ["--data_path", "{tmp}", "--split_file", "s.csv"], "--split_file s.csv does not exist"),
+    (main_knn, ["--data_path", "{tmp}/gone"], "--data_path {tmp}/gone does not exist"),
+    (main_knn, [], "--data_path is required for --data_set folder"),
+    (main_linprobe, ["--data_path", "{tmp}", "--finetune", "{tmp}/x.pth", "--model", "vit_hug_patch14"],
+     "--model vit_hug_patch14 is not a registered model of this script (did you mean vit_huge_patch14"),
+])
+def test_dry_run_checks_paths_and_model(script, argv, words, capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    err = error_of(script, [*argv, "--dry_run"], capsys)
+    assert words.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_dry_run_passes_when_everything_exists_and_prints_once(capsys, monkeypatch, tmp_path):
+    (tmp_path / "pre.pth").write_bytes(b"")
+    argv = ["--data_path", str(tmp_path), "--finetune", str(tmp_path / "pre.pth"), "--dry_run"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main_finetune.main(argv) == {} and capsys.readouterr().out == ""  # rank 1 stays quiet
+    monkeypatch.setenv("RANK", "0")
+    assert main_finetune.main(argv) == {} and "finetune: " in capsys.readouterr().out

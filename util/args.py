@@ -96,8 +96,9 @@ def add_mim_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data_path", default="demo", type=str,
-                       help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo'")
+    group.add_argument("--data_path", default=None, type=str,
+                       help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo' "
+                            "(synthetic shapes); required")
     group.add_argument("--num_workers", default=4, type=non_negative_int)
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -319,9 +320,66 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             parser.error(str(err))
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
+    given = explicit_dests(parser, argv)
     if hasattr(args, "freezeout"):
-        imply_freezeout(args, parser, explicit_dests(parser, argv), recipe)
+        imply_freezeout(args, parser, given, recipe)
+    check_schedule(args, parser, given, recipe)
     return args
+
+
+def _origin(dest: str, given: set[str], recipe: dict[str, Any]) -> str:
+    return "" if dest in given else " (from the recipe)" if dest in recipe else " (the default)"
+
+
+def check_schedule(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str],
+                   recipe: dict[str, Any]) -> None:
+    """The warmup must fit in the run: ``--warmup_epochs`` at most ``--epochs``, said in the flags' words."""
+    if not hasattr(args, "warmup_epochs") or args.warmup_epochs <= args.epochs:
+        return
+    parser.error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger than "
+                 f"--epochs {args.epochs}{_origin('epochs', given, recipe)}: the lr would still be warming up when "
+                 f"the run ends; pass --warmup_epochs {args.epochs} or less (0: no warmup)")
+
+
+# data sets whose files torchvision can fetch (``--download``); 'demo' is generated in memory
+_DOWNLOADABLE = ("cifar10", "cifar100", "flowers", "pets")
+DEMO_RECIPE = "configs/pretrain/demo.yaml"
+
+
+def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_files: bool = True) -> list[str]:
+    """What would stop the run, found before anything starts: no data given, and (``check_files``) a data path,
+    split file or checkpoint that does not exist, or a model name that is not registered (``models``).
+
+    Returns:
+        One message per problem, in the flags' words (empty: nothing found).
+    """
+    problems = []
+    data_set = getattr(args, "data_set", None)
+    needs_data = hasattr(args, "data_path") and data_set != "demo" and not getattr(args, "load_features", "")
+    if needs_data and not args.data_path:
+        problems.append(f"no training data: pass --data_path DIR (an ImageFolder root or a folder of images) or "
+                        f"--data_path demo (synthetic shapes); to try everything end to end: "
+                        f"python main_pretrain.py --config {DEMO_RECIPE}" if data_set is None else
+                        f"--data_path is required for --data_set {data_set} (or use --data_set demo)")
+    if not check_files:
+        return problems
+    if models and args.model not in models:
+        close = difflib.get_close_matches(args.model, list(models), n=3, cutoff=0.5)
+        problems.append(f"--model {args.model} is not a registered model of this script"
+                        f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; choose one of "
+                        f"{', '.join(models)}")
+    downloading = data_set in _DOWNLOADABLE and getattr(args, "download", False)
+    if getattr(args, "data_path", "") not in ("", "demo", None) and data_set != "demo" and not downloading \
+            and not Path(args.data_path).expanduser().exists():
+        problems.append(f"--data_path {args.data_path} does not exist")
+    split_file = getattr(args, "split_file", None)
+    if split_file and not Path(split_file).exists() and not (Path(args.data_path or ".") / split_file).exists():
+        problems.append(f"--split_file {split_file} does not exist (neither as given nor under --data_path)")
+    for flag in ("finetune", "resume", "load_features"):
+        path = getattr(args, flag, "")
+        if path and not Path(path).expanduser().exists():
+            problems.append(f"--{flag} {path} does not exist")
+    return problems
 
 
 def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str],
