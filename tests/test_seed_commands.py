@@ -7,9 +7,18 @@ their own tests.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 import main_finetune
@@ -38,7 +47,8 @@ def test_default_values_given_explicitly_still_count():
 
 def test_no_freezeout_flag_leaves_it_off(caplog):
     with caplog.at_level(logging.WARNING, logger="vitfreeze"):
-        args = parse_args(main_pretrain.build_parser(), ["--epochs", "3", "--warmup_epochs", "1", "--model", "MIM_vit_tiny_patch16"])
+        args = parse_args(main_pretrain.build_parser(),
+                          ["--epochs", "3", "--warmup_epochs", "1", "--model", "MIM_vit_tiny_patch16"])
     assert args.freezeout is False and not any("FreezeOut" in r.getMessage() for r in caplog.records)
 
 
@@ -207,3 +217,491 @@ def test_dry_run_passes_when_everything_exists_and_prints_once(capsys, monkeypat
     assert main_finetune.main(argv) == {} and capsys.readouterr().out == ""  # rank 1 stays quiet
     monkeypatch.setenv("RANK", "0")
     assert main_finetune.main(argv) == {} and "finetune: " in capsys.readouterr().out
+
+
+def test_a_deit_command_keeps_deits_lr_rule(caplog):
+    """MoCo v3's seed: DeiT's --lr 3e-4 at total batch 1024 is lr 6e-4 (x 1024 / 512) = our blr 1.5e-4 (x 1024 / 256),
+    the value of configs/finetune/moco_v3_*.yaml; our own spelling keeps --lr absolute."""
+    with caplog.at_level(logging.WARNING, logger="vitfreeze"):
+        deit = parse_args(main_finetune.build_parser(), ["--batch-size", "128", "--lr", "3e-4", "--warmup-epochs", "3"])
+    assert deit.blr == pytest.approx(1.5e-4) and deit.lr is None
+    assert any("--blr" in r.getMessage() for r in caplog.records)
+    ours = parse_args(main_finetune.build_parser(), ["--batch_size", "128", "--lr", "3e-4"])
+    assert ours.lr == 3e-4
+
+
+# ----------------------------------------------------------------------------------- (d) the seeds' commands
+# Copied from /work/shared/seeds (000 dBOT, 001 MoCo v3, 002 ViT-Adapter, 003 ViTFreeze, 004 MAE medical) with
+# their quirks: Windows '^' continuations, a '\ ' with a trailing space, lines that lost their '\'.
+SEED_003 = [  # ViTFreeze (LocalMIM) commands: pretraining, fine-tuning, linear probe, k-NN
+    r"""OMP_NUM_THREADS=1 python -m torch.distributed.launch --nproc_per_node=8 run_pretrain.py --batch_size 256 --model MIM_vit_base_patch16 --hog_nbins 9 --mask_ratio 0.75 --epochs 1600 --warmup_epochs 40 --blr 2e-4 --weight_decay 0.05 --data_path /path/to/imagenet/ --output_dir /output_dir/""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=4 --master_port=29501 run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 4 --accum_iter 2 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/full_pretrain_out_freezeout_cubic_t0_85 --log_dir full_pretrain_out_freezeout_cubic_t0_85 \
+--how_scale cubic --t_0 0.85""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=8 --master_port=29502 run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 8 --accum_iter 1 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/full_pretrain_out_freezeout_cubic_t0_8_fast --log_dir full_pretrain_out_freezeout_cubic_t0_8_fast \
+--how_scale cubic --t_0 0.8""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=5 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29505  run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 1 --accum_iter 8 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/bench_3/full_pretrain_out_freezeout_cubic_t0_8_1gpu_save5 --log_dir bench_3/full_pretrain_out_freezeout_cubic_t0_8_1gpu_save5 \
+--how_scale cubic --t_0 0.8""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=1 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29501  run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 1 --accum_iter 8 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_1234_loss_scaler --log_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_1234_loss_scaler \
+--how_scale cubic --t_0 0.8 \
+--not_scale_lr --non_layerwise_lr""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=5 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29505  run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 1 --accum_iter 8 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_1overk_loss_scaler_all_stages --log_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_1overk_loss_scaler_all_stages \
+--how_scale cubic --t_0 0.8 \
+--not_scale_lr --non_layerwise_lr --all_stages""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29507  run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 1 --accum_iter 8 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_all_stages --log_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_all_stages \
+--how_scale cubic --t_0 0.8 \
+--not_scale_lr --non_layerwise_lr --all_stages""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=1,2 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=2 --master_port=29502  run_pretrain.py \
+--epochs 100 --batch_size 512 --warmup_epochs 10 \
+--blr 2e-4 --world_size 2 --accum_iter 2 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_dont_freeze_pe --log_dir pretrain/non_scale_layerwise/freezeout_cubic_t0_8_dont_freeze_pe \
+--how_scale cubic --t_0 0.8 \
+--not_scale_lr --non_layerwise_lr --dont_freeze_pe""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=8 --master_port=29501 run_pretrain.py \
+--epochs 9 --batch_size 32 --warmup_epochs 1 \
+--blr 2e-4 --world_size 8 --accum_iter 1 --model MIM_vit_base_patch16 \
+--data_path /raid/utku/datasets/imagenet/classification/train/demo_dataset \
+--output_dir pretrain/debug --log_dir debug --debug \
+--how_scale cubic --t_0 0.8""",
+    r"""bash record.sh  CUDA_VISIBLE_DEVICES=4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=4 --master_port=29502 run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 4 --accum_iter 2 --weight_decay 0.05 \
+--model MIM_vit_base_patch16 --hog_nbins 9 --mask_ratio 0.75 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/full_pretrain_out --log_dir full_pretrain_out""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=8 --master_port=29502 run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 8 --accum_iter 1 --weight_decay 0.05 \
+--model MIM_vit_base_patch16 --hog_nbins 9 --mask_ratio 0.75 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/full_pretrain_out_fast --log_dir full_pretrain_out_fast""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29501 run_pretrain.py \
+--epochs 100 --batch_size 256 --warmup_epochs 10 \
+--blr 2e-4 --world_size 1 --accum_iter 8 --weight_decay 0.05 \
+--model MIM_vit_base_patch16 --hog_nbins 9 --mask_ratio 0.75 \
+--data_path /raid/utku/datasets/imagenet/classification/train/image_folders \
+--output_dir pretrain/full_pretrain_out_1gpu --log_dir full_pretrain_out_1gpu""",
+    r"""OMP_NUM_THREADS=1 python -m torch.distributed.launch --nproc_per_node=8 run_finetune.py --batch_size 128 --model vit_base_patch16 --finetune /path/to/checkpoint.pth --epochs 100 --warmup_epochs 20 --lr 2e-3 --min_lr 1e-5 --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path /path/to/imagenet/ --output_dir /output_dir/""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=4 --master_port=29503 run_finetune.py \
+--world_size 4 --accum_iter 2 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/full_pretrain_out_freezeout_cubic_t0_8_fast/checkpoint-99.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast/ --log_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=8 --master_port=29500 run_finetune.py \
+--world_size 8 --accum_iter 1 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/full_pretrain_out_freezeout_cubic_t0_8_fast/checkpoint-99.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast/ --log_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=0,1 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=2 --master_port=29500 run_finetune.py \
+--world_size 2 --accum_iter 4 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/full_pretrain_out_freezeout_cubic_t0_8_fast/checkpoint-99.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast/ --log_dir finetune/full_finetune_out_freezeout_cubic_t0_8_fast""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=2 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29502 run_finetune.py \
+--world_size 1 --accum_iter 8 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT_orig/full_pretrain_out_slow/checkpoint-90.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/full_pretrain_out_slow/checkpoint-90 --log_dir finetune/full_pretrain_out_slow/checkpoint-90""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=5 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29505 run_finetune.py \
+--world_size 1 --accum_iter 8 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/utku/ViTFreeze/ViT/pretrain/non_scale_layerwise_failed/freezeout_cubic_t0_8/checkpoint-59.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/non_scale_layerwise/freezeout_cubic_t0_8_checkpoint-59 --log_dir finetune/non_scale_layerwise/freezeout_cubic_t0_8_checkpoint-59""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29507 run_finetune.py 
+--resume /raid/home_yedek/utku/ViTFreeze/ViT/finetune/bench_1/full_finetune_out_freezeout_cubic_t0_85/checkpoint-40.pth \
+--world_size 1 --accum_iter 8 \
+--batch_size 128 --model vit_base_patch16 \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir finetune/bench_1/full_finetune_out_freezeout_cubic_t0_85 --log_dir finetune/bench_1/full_finetune_out_freezeout_cubic_t0_85""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=4,5,6,7 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=4 --master_port=29504 run_finetune.py \
+--world_size 4 --accum_iter 2 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/full_pretrain_out/checkpoint-99.pth \
+--epochs 100 --warmup_epochs 20 --lr 4e-3 --min_lr 1e-6 --layer_decay 0.75 \
+--weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir full_finetune_out/ --log_dir full_finetune_out""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=6 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29506 run_linprobe.py \
+--world_size 1 --accum_iter 8 \
+--batch_size 2048 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/pretrain/bench_1/full_pretrain_out_freezeout_cubic_t0_8_fast/checkpoint-99.pth \
+--epochs 90 --warmup_epochs 10 --blr 0.1 \
+--weight_decay 0.0 --dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir linprob_out/bench_1 --log_dir linprob_out/bench_1""",
+    r"""bash record.sh CUDA_VISIBLE_DEVICES=6 OMP_NUM_THREADS=1 \
+python3 -m torch.distributed.launch --nproc_per_node=1 --master_port=29509 run_knn.py \
+--world_size 1 \
+--batch_size 128 --model vit_base_patch16 --finetune /raid/home_yedek/utku/ViTFreeze/ViT/pretrain/bench_3/full_pretrain_out_freezeout_cubic_t0_8_1gpu_not_scale_lr/checkpoint-99.pth \
+--dist_eval \
+--data_path /raid/utku/datasets/imagenet/classification/ \
+--output_dir knn_out/bench_3/full_pretrain_out_freezeout_cubic_t0_8_1gpu_not_scale_lr_checkpoint-99 --log_dir knn_out/bench_3/full_pretrain_out_freezeout_cubic_t0_8_1gpu_not_scale_lr_checkpoint-99""",
+]
+SEED_001 = [  # MoCo v3 transfer: DeiT's main.py (our main_finetune.py takes its commands)
+    r"""python -u -m torch.distributed.launch --nproc_per_node=8 --use_env main.py \
+    --batch-size 128 --output_dir [your output dir path] --epochs 100 --lr 3e-4 --weight-decay 0.1 --eval-freq 10 \
+    --no-pin-mem  --warmup-epochs 3 --data-set cifar10 --data-path [cifar-10 data path]  --no-repeated-aug \
+    --reprob 0.0 --drop-path 0.1 --mixup 0.8 --cutmix 1""",
+    r"""python -u -m torch.distributed.launch --nproc_per_node=8 --use_env main.py \
+    --batch-size 128 --output_dir [your output dir path] --epochs 100 --lr 3e-4 --weight-decay 0.1 --eval-freq 10 \
+    --no-pin-mem  --warmup-epochs 3 --data-set cifar10 --data-path [cifar-100 data path]  --no-repeated-aug \
+    --reprob 0.0 --drop-path 0.1 --mixup 0.5 --cutmix 1""",
+    r"""python -u -m torch.distributed.launch --nproc_per_node=8 --use_env main.py \
+    --batch-size 128 --output_dir [your output dir path] --epochs 100 --lr 3e-4 --weight-decay 0.3 --eval-freq 10 \
+    --no-pin-mem  --warmup-epochs 3 --data-set cifar10 --data-path [oxford-flowers data path]  --no-repeated-aug \
+    --reprob 0.25 --drop-path 0.1 --mixup 0 --cutmix 0""",
+    r"""python -u -m torch.distributed.launch --nproc_per_node=8 --use_env main.py \
+    --batch-size 128 --output_dir [your output dir path] --epochs 100 --lr 3e-4 --weight-decay 0.1 --eval-freq 10 \
+    --no-pin-mem  --warmup-epochs 3 --data-set cifar10 --data-path [oxford-pets data path]  --no-repeated-aug \
+    --reprob 0 --drop-path 0 --mixup 0.8 --cutmix 0""",
+]
+SEED_004 = [  # MAE on GastroVision / HyperKvasir (Windows continuations) and MAE's submitit fine-tuning
+    r"""python main_finetune_gastrovision.py
+  --batch_size 50 ^
+  --model vit_large_patch16 ^
+  --finetune ${PRETRAINED_DIR} ^
+  --epochs 50 ^
+  --blr 1e-3 ^
+  --smoothing 0 ^
+  --num_workers 8 ^
+  --data_path ${DATA_PATH} ^
+  --output_dir ${OUTPUT_DIR}  ^
+  --log_dir ${LOG_DIR} ^
+  --nb_classes 22""",
+    r"""python main_finetune_hyperkvasir.py ^
+  --batch_size 50 ^
+  --model vit_large_patch16 ^
+  --finetune ${PRETRAINED_DIR} ^
+  --epochs 50 ^
+  --blr 1e-3 ^
+  --smoothing 0 ^
+  --num_workers 8 ^
+  --data_path ${DATA_PATH} ^
+  --output_dir ${OUTPUT_DIR} ^
+  --log_dir ${LOG_DIR} ^
+  --nb_classes 23""",
+    r"""python main_finetune_hyperkvasir.py ^
+  --batch_size 50 ^
+  --model vit_large_patch16 ^
+  --finetune ${PRETRAINED_DIR} ^
+  --epochs 50 ^
+  --blr 1e-3 ^
+  --smoothing 0 ^
+  --num_workers 8 ^
+  --data_path ${DATA_PATH} ^
+  --output_dir ${OUTPUT_DIR} ^
+  --log_dir ${LOG_DIR} ^
+  --nb_classes 16""",
+    r"""python submitit_finetune.py \
+    --job_dir ${JOB_DIR} \
+    --nodes 4 \
+    --batch_size 32 \
+    --model vit_base_patch16 \
+    --finetune ${PRETRAIN_CHKPT} \
+    --epochs 100 \
+    --blr 5e-4 --layer_decay 0.65 \
+    --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 \
+    --dist_eval --data_path ${IMAGENET_DIR}""",
+    r"""python submitit_finetune.py \
+    --job_dir ${JOB_DIR} \
+    --nodes 4 --use_volta32 \
+    --batch_size 32 \
+    --model vit_large_patch16 \
+    --finetune ${PRETRAIN_CHKPT} \
+    --epochs 50 \
+    --blr 1e-3 --layer_decay 0.75 \
+    --weight_decay 0.05 --drop_path 0.2 --reprob 0.25 --mixup 0.8 --cutmix 1.0 \
+    --dist_eval --data_path ${IMAGENET_DIR}""",
+]
+SEED_000 = [  # dBOT through run.sh ("on 4 nodes with 8 GPUs each" for ImageNet: NNODES=4)
+    (r"""./run.sh dbot_base_finetune \
+imagenet_finetune \
+vit_base_patch16 \
+8 \
+dbot_base_pre/checkpoint-1600.pth \
+--epochs 100 \
+--blr 3e-4 \
+--batch_size 32 \
+--data_path './data/imagenet'""", 4),
+    (r"""./run.sh dbot_large_finetune \
+imagenet_finetune \
+vit_large_patch16 \
+8 \
+dbot_large_pre/checkpoint-1600.pth \
+--drop_path 0.25 \
+--clip_grad 1.0 \
+--blr 3e-4 \
+--layer_decay 0.75 \
+--epochs 50 \
+--batch_size 32 \
+--data_path './data/imagenet'""", 4),
+    (r"""./run.sh dbot_huge_finetune_224 \
+imagenet_finetune \
+vit_huge_patch14 \
+8 \
+dbot_huge_pre/checkpoint-1600.pth \
+--drop_path 0.3 \
+--blr 3e-4 \
+--layer_decay 0.75 \
+--epochs 50 \
+--batch_size 16 \
+--accum_iter 2 \
+--data_path './data/imagenet'""", 4),
+    (r"""./run.sh dbot_huge_finetune_448 \
+imagenet_finetune \
+vit_huge_patch14 \
+8 \
+dbot_huge_finetune_224/checkpoint-best.pth \
+--drop_path 0.4 \
+--blr 7e-5 \
+--layer_decay 0.9 \
+--input_size 448 \ 
+--batch_size 8 \
+--accum_iter 4 \
+--epochs 10 \
+--warmup_epochs 2 \
+--data_path './data/imagenet'""", 4),
+    (r"""./run.sh dbot_base_transfer \
+cifar10_cls+cifar_cls+cars_cls+flwrs_cls+inat_cls+inat19_cls 
+vit_base 8 \
+dbot_base_pre/checkpoint-1600.pth \
+""", 1),
+]
+SCRIPT_OF = {"main.py": "main_finetune.py"}  # DeiT's trainer in MoCo v3's seed: our fine-tuning script takes it
+PATH_FLAGS = {"--data_path": "data", "--data-path": "data", "--finetune": "ckpt", "--resume": "ckpt",
+              "--output_dir": "out", "--log_dir": "out", "--job_dir": "out"}
+FREEZEOUT_SEEDS = [c for c in SEED_003 if "--how_scale" in c]
+TINY_STEP = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--batch_size", "8", "--accum_iter", "1",
+             "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--print_freq", "1"]
+
+
+def shell_words(text: str) -> list[str]:
+    """A seed command as the shell would split it, its continuations (``\\``, Windows ``^``) joined; a line that lost
+    its ``\\`` is joined too (what its author meant). ``[placeholders with spaces]`` become one word."""
+    text = re.sub(r"[\\^][ \t]*\n", " ", text).replace("\n", " ")
+    text = re.sub(r"\[([^\]]*)\]", lambda m: "PLACEHOLDER_" + re.sub(r"\W", "_", m.group(1)), text)
+    return shlex.split(text)
+
+
+@pytest.fixture
+def places(tmp_path):
+    """A tiny ImageFolder (train/val, two classes) and an existing checkpoint file, for the seeds' paths."""
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            for i in range(4):
+                (data / split / cls).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (32, 32), (60 * c + 10 * i, 80, 200 - 40 * c)).save(data / split / cls / f"{i}.png")
+    ckpt = tmp_path / "pretrained.pth"
+    ckpt.write_bytes(b"")  # the dry run checks that it exists; nothing loads it
+    return {"data": str(data), "ckpt": str(ckpt), "out": str(tmp_path / "out")}
+
+
+def entry_point(words: list[str], places: dict) -> tuple[str, list[str], int]:
+    """(script, its arguments with the data/checkpoint/output paths replaced, processes) of a seed command line:
+    ``bash record.sh VAR=... python -m torch.distributed.launch --nproc_per_node=N [--use_env] script.py args``."""
+    i, nproc, legacy = 0, 1, False
+    while words[i] in ("bash", "record.sh") or re.fullmatch(r"[A-Z_]+=\S*", words[i]):
+        i += 1
+    assert words[i] in ("python", "python3"), words
+    i += 1 + (words[i + 1] == "-u")
+    if words[i] == "-m":
+        assert words[i + 1] == "torch.distributed.launch"
+        legacy, i = True, i + 2
+        while not words[i].endswith(".py"):
+            if words[i].startswith("--nproc_per_node"):
+                nproc = int(words[i].split("=")[1])
+            legacy &= words[i] != "--use_env"
+            i += 1
+    script, args = SCRIPT_OF.get(words[i], words[i]), words[i + 1:]
+    for k, word in enumerate(args[:-1]):
+        if word in PATH_FLAGS:
+            args[k + 1] = places[PATH_FLAGS[word]]
+    # torch.distributed.launch without --use_env passes --local-rank (torch >= 2: hyphenated) to each process
+    return script, (["--local-rank=0"] if legacy else []) + args, nproc
+
+
+def run_script(script: str, argv: list[str], monkeypatch, capsys, *, world: int) -> str:
+    """Run ``script`` as ``python script argv`` does (its ``__main__``), as rank 0 of ``world`` processes."""
+    if world > 1:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    else:
+        monkeypatch.delenv("RANK", raising=False)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as exc:
+        assert not exc.code, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def resolved(out: str) -> dict:
+    return yaml.safe_load("\n".join(line for line in out.splitlines() if not re.match(r"\d{4}-\d\d-\d\d ", line)))
+
+
+def seed_id(command: str) -> str:
+    return next(w for w in shell_words(command) if w.endswith(".py"))[:-3]
+
+
+@pytest.mark.parametrize("command", SEED_003 + SEED_001 + SEED_004, ids=seed_id)
+def test_seed_command_dry_runs(command, places, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # relative output folders stay in tmp_path
+    script, argv, nproc = entry_point(shell_words(command), places)
+    config = resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=nproc))
+    assert config["data_path"] == places["data"]
+    assert config["freezeout"] is ("--how_scale" in command) if "freezeout" in config else True
+    if "--all_stages" in command:
+        assert config["all_stages"] and config["not_scale_lr"] and config["non_layerwise_lr"]
+    if "main.py" in command:  # DeiT's lr rule: 3e-4 x 1024 / 512 = blr 1.5e-4 x 1024 / 256
+        assert config["blr"] == pytest.approx(1.5e-4) and config["lr"] is None and config["pin_mem"] is False
+    if "submitit_finetune" in command:
+        assert (config["launcher"], config["nodes"], config["ngpus"]) == ("slurm", 4, 8)
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+@pytest.mark.parametrize("command", list(dict.fromkeys(FREEZEOUT_SEEDS)),
+                         ids=lambda c: re.sub(r"\W+", "_", c.split("--how_scale ")[1]).strip("_"))
+def test_freezeout_seed_command_takes_a_real_step(command, places, monkeypatch, capsys, tmp_path, caplog):
+    """The ViTFreeze commands never pass --freezeout: their FreezeOut flags must turn it on (one step, tiny model)."""
+    monkeypatch.chdir(tmp_path)
+    script, argv, _ = entry_point(shell_words(command), places)
+    argv = [a for a in argv if not a.startswith("--local-rank")]  # one process here
+    with caplog.at_level(logging.INFO, logger="vitfreeze"):
+        run_script(script, [*argv, *TINY_STEP], monkeypatch, capsys, world=1)
+    out = Path(places["out"])
+    recorded = yaml.safe_load((out / "args.yaml").read_text())
+    assert recorded["freezeout"] is True and recorded["t_0"] == float(command.split("--t_0 ")[1].split()[0])
+    assert (out / "freezeout_schedule.png").exists() and (out / "checkpoint-last.pth").exists()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("FreezeOut on: --how_scale, --t_0") for m in messages)
+    assert any(m.startswith("FreezeOut schedule: unit 0") for m in messages)
+
+
+def test_dbot_commands_through_run_sh(places, tmp_path, monkeypatch, capsys):
+    """run.sh maps the dBOT commands (MODEL vit_base / vit_huge_patch14, a checkpoint, extras) onto our scripts; the
+    commands it would start are recorded by stand-in python/torchrun executables, then dry-run here."""
+    log = tmp_path / "calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "torchrun"):
+        stub = bin_dir / name
+        record = f'{{ printf "%s\\0" "{name}" "${{WORLD_SIZE:-}}" "$@"; printf "\\n\\0"; }} >> {log}'
+        stub.write_text(f"#!/bin/sh\n{record}\n")
+        stub.chmod(0o755)
+    job_root = ROOT / "output"
+    for command, nodes in SEED_000:
+        words = shell_words(command)
+        words = [places["ckpt"] if w.endswith(".pth") else w for w in words]
+        words = [places["data"] if w == "./data/imagenet" else w for w in words]
+        if "--data_path" not in words:  # the transfer chain names no data: dBOT's run.sh had them built in
+            words.append(f"data_path={places['data']}")
+        job = f"test_seed_{uuid.uuid4().hex[:8]}"
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "NNODES": str(nodes)}
+        try:
+            res = subprocess.run(["bash", str(ROOT / "run.sh"), job, *words[2:]], capture_output=True, text=True,
+                                 timeout=120, env=env)
+        finally:
+            shutil.rmtree(job_root / job, ignore_errors=True)
+        assert res.returncode == 0, res.stderr
+    calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c.strip("\0")]
+    checks = [c for c in calls if c[-1] == "--dry_run"]  # run.sh resolves every task before starting any
+    assert len(checks) == 4 + 6
+    for name, world, script, *argv in checks:
+        config = resolved(run_script(script, argv, monkeypatch, capsys, world=int(world)))
+        assert config["model"] in ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
+        assert config["finetune"] == places["ckpt"]
+    started = [c for c in calls if c[0] == "torchrun"]  # the transfer chain on one 8-GPU node
+    assert len(started) == 6 and all(c[2] == "--nproc_per_node=8" for c in started)
+    slurm = [c for c in calls if c[0] == "python" and c[-1] != "--dry_run"]  # ImageNet on 4 nodes: submitit
+    assert len(slurm) == 4 and all(c[c.index("--launcher") + 1] == "slurm" and c[c.index("--nodes") + 1] == "4"
+                                   for c in slurm)
+
+
+SEED_002 = [f"python convert_14to16.py pretrained/dinov2_vit{size}14_pretrain.pth" for size in "sblg"]  # ViT-Adapter
+SEED_001_CONVERT = r"""python convert_to_deit.py \
+  --input [your checkpoint path]/[your checkpoint file].pth.tar \
+  --output [target checkpoint file].pth"""
+
+
+def test_conversion_commands_run_from_the_root(tmp_path, monkeypatch, capsys):
+    """MoCo v3's convert_to_deit.py and ViT-Adapter's convert_14to16.py, as typed, on tiny fake checkpoints."""
+    import torch
+    from test_convert import fake_dinov2, fake_moco
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrained").mkdir()
+    for command in SEED_002:
+        src = tmp_path / shell_words(command)[2]
+        torch.save(fake_dinov2(), src)
+        run_script("convert_14to16.py", shell_words(command)[2:], monkeypatch, capsys, world=1)
+        out = src.with_name(src.stem + "_14to16.pth")
+        assert torch.load(out, weights_only=True)["patch_embed.proj.weight"].shape[-2:] == (16, 16)
+    words = shell_words(SEED_001_CONVERT)
+    moco, base = fake_moco()
+    src = Path(words[3])
+    src.parent.mkdir(parents=True)
+    torch.save(moco, src)
+    run_script("convert_to_deit.py", words[2:], monkeypatch, capsys, world=1)
+    converted = torch.load(words[5], weights_only=True)["model"]
+    assert converted.keys() == base.keys() and all(torch.equal(converted[k], base[k]) for k in base)
+
+
+@pytest.mark.skip(reason="detection (cascade_coco_det) and segmentation (ade20k_seg) commands of seeds 000 and 002 "
+                         "belong to the dense-task helpers' tests")
+def test_dense_task_seed_commands():
+    """Placeholder so that the report lists the seed commands this file does not run."""

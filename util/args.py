@@ -294,6 +294,39 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
             close = difflib.get_close_matches(spelled, names, n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(close)}?)" if close else " (--help lists the flags)"
             parser.error(f"unrecognized argument {flag}{hint}")
+    if "--blr" in options and any(_flag_of(t) in DEIT_SPELLINGS for t in tokens):
+        out = _deit_lr(out)
+    return out
+
+
+# Spellings only DeiT's main.py uses: a command with one of them is a DeiT command (MoCo v3's transfer seed).
+DEIT_SPELLINGS = {"--batch-size", "--weight-decay", "--warmup-epochs", "--data-set", "--data-path", "--drop-path",
+                  "--eval-freq", "--no-repeated-aug", "--min-lr", "--input-size", "--clip-grad", "--no-pin-mem"}
+
+
+def _deit_lr(argv: list[str]) -> list[str]:
+    """DeiT scales ``--lr`` by the total batch / 512; here ``--lr`` is the actual lr and ``--blr`` is scaled by
+    batch / 256, so DeiT's ``--lr X`` is ``--blr X/2`` (MoCo v3: 3e-4 x 1024 / 512 = 6e-4 = 1.5e-4 x 1024 / 256)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = _flag_of(argv[i])
+        if flag == "--lr":
+            inline = "=" in argv[i]
+            text = argv[i].split("=", 1)[1] if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                blr = f"{float(text) / 2:g}"
+            except ValueError:  # let the parser report the bad value
+                out.append(argv[i])
+                i += 1
+                continue
+            if os.environ.get("RANK", "0") == "0":
+                logging.getLogger("vitfreeze").warning(
+                    "DeiT-style command: DeiT's --lr %s (scaled by total batch / 512) is --blr %s here", text, blr)
+            out += ["--blr", blr]
+            i += 1 if inline else 2
+            continue
+        out.append(argv[i])
+        i += 1
     return out
 
 
