@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from util.runtime import available_cores  # loader workers beyond the cores only compete
+
 
 # ----------------------------------------------------------------------------------------------------------- types
 def positive_int(text: str) -> int:
@@ -99,7 +101,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data_path", default=None, type=str,
                        help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo' "
                             "(synthetic shapes); required")
-    group.add_argument("--num_workers", default=4, type=non_negative_int)
+    group.add_argument("--num_workers", default=min(4, available_cores()), type=non_negative_int,
+                       help="data loader processes (default: 4, at most the cores)")
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.add_argument("--strict_data", action="store_true", help="a corrupt image is fatal instead of skipped")
@@ -150,6 +153,9 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by torch.distributed.launch")
     group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--threads", default=None, type=positive_int,
+                       help="intra-op CPU threads per process (default: chosen from the model size, cores and "
+                            "loader workers, or OMP_NUM_THREADS; logged at start)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None:
@@ -476,7 +482,8 @@ def add_labelled_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data_path", default="", type=str, help="dataset root")
     group.add_argument("--nb_classes", default=None, type=positive_int,
                        help="number of classes (default: from the dataset; an error if they differ)")
-    group.add_argument("--num_workers", default=10, type=non_negative_int)
+    group.add_argument("--num_workers", default=min(10, available_cores()), type=non_negative_int,
+                       help="data loader processes (default: 10, at most the cores)")
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.add_argument("--dist_eval", action="store_true",
