@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from util.vis import GAP, HEADER, epoch_ticks, save_confusion_png, save_reconstruction_png, save_schedule_png  # noqa: E501
+from util.vis import (GAP, HEADER, confusion_layout, epoch_ticks, save_confusion_png, save_reconstruction_png,
+                      save_schedule_png)
 
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
@@ -203,6 +204,7 @@ def test_confusion_png_keeps_whole_class_names_and_labels_columns(tmp_path: Path
                                                      names)).convert("L")).astype(int)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
     whole, cut = int(measure(names[0])) + 8, int(measure(names[0][:24]))  # label band; where the old cut ended
+    assert confusion_layout(names) == (48, whole, 24 + whole)
     rows_area = image[24 + whole:, :whole]  # row names, left of the grid
     assert (rows_area[:, cut + 8:] < 128).any()  # text beyond the old 24-character cut
     columns_area = image[24:24 + whole, whole:whole + 3 * 48]  # column names, above the grid, read bottom-up

@@ -500,9 +500,10 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, weights_aliases: Seque
                        choices=["auto", "vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm"],
                        help="layout of --finetune (auto: detected from its keys)")
     group.add_argument("--global_pool", action="store_true", default=False,
-                       help="feature = mean of patch tokens -> fc_norm (default: cls token after the final norm)")
+                       help="feature = mean of patch tokens -> fc_norm (the default of fine-tuning, as MAE's)")
     group.add_argument("--cls_token", action="store_false", dest="global_pool",
-                       help="feature = cls token after the final norm (MAE's linear-probe default)")
+                       help="feature = cls token after the final norm (the default of the linear probe and k-NN, "
+                            "as MAE's probe)")
 
 
 def add_linprobe_args(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ import torch
 from util.checkpoint import atomic_write
 from util.data.transforms import denormalize
 
-__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
+__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "confusion_layout"]
 
 GAP = 2  # pixels between tiles
 HEADER = 24  # rows above the tiles for the column labels (two lines of PIL's default font)
@@ -249,6 +249,20 @@ def confusion_colours(confusion: torch.Tensor) -> torch.Tensor:
     return (white + (blue - white) * frac.unsqueeze(-1)).round().to(torch.uint8)
 
 
+def confusion_layout(names: Sequence[str], *, max_side: int = 1200) -> tuple[int, int, int]:
+    """(cell size, left, top) in pixels of the grid of ``save_confusion_png``: row names, whole, fill ``left``;
+    column names, read bottom-up, fill the band between the 24 px title and ``top``. Names are drawn only in
+    cells of 10 px or more (PIL's default font is 11 px high); otherwise ``left`` is 0 and ``top`` 24."""
+    from PIL import Image, ImageDraw
+
+    cell = max(1, min(48, max_side // max(len(names), 1)))
+    if cell < 10:
+        return cell, 0, 24
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength  # PIL's default font may be proportional
+    name_w = int(max(measure(name) for name in names)) + 8
+    return cell, name_w, 24 + name_w
+
+
 def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: Sequence[str] | None = None, *,
                        max_side: int = 1200) -> Path:
     """Draw a confusion matrix as a heat map PNG (PIL only).
@@ -275,12 +289,10 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
     names = [str(c) for c in (class_names if class_names is not None else range(n))]
     if len(names) != n:
         raise ValueError(f"{len(names)} class names for a {n}-class confusion matrix")
-    cell = max(1, min(48, max_side // max(n, 1)))
-    labelled = cell >= 10  # PIL's default font is 11 px high: names need rows (and columns) at least that tall
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength  # PIL's default font may be proportional
-    name_w = int(max(measure(name) for name in names)) + 8 if labelled else 0
+    cell, left, top = confusion_layout(names, max_side=max_side)
+    labelled, name_w = left > 0, left
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
     title = "rows: true class, columns: predicted class (colour: share of the row; diagonal = recall)"
-    left, top = name_w, 24 + name_w  # row names on the left, column names (read bottom-up) above the grid
     colours = confusion_colours(confusion.cpu())
     grid = colours.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
     image = Image.new("RGB", (max(left + n * cell + 1, int(measure(title)) + 8), top + n * cell + 1), "white")

@@ -91,7 +91,10 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
         dataset = build(root, split, transform, download=download, year=2018 if name == "inat18" else 2019)
     if len(dataset) == 0:
         raise ValueError(f"dataset {name!r} split {split!r} under {root!r} is empty")
-    logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset), root)
+    if name not in ("folder", "imagenet") or split_file is not None:  # build_folder_dataset logged the folder's
+        where = "generated in memory" if name == "demo" else root
+        logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset),
+                    where)
     return dataset
 
 
