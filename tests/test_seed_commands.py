@@ -6,7 +6,6 @@ their own tests.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
