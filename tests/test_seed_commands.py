@@ -761,3 +761,17 @@ def test_default_loader_workers_are_capped_to_the_cores(monkeypatch):
     assert main_pretrain.build_parser().get_default("num_workers") == 2
     monkeypatch.setattr(util.args, "available_cores", lambda: 64)
     assert main_knn.build_parser().get_default("num_workers") == 10
+
+
+def test_hyperkvasir_script_finds_the_official_split(tmp_path, monkeypatch, capsys):
+    """Seed 004's HyperKvasir command names no split: the dataset's own official split next to it is used."""
+    split = hyperkvasir_tree(tmp_path)
+    command = SEED_004[1].replace("${DATA_PATH}", str(tmp_path / "labeled-images"))
+    script, argv, _ = entry_point(shell_words(command), {"data": str(tmp_path / "labeled-images"),
+                                                         "ckpt": str(split), "out": str(tmp_path / "out")})
+    config = resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=1))
+    assert config["split_file"] == str(split) and config["nb_classes"] == 23
+    elsewhere = tmp_path / "a" / "b" / "c"  # no official split within two parents
+    elsewhere.mkdir(parents=True)
+    argv = [str(elsewhere) if a == str(tmp_path / "labeled-images") else a for a in argv]
+    assert resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=1))["split_file"] is None
