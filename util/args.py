@@ -11,14 +11,19 @@ import argparse
 import difflib
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
 
+from util.distributed import env_rank_and_world
 from util.runtime import available_cores  # loader workers beyond the cores only compete
+
+
+def _first_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain single process: parse-time notes are said once, not once per rank."""
+    return (env_rank_and_world() or (0, 1))[0] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------- types
@@ -291,7 +296,7 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
         elif spelled in IGNORED_FLAGS:
             takes, note = IGNORED_FLAGS[spelled]
             i += takes if "=" not in token else 0
-            if note and os.environ.get("RANK", "0") == "0":
+            if note and _first_process():
                 logging.getLogger("vitfreeze").warning("%s ignored: %s", flag, note)
         elif spelled in FOREIGN_FLAGS:
             parser.error(f"{flag} has no meaning here: {FOREIGN_FLAGS[spelled]}")
@@ -325,7 +330,7 @@ def _deit_lr(argv: list[str]) -> list[str]:
                 out.append(argv[i])
                 i += 1
                 continue
-            if os.environ.get("RANK", "0") == "0":
+            if _first_process():
                 logging.getLogger("vitfreeze").warning(
                     "DeiT-style command: DeiT's --lr %s (scaled by total batch / 512) is --blr %s here", text, blr)
             out += ["--blr", blr]
@@ -433,7 +438,7 @@ def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, g
     if recipe.get("freezeout") is False and "freezeout" not in given:
         parser.error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
     args.freezeout = True
-    if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+    if _first_process():
         logging.getLogger("vitfreeze").warning(
             "FreezeOut on: %s given (any FreezeOut flag turns it on, as in the ViTFreeze commands)", ", ".join(named))
 
