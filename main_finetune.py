@@ -67,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         ``mcc``, ...) with ``best_acc1`` / ``best_epoch`` and ``test_*`` (best model on ``test/``, when present);
         over several folds the mean of every value plus ``<key>_std`` (population std, as MAE reports seeds).
     """
-    args, result = parse_or_dispatch(build_parser(), argv, "main_finetune")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_finetune",
+                                     models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
     check_args(args)

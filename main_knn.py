@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+import models
 from engine.knn import embed, knn_classify
 from models.backbone import build_backbone
 from util import args as cli
@@ -104,7 +105,8 @@ def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tenso
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_knn")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_knn",
+                                     models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
     info = setup_run(args)
@@ -141,7 +143,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         record = {**results, "feature": pool, "temperature": args.temperature, "n_per_class": args.n_per_class,
                   "n_tries": args.n_tries, "num_train": len(train_labels), "num_test": len(test_labels)}
         (Path(args.output_dir) / "knn_results.json").write_text(json.dumps(record, indent=2) + "\n")
-        MetricWriter(args.output_dir, None).log_epoch(record)
+        writer = MetricWriter(args.output_dir, args.log_dir)  # --log_dir: the results as TensorBoard scalars
+        writer.log({f"knn/{k}": v for k, v in results.items()}, 0)
+        writer.log_epoch(record)
+        writer.close()
     return results
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 from timm.optim import Lars
 from torch.utils.data import DataLoader, TensorDataset
 
+import models
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
 from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe",
+                                     models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
     if args.lr_grid and not args.cache_features:

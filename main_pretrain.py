@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Pretrain as ``argv`` says; returns the last epoch's training statistics."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_pretrain")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_pretrain",
+                                     models=[m for m in models.list_models() if not m.startswith("vit_")])
     if result is not None:
         return result
     info = setup_run(args)

@@ -4,7 +4,8 @@
 #   JOB_NAME    output goes to output/JOB_NAME/TASK/ (and runs resume from there automatically)
 #   TASK        a recipe (see --help); several joined with '+' run one after another
 #   MODEL       a registered model name (mae_vit_base_patch16, MIM_vit_base_patch16, vit_base_patch16, ...)
-#               or an architecture (tiny, small, base, large, huge) completed from the task's recipe
+#               or an architecture (tiny, small, base, large, huge; also vit_base, vit_large, ... as in the
+#               dBOT commands) completed from the task's recipe
 #   NGPUS       processes per node: 0 = plain python (CPU), N > 0 = torchrun --nproc_per_node=N;
 #               NNODES > 1 in the environment (or --launcher slurm among the extras) submits through submitit
 #   CHECKPOINT  --resume for pretraining tasks, --finetune (the pretrained backbone) for the others
@@ -32,7 +33,7 @@ add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
 UNSUPPORTED="cascade_coco_det ade20k_seg ade20kv_seg"
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'  # the header comment, not the code after it
     echo; echo "tasks:"
     for task in $(printf '%s\n' "${!SCRIPT[@]}" | sort); do
         printf '  %-52s %s --config %s\n' "$task" "${SCRIPT[$task]}" "${CONFIG[$task]}"
@@ -78,10 +79,11 @@ done
 
 model_name() {  # full name as given, or an architecture completed with the recipe's model family
     local task=$1 family
-    if [[ $MODEL == *_* ]]; then echo "$MODEL"; return; fi
-    local patch=16; [[ $MODEL == huge ]] && patch=14
+    local arch=${MODEL#vit_}  # dBOT's commands say vit_base / vit_large / base / large
+    if ! [[ $arch =~ ^(tiny|small|base|large|huge)$ ]]; then echo "$MODEL"; return; fi
+    local patch=16; [[ $arch == huge ]] && patch=14
     family=$(sed -n 's/^model: *\([A-Za-z]*_\)\{0,1\}vit_.*/\1/p' "${CONFIG[$task]}")
-    echo "${family}vit_${MODEL}_patch${patch}"
+    echo "${family}vit_${arch}_patch${patch}"
 }
 
 command_of() {  # sets args (the entry script's arguments) and cmd (how to launch it) for one task

@@ -27,7 +27,7 @@ def test_seed_command_parses():
 
 def test_yaml_sets_defaults_and_cli_wins(tmp_path):
     cfg = tmp_path / "r.yaml"
-    cfg.write_text("epochs: 7\nblr: 0.001\nnorm_pix_loss: true\nmodel: mae_vit_tiny_patch16\n")
+    cfg.write_text("epochs: 7\nwarmup_epochs: 1\nblr: 0.001\nnorm_pix_loss: true\nmodel: mae_vit_tiny_patch16\n")
     args = parse_args(main_pretrain.build_parser(), ["--config", str(cfg), "--epochs", "3"])
     assert args.epochs == 3 and args.blr == 1e-3 and args.norm_pix_loss is True
     assert args.model == "mae_vit_tiny_patch16" and args.batch_size == 64  # untouched default

@@ -22,7 +22,7 @@ from util.args import parse_args
 from util.checkpoint import load_checkpoint
 from util.data.transforms import MEAN, STD, finetune_transform
 from util.metrics import mean_and_std
-from util.vis import confusion_colours, save_confusion_png
+from util.vis import confusion_colours, confusion_layout, save_confusion_png
 
 ROOT = Path(__file__).resolve().parent.parent
 # the flags issue 4 promises (MAE main_finetune.py names plus data sets, folds, FreezeOut)
@@ -143,7 +143,8 @@ def test_confusion_png_colours_rows_by_share(tmp_path):
     path = save_confusion_png(tmp_path / "cm.png", confusion, ["a", "b", "c"])
     with Image.open(path) as png:
         pixels = np.asarray(png.convert("RGB"))
-    cell, left, top = 48, 8 + 6, 24  # 48 px cells for 3 classes, 1-character names
+    cell, left, top = confusion_layout(["a", "b", "c"])  # 48 px cells for 3 classes; names left of and above
+    assert cell == 48 and left > 8 and top > 24
     assert tuple(pixels[top + cell + 1, left + 2 * cell + cell - 2]) == (8, 48, 107)  # row b, column c: all of b
     assert tuple(pixels[top + 2 * cell + 1, left + cell - 2]) == (255, 255, 255)  # empty row
     with pytest.raises(ValueError, match="class names"):

@@ -63,10 +63,18 @@ def test_pretrain_dry_run_maps_arguments(run_sh, job):
     assert resolved["input_size"] == 64  # from the recipe
 
 
-def test_checkpoint_goes_to_finetune_for_transfer_tasks(run_sh, job):
-    res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", "/some/ckpt.pth", "--dry_run")
+def test_checkpoint_goes_to_finetune_for_transfer_tasks(run_sh, job, tmp_path):
+    (tmp_path / "ckpt.pth").write_bytes(b"")  # --dry_run checks that it exists
+    res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", str(tmp_path / "ckpt.pth"), f"data_path={tmp_path}",
+                 "--dry_run")
     assert res.returncode == 0, res.stderr
-    assert "--finetune /some/ckpt.pth" in res.stdout.splitlines()[0]
+    assert f"--finetune {tmp_path / 'ckpt.pth'}" in res.stdout.splitlines()[0]
+
+
+def test_a_missing_dataset_is_caught_before_anything_starts(job, tmp_path):
+    res = run_sh(job, "imagenet_finetune", "base", "8", f"data_path={tmp_path / 'imagenet'}")
+    assert res.returncode == 2 and f"--data_path {tmp_path / 'imagenet'} does not exist" in res.stderr
+    assert "usage:" not in res.stderr and not (ROOT / "output" / job).exists()
 
 
 def test_a_chain_is_checked_before_anything_starts(run_sh, checkout, job):
@@ -103,8 +111,8 @@ def test_record_sh_keeps_command_output_and_exit_status(tmp_path):
 
 
 @pytest.mark.parametrize("extra, env", [(["launcher=slurm", "--partition", "p"], {}), ([], {"NNODES": "2"})])
-def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env):
-    res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--dry_run", env=env)
+def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env, tmp_path):
+    res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--data_path", str(tmp_path), "--dry_run", env=env)
     assert res.returncode == 0, res.stderr
     command = res.stdout.splitlines()[0]
     assert command.startswith("[run.sh] python main_finetune.py") and "torchrun" not in command

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import yaml
+
+from util.distributed import env_rank_and_world
+from util.runtime import available_cores  # loader workers beyond the cores only compete
+
+
+def _first_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain single process: parse-time notes are said once, not once per rank."""
+    return (env_rank_and_world() or (0, 1))[0] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------- types
@@ -96,9 +106,11 @@ def add_mim_args(parser: argparse.ArgumentParser) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data_path", default="demo", type=str,
-                       help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo'")
-    group.add_argument("--num_workers", default=4, type=non_negative_int)
+    group.add_argument("--data_path", default=None, type=str,
+                       help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo' "
+                            "(synthetic shapes); required")
+    group.add_argument("--num_workers", default=min(4, available_cores()), type=non_negative_int,
+                       help="data loader processes (default: 4, at most the cores)")
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.add_argument("--strict_data", action="store_true", help="a corrupt image is fatal instead of skipped")
@@ -167,6 +179,9 @@ def add_dist_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by torch.distributed.launch")
     group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--threads", default=None, type=positive_int,
+                       help="intra-op CPU threads per process (default: chosen from the model size, cores and "
+                            "loader workers, or OMP_NUM_THREADS; logged at start)")
 
 
 def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None:
@@ -250,18 +265,217 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     return resolved
 
 
+# FreezeOut's own flags: giving any of them (command line or recipe) turns FreezeOut on. The seeds' ViTFreeze
+# commands pass --how_scale/--t_0 and never --freezeout (the reference code freezes whenever it runs).
+FREEZEOUT_FLAGS = ("how_scale", "t_0", "all_stages", "dont_freeze_pe", "not_scale_lr", "non_layerwise_lr")
+
+# DeiT's flags (MoCo v3's transfer seed runs DeiT's main.py) that have no counterpart here: one line says what to
+# use instead. Hyphenated spellings of our own flags (--batch-size, --data-set, --drop-path, ...) need no entry.
+FOREIGN_FLAGS = {
+    "--model_ema": "no EMA of the weights here; drop the flag",
+    "--model_ema_decay": "no EMA of the weights here; drop the flag",
+    "--model_ema_force_cpu": "no EMA of the weights here; drop the flag",
+    "--repeated_aug": "repeated augmentation is not implemented; drop the flag (--no-repeated-aug is the behaviour)",
+    "--opt": "the optimizer is fixed (AdamW for fine-tuning, LARS for the linear probe); drop the flag",
+    "--opt_eps": "the optimizer is fixed (AdamW, eps 1e-8); drop the flag",
+    "--opt_betas": "the optimizer is fixed (AdamW betas 0.9, 0.999 for fine-tuning); drop the flag",
+    "--momentum": "the optimizer is fixed (AdamW); drop the flag",
+    "--sched": "the schedule is fixed: linear warmup (--warmup_epochs) then cosine to --min_lr",
+    "--lr_noise": "the schedule is fixed: linear warmup then cosine; drop the flag",
+    "--warmup_lr": "warmup starts at 0 (MAE's rule); drop the flag",
+    "--decay_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--cooldown_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--patience_epochs": "the schedule is cosine over --epochs; drop the flag",
+    "--decay_rate": "the schedule is cosine over --epochs; drop the flag",
+    "--train_interpolation": "training crops use bicubic interpolation (timm's default); drop the flag",
+    "--resplit": "RandomErasing splitting is not supported; drop the flag",
+    "--drop": "no dropout besides --drop_path; drop the flag",
+    "--teacher_model": "no distillation here; drop the flag",
+    "--teacher_path": "no distillation here; drop the flag",
+    "--distillation_type": "no distillation here; drop the flag",
+    "--distillation_alpha": "no distillation here; drop the flag",
+    "--distillation_tau": "no distillation here; drop the flag",
+    "--inat_category": "iNaturalist uses the species labels; choose --data_set inat18 or inat19",
+}
+# DeiT flags whose behaviour is already ours, accepted and dropped: (values the flag takes, what is said, if anything)
+IGNORED_FLAGS = {"--no_repeated_aug": (0, ""), "--no_model_ema": (0, ""),
+                 "--eval_freq": (1, "evaluation runs after every epoch here (MoCo's --eval-freq only saved time)")}
+
+
+def _flag_of(token: str) -> str | None:
+    """``--name`` of a long option token (``--name=value`` too), else None."""
+    return token.split("=", 1)[0] if token.startswith("--") and len(token) > 2 else None
+
+
+def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` in this parser's spelling: hyphenated flags (DeiT's ``--batch-size``, ``--data-set``) become ours
+    (``--batch_size``), DeiT's no-op flags are dropped, and an option of no meaning here, or an unknown one, stops
+    with one line that names it and says what to use instead (or the nearest flags).
+
+    Raises:
+        SystemExit: through ``parser.error`` (exit status 2), for a foreign or unknown flag.
+    """
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    out: list[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token, flag = tokens[i], _flag_of(tokens[i])
+        i += 1
+        if flag is None or flag in options:
+            out.append(token)
+            continue
+        spelled = "--" + flag[2:].replace("-", "_")
+        if spelled in options:
+            out.append(spelled + token[len(flag):])
+        elif spelled in IGNORED_FLAGS:
+            takes, note = IGNORED_FLAGS[spelled]
+            i += takes if "=" not in token else 0
+            if note and _first_process():
+                logging.getLogger("vitfreeze").warning("%s ignored: %s", flag, note)
+        elif spelled in FOREIGN_FLAGS:
+            parser.error(f"{flag} has no meaning here: {FOREIGN_FLAGS[spelled]}")
+        else:
+            names = sorted(o for o in options if o.startswith("--"))
+            close = difflib.get_close_matches(spelled, names, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else " (--help lists the flags)"
+            parser.error(f"unrecognized argument {flag}{hint}")
+    if "--blr" in options and any(_flag_of(t) in DEIT_SPELLINGS for t in tokens):
+        out = _deit_lr(out)
+    return out
+
+
+# Spellings only DeiT's main.py uses: a command with one of them is a DeiT command (MoCo v3's transfer seed).
+DEIT_SPELLINGS = {"--batch-size", "--weight-decay", "--warmup-epochs", "--data-set", "--data-path", "--drop-path",
+                  "--eval-freq", "--no-repeated-aug", "--min-lr", "--input-size", "--clip-grad", "--no-pin-mem"}
+
+
+def _deit_lr(argv: list[str]) -> list[str]:
+    """DeiT scales ``--lr`` by the total batch / 512; here ``--lr`` is the actual lr and ``--blr`` is scaled by
+    batch / 256, so DeiT's ``--lr X`` is ``--blr X/2`` (MoCo v3: 3e-4 x 1024 / 512 = 6e-4 = 1.5e-4 x 1024 / 256)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = _flag_of(argv[i])
+        if flag == "--lr":
+            inline = "=" in argv[i]
+            text = argv[i].split("=", 1)[1] if inline else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                blr = f"{float(text) / 2:g}"
+            except ValueError:  # let the parser report the bad value
+                out.append(argv[i])
+                i += 1
+                continue
+            if _first_process():
+                logging.getLogger("vitfreeze").warning(
+                    "DeiT-style command: DeiT's --lr %s (scaled by total batch / 512) is --blr %s here", text, blr)
+            out += ["--blr", blr]
+            i += 1 if inline else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options that ``argv`` (already normalised) gives explicitly."""
+    by_flag = {opt: action.dest for action in parser._actions for opt in action.option_strings}
+    return {by_flag[flag] for token in argv if (flag := _flag_of(token)) in by_flag}
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: ``--config`` sets defaults, the command line overrides them.
 
-    Errors in the recipe are reported like command-line errors (usage + message, exit status 2).
+    Flags are first brought to this parser's spelling (:func:`normalize_argv`). Errors in the recipe are reported
+    like command-line errors (usage + message, exit status 2). Any FreezeOut flag given explicitly (on the command
+    line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
     """
+    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
+    recipe: dict[str, Any] = {}
     if pre.config:
         try:
-            parser.set_defaults(**load_config(pre.config, parser))
+            recipe = load_config(pre.config, parser)
         except (FileNotFoundError, ValueError) as err:
             parser.error(str(err))
-    return parser.parse_args(argv)
+        parser.set_defaults(**recipe)
+    args = parser.parse_args(argv)
+    given = explicit_dests(parser, argv)
+    if hasattr(args, "freezeout"):
+        imply_freezeout(args, parser, given, recipe)
+    check_schedule(args, parser, given, recipe)
+    return args
+
+
+def _origin(dest: str, given: set[str], recipe: dict[str, Any]) -> str:
+    return "" if dest in given else " (from the recipe)" if dest in recipe else " (the default)"
+
+
+def check_schedule(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str],
+                   recipe: dict[str, Any]) -> None:
+    """The warmup must fit in the run: ``--warmup_epochs`` at most ``--epochs``, said in the flags' words."""
+    if not hasattr(args, "warmup_epochs") or args.warmup_epochs <= args.epochs:
+        return
+    parser.error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger than "
+                 f"--epochs {args.epochs}{_origin('epochs', given, recipe)}: the lr would still be warming up when "
+                 f"the run ends; pass --warmup_epochs {args.epochs} or less (0: no warmup)")
+
+
+# data sets whose files torchvision can fetch (``--download``); 'demo' is generated in memory
+_DOWNLOADABLE = ("cifar10", "cifar100", "flowers", "pets")
+DEMO_RECIPE = "configs/pretrain/demo.yaml"
+
+
+def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_files: bool = True) -> list[str]:
+    """What would stop the run, found before anything starts: no data given, and (``check_files``) a data path,
+    split file or checkpoint that does not exist, or a model name that is not registered (``models``).
+
+    Returns:
+        One message per problem, in the flags' words (empty: nothing found).
+    """
+    problems = []
+    data_set = getattr(args, "data_set", None)
+    needs_data = hasattr(args, "data_path") and data_set != "demo" and not getattr(args, "load_features", "")
+    if needs_data and not args.data_path:
+        problems.append(f"no training data: pass --data_path DIR (an ImageFolder root or a folder of images) or "
+                        f"--data_path demo (synthetic shapes); to try everything end to end: "
+                        f"python main_pretrain.py --config {DEMO_RECIPE}" if data_set is None else
+                        f"--data_path is required for --data_set {data_set} (or use --data_set demo)")
+    if not check_files:
+        return problems
+    if models and args.model not in models:
+        close = difflib.get_close_matches(args.model, list(models), n=3, cutoff=0.5)
+        problems.append(f"--model {args.model} is not a registered model of this script"
+                        f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; choose one of "
+                        f"{', '.join(models)}")
+    downloading = data_set in _DOWNLOADABLE and getattr(args, "download", False)
+    if getattr(args, "data_path", "") not in ("", "demo", None) and data_set != "demo" and not downloading \
+            and not Path(args.data_path).expanduser().exists():
+        problems.append(f"--data_path {args.data_path} does not exist")
+    split_file = getattr(args, "split_file", None)
+    if split_file and not Path(split_file).exists() and not (Path(args.data_path or ".") / split_file).exists():
+        problems.append(f"--split_file {split_file} does not exist (neither as given nor under --data_path)")
+    for flag in ("finetune", "resume", "load_features"):
+        path = getattr(args, flag, "")
+        if path and not Path(path).expanduser().exists():
+            problems.append(f"--{flag} {path} does not exist")
+    return problems
+
+
+def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, given: set[str],
+                    recipe: dict[str, Any]) -> None:
+    """Turn ``args.freezeout`` on when a FreezeOut flag was given explicitly on the command line or in the recipe.
+
+    A recipe that says ``freezeout: false`` next to FreezeOut keys contradicts itself: an error.
+    """
+    named = [f"--{d}" for d in FREEZEOUT_FLAGS if d in given or d in recipe]
+    if not named or args.freezeout:
+        return
+    if recipe.get("freezeout") is False and "freezeout" not in given:
+        parser.error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
+    args.freezeout = True
+    if _first_process():
+        logging.getLogger("vitfreeze").warning(
+            "FreezeOut on: %s given (any FreezeOut flag turns it on, as in the ViTFreeze commands)", ", ".join(named))
 
 
 def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
@@ -308,7 +522,8 @@ def add_labelled_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data_path", default="", type=str, help="dataset root")
     group.add_argument("--nb_classes", default=None, type=positive_int,
                        help="number of classes (default: from the dataset; an error if they differ)")
-    group.add_argument("--num_workers", default=10, type=non_negative_int)
+    group.add_argument("--num_workers", default=min(10, available_cores()), type=non_negative_int,
+                       help="data loader processes (default: 10, at most the cores)")
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.add_argument("--dist_eval", action="store_true",
@@ -325,9 +540,10 @@ def add_backbone_args(parser: argparse.ArgumentParser, *, weights_aliases: Seque
                        choices=["auto", "vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm"],
                        help="layout of --finetune (auto: detected from its keys)")
     group.add_argument("--global_pool", action="store_true", default=False,
-                       help="feature = mean of patch tokens -> fc_norm (default: cls token after the final norm)")
+                       help="feature = mean of patch tokens -> fc_norm (the default of fine-tuning, as MAE's)")
     group.add_argument("--cls_token", action="store_false", dest="global_pool",
-                       help="feature = cls token after the final norm (MAE's linear-probe default)")
+                       help="feature = cls token after the final norm (the default of the linear probe and k-NN, "
+                            "as MAE's probe)")
 
 
 def add_linprobe_args(parser: argparse.ArgumentParser) -> None:
@@ -369,6 +585,7 @@ def add_eval_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--output_dir", default="./output_dir", help="results, log.txt, args.yaml")
     group.add_argument("--overwrite", action="store_true",
                        help="write into an output_dir that holds a training run's checkpoints (its args.yaml too)")
+    group.add_argument("--log_dir", default=None, help="TensorBoard folder for the results (default: none)")
     group.add_argument("--seed", default=0, type=int, help="seed of the few-shot draws")
 
 
@@ -407,7 +624,8 @@ def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
     """Cross-validation folds from a CSV (medical protocols, SPEC 10.2), opt-in downloads, few-label training."""
     group = parser.add_argument_group("transfer data")
     group.add_argument("--split_file", default=None,
-                       help="CSV with columns file,label,fold (file relative to --data_path); needs --data_set folder")
+                       help="CSV with columns file,label,fold (file relative to --data_path), or HyperKvasir's "
+                            "official_splits/2_fold_split.csv as it is; needs --data_set folder")
     group.add_argument("--fold", default=None, type=int, nargs="+",
                        help="held-out fold(s) of --split_file, one run each (mean and std reported over several); "
                             "default: every fold in the file")

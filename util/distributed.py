@@ -7,7 +7,9 @@ NCCL on GPUs, gloo on CPU. Nothing else in the code base reads these environment
 """
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,8 +92,15 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.distributed:
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    # buffers (fixed sin-cos tables) never change, so there is nothing to broadcast every step
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    # buffers (fixed sin-cos tables) never change, so there is nothing to sync every step; torch >= 2.10 renames
+    # broadcast_buffers (a FutureWarning per rank) to forward_sync_buffers
+    params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+    # LocalMIM's 1x1-conv heads get weight gradients [C_out, C_in, 1, 1] whose size-1 dims carry other strides
+    # than the bucket view's: the same layout in memory, so the copy DDP makes anyway is all it costs; the warning
+    # (once per rank) says nothing a user can act on
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **no_sync)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from util.args import dump_args, parse_args, positive_int, resolve_accum_iter
+from util.args import dump_args, parse_args, positive_int, resolve_accum_iter, run_problems
 from util.distributed import env_rank_and_world
 
 logger = logging.getLogger("vitfreeze")
@@ -213,10 +213,12 @@ def submit(module: str, argv: Sequence[str], args: argparse.Namespace) -> Any:
     return job
 
 
-def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-                      module: str) -> tuple[argparse.Namespace, dict | None]:
+def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, module: str, *,
+                      models: Sequence[str] = ()) -> tuple[argparse.Namespace, dict | None]:
     """The start of every entry script: parse (recipe + command line), check the launch options, then either
     handle the run here (``--dry_run`` prints the resolved configuration; ``--launcher`` submits a job) or not.
+    ``--dry_run`` also checks that the data, split file and checkpoints exist and that ``--model`` is one of
+    ``models`` (``util.args.run_problems``), and prints on rank 0 only.
 
     Returns:
         ``(args, result)``: ``result`` is what ``main`` should return at once ({} after a dry run, the job id
@@ -232,8 +234,12 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
             resolve_accum_iter(args, world)
         except ValueError as err:
             parser.error(str(err))
+    problems = run_problems(args, models=models, check_files=args.dry_run)
+    if problems:
+        parser.error("; ".join(problems))
     if args.dry_run:
-        print(dump_args(args), end="")
+        if (env_rank_and_world() or (0, 1))[0] == 0:  # once per job, not once per rank
+            print(dump_args(args), end="")
         return args, {}
     if args.launcher != "none":
         try:

@@ -7,9 +7,12 @@ One row per image: original | masked input (removed patches grey) | then two til
   unbiased variance (+1e-6), as MAE's demo does.
 - HOG stage (LocalMIM, Wang et al. 2023; [B, h*w, 3*nbins]): target map | prediction map, where a cell's value
   is the largest bin of its per-channel histogram averaged over the colour channels (the histograms are
-  L2-normalized per cell, so this measures how dominant one orientation is), shown grey, nearest-upscaled.
+  L2-normalized per cell, so this measures how dominant one orientation is), shown grey, nearest-upscaled,
+  each map stretched to black..white over its own range.
 
-Tiles are separated by 2 px white gaps; files are written atomically (``util.checkpoint.atomic_write``).
+Each column is labelled on top (original, masked input, then per stage "HOG target" / "HOG pred" or
+"recon+visible" / "recon" with the stage's scale; short forms when the tiles are narrow). Tiles are separated by
+2 px white gaps; files are written atomically (``util.checkpoint.atomic_write``).
 
 Also: the FreezeOut lr schedule (``save_schedule_png``) and a classifier's confusion matrix (``save_confusion_png``).
 """
@@ -24,9 +27,10 @@ import torch
 from util.checkpoint import atomic_write
 from util.data.transforms import denormalize
 
-__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
+__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "confusion_layout"]
 
 GAP = 2  # pixels between tiles
+HEADER = 24  # rows above the tiles for the column labels (two lines of PIL's default font)
 
 
 def _patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -76,16 +80,21 @@ def _pixel_tiles(imgs: torch.Tensor, shown: torch.Tensor, pred: torch.Tensor, re
 
 
 def _hog_tiles(pred: torch.Tensor, target: torch.Tensor, height: int, width: int) -> list[torch.Tensor]:
-    """Target and prediction maps [B, 3, H, W] in [0, 1], both mapped by the target map's per-image min..max."""
+    """Target and prediction maps [B, 3, H, W] in [0, 1], each contrast-stretched by its own per-image min..max.
+
+    The prediction gets its own range, as the target does: early in training its values are a small fraction of
+    the target's, and on the target's scale it would show as a black tile. A constant map is drawn black.
+    """
     groups = 3 if pred.shape[2] % 3 == 0 else 1
 
     def cell_map(x: torch.Tensor) -> torch.Tensor:  # [B, N, C] -> [B, N]
         return x.reshape(x.shape[0], x.shape[1], groups, -1).amax(dim=-1).mean(dim=-1)
 
-    t_map, p_map = cell_map(target), cell_map(pred)
-    low, high = t_map.amin(dim=1, keepdim=True), t_map.amax(dim=1, keepdim=True)
-    span = (high - low).clamp_min(1e-6)  # contrast stretch: the target's range maps to black..white
-    return [_grid_mask(((m - low) / span).clamp(0, 1), height, width).expand(-1, 3, -1, -1) for m in (t_map, p_map)]
+    def stretch(m: torch.Tensor) -> torch.Tensor:  # the map's range -> black..white
+        low, high = m.amin(dim=1, keepdim=True), m.amax(dim=1, keepdim=True)
+        return ((m - low) / (high - low).clamp_min(1e-6)).clamp(0, 1)
+
+    return [_grid_mask(stretch(cell_map(x)), height, width).expand(-1, 3, -1, -1) for x in (target, pred)]
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +128,7 @@ def save_reconstruction_png(path: str | Path, imgs: torch.Tensor, out: dict[str,
     original = denormalize(imgs)
     masked = original * (1 - removed) + 0.5 * removed
     columns = [original, masked]
+    labels = [(("original", "orig"), ("", "")), (("masked", "mask"), ("input", "in"))]
     if target not in (None, "pixel", "hog"):
         raise ValueError(f"target must be 'pixel', 'hog' or None, got {target!r}")
     for pred, tgt, scale in zip(out["preds"], out["targets"], out["scales"]):
@@ -126,23 +136,38 @@ def save_reconstruction_png(path: str | Path, imgs: torch.Tensor, out: dict[str,
         region = None if target == "hog" else _pixel_region(pred, scale, patch_size, height, width)
         if target == "pixel" and region is None:
             raise ValueError(f"stage of shape {tuple(pred.shape)} at scale {scale} is not a pixel target")
+        where = (f"scale {scale:g}", f"x{scale:g}")
         if region is not None:
             columns += _pixel_tiles(imgs, original, pred, removed, region, norm_pix_loss)
+            labels += [(("recon+visible", "r+v"), where), (("recon", "rec"), where)]
         else:
             columns += _hog_tiles(pred, tgt, height, width)
-    canvas = torch.full((n * (height + GAP) - GAP, len(columns) * (width + GAP) - GAP, 3), 255, dtype=torch.uint8)
+            labels += [(("HOG target", "tgt"), where), (("HOG pred", "pred"), where)]
+    canvas = torch.full((HEADER + n * (height + GAP) - GAP, len(columns) * (width + GAP) - GAP, 3), 255,
+                        dtype=torch.uint8)
     for col, tiles in enumerate(columns):
         for row in range(n):
-            y, x = row * (height + GAP), col * (width + GAP)
+            y, x = HEADER + row * (height + GAP), col * (width + GAP)
             canvas[y:y + height, x:x + width] = _to_uint8(tiles[row])
-    return _write_png(Path(path), canvas)
+    return _write_png(Path(path), canvas, [(col * (width + GAP), width, text) for col, text in enumerate(labels)])
 
 
-def _write_png(path: Path, canvas: torch.Tensor) -> Path:
-    """Save an [H, W, 3] uint8 tensor as PNG atomically."""
-    from PIL import Image  # lazy: pictures are optional at import time
+def _write_png(path: Path, canvas: torch.Tensor, labels: Sequence[tuple[int, int, Any]] = ()) -> Path:
+    """Save an [H, W, 3] uint8 tensor as PNG atomically, with two-line column labels in its top ``HEADER`` rows.
 
-    return atomic_write(path, lambda tmp: Image.fromarray(canvas.numpy()).save(tmp, format="PNG"))
+    ``labels``: (x, width, ((long, short), (long, short))) per column; the long text when it fits the width.
+    """
+    from PIL import Image, ImageDraw  # lazy: pictures are optional at import time
+
+    image = Image.fromarray(canvas.numpy())
+    draw = ImageDraw.Draw(image)
+    for x, width, lines in labels:
+        for k, (long, short) in enumerate(lines):
+            text = long if draw.textlength(long) <= width else short
+            while text and draw.textlength(text) > width:  # narrow tiles: what fits of the short form
+                text = text[:-1]
+            draw.text((x + max(0, (width - draw.textlength(text)) // 2), 1 + 11 * k), text, fill="black")
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int = 1, width: int = 960,
@@ -173,11 +198,13 @@ def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int =
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # axes ticks: lr on the left, epochs below
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):  # lr ticks on the left
         _, y = xy(0, top_lr * frac)
         draw.text((4, y - 6), f"{top_lr * frac:.2e}", fill="black")
-        x, _ = xy(total * frac, 0)
-        draw.text((x - 12, top + plot_h + 6), f"{total * frac / steps_per_epoch:.0f}", fill="black")
+    for epoch in epoch_ticks(total / steps_per_epoch):  # whole epochs below, each once
+        x, _ = xy(epoch * steps_per_epoch, 0)
+        draw.line([(x, top + plot_h), (x, top + plot_h + 4)], fill="black")
+        draw.text((x - 3 * len(str(epoch)), top + plot_h + 6), str(epoch), fill="black")
     draw.text((left + plot_w // 2 - 20, height - 20), "epoch", fill="black")
     draw.text((left, 8), "FreezeOut: lr of every unit; dot = freeze point", fill="black")
     glob = [xy(s, schedule.lr(None, s)) for s in steps]
@@ -199,6 +226,14 @@ def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int =
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def epoch_ticks(epochs: float, max_ticks: int = 11) -> list[int]:
+    """Whole-epoch tick positions from 0 to ``epochs``: every epoch when they are few, else every 2, 5, 10, 20,
+    50, ... epochs, at most ``max_ticks`` of them, no value twice (a 3-epoch run reads 0 1 2 3)."""
+    last = int(math.floor(epochs + 1e-9))
+    step = next(s for s in (m * 10 ** e for e in range(12) for m in (1, 2, 5)) if last // s + 1 <= max_ticks)
+    return list(range(0, last + 1, step))
+
+
 def confusion_colours(confusion: torch.Tensor) -> torch.Tensor:
     """Cell colours of a confusion matrix: row-normalised counts from white (0) to dark blue (1).
 
@@ -214,13 +249,28 @@ def confusion_colours(confusion: torch.Tensor) -> torch.Tensor:
     return (white + (blue - white) * frac.unsqueeze(-1)).round().to(torch.uint8)
 
 
+def confusion_layout(names: Sequence[str], *, max_side: int = 1200) -> tuple[int, int, int]:
+    """(cell size, left, top) in pixels of the grid of ``save_confusion_png``: row names, whole, fill ``left``;
+    column names, read bottom-up, fill the band between the 24 px title and ``top``. Names are drawn only in
+    cells of 10 px or more (PIL's default font is 11 px high); otherwise ``left`` is 0 and ``top`` 24."""
+    from PIL import Image, ImageDraw
+
+    cell = max(1, min(48, max_side // max(len(names), 1)))
+    if cell < 10:
+        return cell, 0, 24
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength  # PIL's default font may be proportional
+    name_w = int(max(measure(name) for name in names)) + 8
+    return cell, name_w, 24 + name_w
+
+
 def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: Sequence[str] | None = None, *,
                        max_side: int = 1200) -> Path:
     """Draw a confusion matrix as a heat map PNG (PIL only).
 
     Rows are true classes, columns predicted ones; a cell's colour is its share of the row (recall on the
-    diagonal, see :func:`confusion_colours`). Counts are written into the cells and class names on the left
-    when the cells are large enough to hold them; 1000 ImageNet classes give a 1000 x 1000 pixel map.
+    diagonal, see :func:`confusion_colours`). Class names, whole, label the rows (left) and the columns (above,
+    read bottom-up) when the cells are at least 10 px; counts are written into cells of 24 px or more. 1000
+    ImageNet classes give a 1000 x 1000 pixel map without labels.
 
     Args:
         path: PNG to write.
@@ -239,19 +289,23 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
     names = [str(c) for c in (class_names if class_names is not None else range(n))]
     if len(names) != n:
         raise ValueError(f"{len(names)} class names for a {n}-class confusion matrix")
-    cell = max(1, min(48, max_side // max(n, 1)))
-    left = 8 + 6 * min(24, max(len(name) for name in names)) if cell >= 10 else 0
-    top = 24
+    cell, left, top = confusion_layout(names, max_side=max_side)
+    labelled, name_w = left > 0, left
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    title = "rows: true class, columns: predicted class (colour: share of the row; diagonal = recall)"
     colours = confusion_colours(confusion.cpu())
     grid = colours.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-    title = "rows: true class, columns: predicted (colour: share of the row)"
-    image = Image.new("RGB", (max(left + n * cell + 1, 6 * len(title) + 8), top + n * cell + 1), "white")
+    image = Image.new("RGB", (max(left + n * cell + 1, int(measure(title)) + 8), top + n * cell + 1), "white")
     image.paste(Image.fromarray(grid.numpy()), (left, top))
     draw = ImageDraw.Draw(image)
     draw.text((4, 6), title, fill="black")
-    if cell >= 10:
+    if labelled:
+        header = Image.new("RGB", (name_w, n * cell), "white")  # drawn sideways, then turned upright
+        header_draw = ImageDraw.Draw(header)
         for i, name in enumerate(names):
-            draw.text((4, top + i * cell + (cell - 10) // 2), name[:24], fill="black")
+            draw.text((4, top + i * cell + (cell - 10) // 2), name, fill="black")
+            header_draw.text((4, i * cell + (cell - 10) // 2), name, fill="black")  # starts next to the grid
+        image.paste(header.transpose(Image.Transpose.ROTATE_90), (left, 24))
     if cell >= 24:  # counts fit: up to 4 digits in a 24 px cell with PIL's default 6 px font
         cm = confusion.cpu()
         for t in range(n):

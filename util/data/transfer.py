@@ -11,7 +11,8 @@ Splits follow the recipes we reproduce (SPEC 10):
   official JSON annotations (``images[].file_name`` relative to the root, ``annotations[].category_id``), as in
   DeiT's ``INatDataset`` (github.com/facebookresearch/deit ``datasets.py``) used by dBOT; ``'test'`` means
   ``val`` (the test labels were never released).
-- Medical k-fold protocols (HyperKvasir 2-fold, GastroVision; SPEC 10.2): a CSV with columns ``file,label,fold``.
+- Medical k-fold protocols (HyperKvasir 2-fold, GastroVision; SPEC 10.2): a CSV with columns ``file,label,fold``,
+  or HyperKvasir's own ``official_splits/2_fold_split.csv`` as it is (``file-name;class-name;split-index``).
 
 File-list datasets are ``util.data.folder.ImageFileDataset`` (RGB conversion, corrupt files reported and skipped).
 Every missing annotation file or folder raises ``FileNotFoundError`` naming it; an empty split raises ValueError.
@@ -90,7 +91,10 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
         dataset = build(root, split, transform, download=download, year=2018 if name == "inat18" else 2019)
     if len(dataset) == 0:
         raise ValueError(f"dataset {name!r} split {split!r} under {root!r} is empty")
-    logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset), root)
+    if name not in ("folder", "imagenet") or split_file is not None:  # build_folder_dataset logged the folder's
+        where = "generated in memory" if name == "demo" else root
+        logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset),
+                    where)
     return dataset
 
 
@@ -314,23 +318,66 @@ def csv_folds(root: str, split_file: str) -> list[int]:
     return sorted(set(_read_split_file(root, split_file)[2]))
 
 
+# HyperKvasir's official split (github.com/simula/hyper-kvasir ``official_splits/2_fold_split.csv``) is read as it
+# is: ';'-separated, header ``file-name;class-name;split-index``, file names without their folder.
+SPLIT_COLUMNS = {"file-name": "file", "class-name": "label", "split-index": "fold"}
+
+
 def _read_split_file(root: str, split_file: str) -> tuple[Path, list[dict[str, str]], list[int]]:
-    """(resolved path, rows, fold of each row) of a ``file,label,fold`` CSV; relative paths may be under root."""
+    """(resolved path, rows, fold of each row) of a split CSV; relative paths may be under root.
+
+    Two formats: the project's ``file,label,fold`` (comma-separated) and HyperKvasir's official
+    ``file-name;class-name;split-index`` (semicolon-separated); rows come back with the keys file, label, fold.
+    """
     path = Path(split_file)
     if not path.exists() and (Path(root) / split_file).exists():
         path = Path(root) / split_file
     _require(path, "split file")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"file", "label", "fold"} - set(reader.fieldnames or [])
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        header = handle.readline()
+        handle.seek(0)
+        delimiter = ";" if header.count(";") > header.count(",") else ","
+        reader = csv.DictReader(handle, delimiter=delimiter)
+        fields = [SPLIT_COLUMNS.get(name.strip().lower(), name.strip()) for name in reader.fieldnames or []]
+        missing = {"file", "label", "fold"} - set(fields)
         if missing:
-            raise ValueError(f"split file {path} lacks column(s) {sorted(missing)}; header: {reader.fieldnames}")
-        rows = list(reader)
+            raise ValueError(f"split file {path} lacks column(s) {sorted(missing)}; header: {reader.fieldnames} "
+                             "(expected file,label,fold or HyperKvasir's file-name;class-name;split-index)")
+        reader.fieldnames = fields
+        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     try:
         folds = [int(row["fold"]) for row in rows]
     except ValueError as err:
         raise ValueError(f"split file {path}: fold values must be integers ({err})") from err
     return path, rows, folds
+
+
+def _locate(root: str, rows: list[dict[str, str]], path: Path) -> list[str]:
+    """File of each row: ``root/file`` when it exists, else found by name under ``root`` (HyperKvasir's split names
+    bare files that sit in ``<gi-tract>/<category>/<class>/``; a name found twice is taken from its class folder).
+
+    Raises:
+        FileNotFoundError: some files are nowhere under ``root`` (the message counts them and names a few).
+    """
+    direct = [os.path.join(root, row["file"]) for row in rows]
+    if all(os.path.exists(f) for f in direct):
+        return direct
+    found: dict[str, list[str]] = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            found.setdefault(name, []).append(os.path.join(folder, name))
+    out, lost = [], []
+    for row, first in zip(rows, direct):
+        candidates = [first] if os.path.exists(first) else found.get(os.path.basename(row["file"]), [])
+        if len(candidates) > 1:
+            candidates = [c for c in candidates if Path(c).parent.name == row["label"]] or candidates
+        if not candidates:
+            lost.append(row["file"])
+        out.append(candidates[0] if candidates else "")
+    if lost:
+        raise FileNotFoundError(f"{len(lost)} of {len(rows)} files of split file {path} are not under {root}: "
+                                f"{', '.join(lost[:3])}{' ...' if len(lost) > 3 else ''}")
+    return out
 
 
 def _csv_folds(root: str, split: str, transform: Callable | None, split_file: str,
@@ -343,5 +390,6 @@ def _csv_folds(root: str, split: str, transform: Callable | None, split_file: st
     classes = sorted({row["label"] for row in rows})  # over all rows, so every fold uses the same labels
     index = {name: i for i, name in enumerate(classes)}
     keep = (lambda f: f != fold) if split == "train" else (lambda f: f == fold)
-    samples = [(os.path.join(root, row["file"]), index[row["label"]]) for row, f in zip(rows, folds) if keep(f)]
+    files = _locate(root, rows, path)
+    samples = [(file, index[row["label"]]) for file, row, f in zip(files, rows, folds) if keep(f)]
     return ImageFileDataset(samples, classes, transform)

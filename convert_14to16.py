@@ -1,0 +1,7 @@
+"""ViT-Adapter's ``convert_14to16.py`` (seed 002) from the repository root: runs ``tools/convert_14to16.py``."""
+import sys
+
+from tools.convert_14to16 import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""MoCo v3's ``convert_to_deit.py`` (seed 001) from the repository root: runs ``tools/convert_to_deit.py``."""
+import sys
+
+from tools.convert_to_deit import main
+
+if __name__ == "__main__":
+    sys.exit(main())
