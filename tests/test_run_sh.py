@@ -71,10 +71,10 @@ def test_checkpoint_goes_to_finetune_for_transfer_tasks(run_sh, job, tmp_path):
     assert f"--finetune {tmp_path / 'ckpt.pth'}" in res.stdout.splitlines()[0]
 
 
-def test_a_missing_dataset_is_caught_before_anything_starts(job, tmp_path):
+def test_a_missing_dataset_is_caught_before_anything_starts(run_sh, checkout, job, tmp_path):
     res = run_sh(job, "imagenet_finetune", "base", "8", f"data_path={tmp_path / 'imagenet'}")
     assert res.returncode == 2 and f"--data_path {tmp_path / 'imagenet'} does not exist" in res.stderr
-    assert "usage:" not in res.stderr and not (ROOT / "output" / job).exists()
+    assert "usage:" not in res.stderr and not (checkout / "output" / job).exists()
 
 
 def test_a_chain_is_checked_before_anything_starts(run_sh, checkout, job):
