@@ -130,7 +130,8 @@ def _box_head(channels: int, convs: int = 4, fc: int = 1024) -> FastRCNNConvFCHe
 
 def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size: int,
                    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), box_fc: int = 1024,
-                   detections_per_img: int = 100, score_thresh: float = 0.05) -> MaskRCNN:
+                   detections_per_img: int = 100, score_thresh: float = 0.05, rois_per_image: int = 512,
+                   proposals_per_image: int = 2000) -> MaskRCNN:
     """Mask R-CNN or Cascade Mask R-CNN (``kind`` in ``DETECTORS``) over ``backbone``.
 
     Args:
@@ -143,6 +144,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         box_fc: width of the box head's fully connected layer.
         detections_per_img: detections kept per image (COCO: 100).
         score_thresh: detections below this score are dropped.
+        rois_per_image: RoIs sampled per image and stage to train the box heads (mmdet / detectron2: 512).
+        proposals_per_image: RPN proposals kept after NMS in training (2000) and testing (1000 = half).
 
     Returns:
         torchvision's ``MaskRCNN``; in train mode ``model(images, targets)`` returns a loss dict, in eval mode a
@@ -160,6 +163,9 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                      rpn_head=RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=2),
                      box_roi_pool=box_pool, box_head=_box_head(c, fc=box_fc),
                      box_predictor=FastRCNNPredictor(box_fc, k), box_detections_per_img=detections_per_img,
+                     box_batch_size_per_image=rois_per_image, rpn_post_nms_top_n_train=proposals_per_image,
+                     rpn_pre_nms_top_n_train=proposals_per_image, rpn_post_nms_top_n_test=proposals_per_image // 2,
+                     rpn_pre_nms_top_n_test=proposals_per_image // 2,
                      box_score_thresh=score_thresh,
                      mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=0),
                      mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=_group_norm),
@@ -170,7 +176,7 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         for i, (iou, weights) in enumerate(zip(CASCADE_IOUS, CASCADE_WEIGHTS)):
             last = i == len(CASCADE_IOUS) - 1
             stages.append(RoIHeads(box_pool, _box_head(c, fc=box_fc), ClassAgnosticPredictor(box_fc, k),
-                                   fg_iou_thresh=iou, bg_iou_thresh=iou, batch_size_per_image=512,
+                                   fg_iou_thresh=iou, bg_iou_thresh=iou, batch_size_per_image=rois_per_image,
                                    positive_fraction=0.25, bbox_reg_weights=weights, score_thresh=score_thresh,
                                    nms_thresh=0.5, detections_per_img=detections_per_img,
                                    mask_roi_pool=heads.mask_roi_pool if last else None,
