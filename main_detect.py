@@ -123,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                 device=device, model=ddp, max_skipped_steps=args.max_skipped_steps,
                                 skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
                                 header=f"Epoch: [{epoch}]")
-        skipped = int(stats["skipped_steps"])
+        skipped, evaluated = int(stats["skipped_steps"]), {}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result = report(evaluate(), f"epoch {epoch}")
+            result = evaluated = report(evaluate(), f"epoch {epoch}")
             writer.log({f"val/{k}": v for k, v in result.items()}, int(stats["step"]))
             if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
                 save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             if (epoch + 1) % args.save_every == 0:
                 save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
         writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()},
-                          **{f"val_{k}": v for k, v in result.items()}, "epoch": epoch})
+                          **{f"val_{k}": v for k, v in evaluated.items()}, "epoch": epoch})
     writer.close()
     return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
 

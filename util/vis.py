@@ -281,7 +281,9 @@ def save_detection_png(path: str | Path, images: Sequence[torch.Tensor], outputs
         if "masks" in out and keep.any():
             tile = draw_segmentation_masks(tile, out["masks"][keep, 0] > 0.5, alpha=0.45)
         labels = [f"{class_names[int(k) - 1]} {float(s):.2f}" for k, s in zip(out["labels"][keep], out["scores"][keep])]
-        tiles.append(draw_bounding_boxes(tile, out["boxes"][keep], labels=labels, colors="yellow", width=2))
+        if keep.any():
+            tile = draw_bounding_boxes(tile, out["boxes"][keep], labels=labels, colors="yellow", width=2)
+        tiles.append(tile)
     height = max(t.shape[1] for t in tiles)
     canvas = torch.full((3, height, sum(t.shape[2] for t in tiles) + GAP * (len(tiles) - 1)), 255, dtype=torch.uint8)
     x = 0
