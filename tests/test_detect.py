@@ -287,3 +287,12 @@ def test_short_training_beats_the_untrained_model(tmp_path, monkeypatch):
     assert untrained["bbox_AP"] < 1 and untrained["segm_AP"] < 1
     assert trained["bbox_AP"] > untrained["bbox_AP"] + 4 and trained["segm_AP"] > untrained["segm_AP"] + 4
     assert trained["bbox_AP50"] > 10
+
+
+def test_cascade_through_the_entry_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(main_detect.Path(main_detect.__file__).parent)
+    out = tmp_path / "run"
+    result = main_detect.main(_argv(out, "--detector", "cascade_mask_rcnn"))
+    (line,) = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_loss_mask"} <= set(line)
+    assert 0 <= result["bbox_AP"] <= 100 and 0 <= result["segm_AP"] <= 100
