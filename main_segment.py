@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+import models
 from engine.evaluate import eval_shard
 from engine.segment import evaluate_segmentation, poly_lr, segment_step
 from engine.train import NonFiniteLossError, train_one_epoch
@@ -41,6 +42,7 @@ from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 
 logger = logging.getLogger("vitfreeze")
+TAPS = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}  # BEiT's / MAE's out_indices for ViT-B and ViT-L
 ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_base_patch16",
         "large": "vit_large_patch16", "huge": "vit_huge_patch14"}
 
@@ -70,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate after the epoch in which the step passes a multiple of this (0: every epoch)")
     g.add_argument("--layer_decay", default=0.65, type=positive_float)
     g.add_argument("--drop_path", default=0.1, type=closed_fraction)
-    g.add_argument("--out_channels", default=768, type=positive_int, help="pyramid channels")
-    g.add_argument("--channels", default=768, type=positive_int, help="UperNet channels")
+    g.add_argument("--out_channels", default=None, type=positive_int, help="pyramid channels (default: ViT width)")
+    g.add_argument("--channels", default=None, type=positive_int, help="UperNet channels (default: ViT width)")
     g.add_argument("--aux_channels", default=256, type=non_negative_int, help="auxiliary FCN channels (0: none)")
     g.add_argument("--aux_weight", default=0.4, type=float)
-    g.add_argument("--tap_blocks", default=[3, 5, 7, 11], type=int, nargs="*",
-                   help="blocks feeding the 4 levels (BEiT/MAE); empty: all from the last block (ViTDet)")
+    g.add_argument("--tap_blocks", default=None, type=int, nargs="*",
+                   help="blocks feeding the 4 levels (default: BEiT/MAE's 3 5 7 11 for depth 12, 7 11 15 23 for "
+                        "24, else evenly spaced); empty: all from the last block (ViTDet)")
     g.add_argument("--window_size", default=0, type=non_negative_int, help="window attention (0: global)")
     g.add_argument("--global_blocks", default=[], type=int, nargs="*")
     g.add_argument("--grad_checkpointing", action="store_true")
@@ -197,10 +200,13 @@ def model_name(name: str) -> str:
 
 def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSegmentor:
     """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
-    backbone = ViTFeaturePyramid(model_name(args.model), img_size=args.input_size, out_channels=args.out_channels,
+    name = model_name(args.model)
+    width, depth = _arch(name)
+    taps = args.tap_blocks if args.tap_blocks is not None else TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
+    backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels or width,
                                  drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
-                                 tap_blocks=tuple(args.tap_blocks) or None)
+                                 tap_blocks=tuple(taps) or None)
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
@@ -209,7 +215,15 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
         logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", finetune, source, unexpected or "none")
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")
-    return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels, aux_channels=args.aux_channels)
+    return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels or width,
+                            aux_channels=args.aux_channels)
+
+
+def _arch(name: str) -> tuple[int, int]:
+    """(embed_dim, depth) of a registered ViT, read from a meta-device instance (no memory, no init cost)."""
+    with torch.device("meta"):
+        vit = models.create_model(name, num_classes=0)
+    return vit.embed_dim, len(vit.blocks)
 
 
 def demo_data(output_dir: Path, size: int, info) -> str:

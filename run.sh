@@ -29,7 +29,8 @@ add inat_cls          main_finetune.py configs/finetune/dbot_inat18.yaml
 add inat19_cls        main_finetune.py configs/finetune/dbot_inat19.yaml
 add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
 add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
-UNSUPPORTED="cascade_coco_det ade20k_seg ade20kv_seg"
+add ade20k_seg        main_segment.py  configs/segment/upernet_vit_base_512_160k_ade20k.yaml
+UNSUPPORTED="cascade_coco_det ade20kv_seg"
 
 usage() {
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
