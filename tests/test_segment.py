@@ -254,3 +254,37 @@ def test_a_pretrained_checkpoint_loads_into_the_segmentor(tmp_path, one_thread):
     vit = model.backbone.vit
     for name in ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.11.mlp.fc2.bias", "pos_embed"):
         torch.testing.assert_close(vit.state_dict()[name], mim.state_dict()[name], msg=name)
+
+
+def _eval_loader(root, rank: int = 0, world: int = 1):
+    from engine.evaluate import eval_shard
+    val = ADE20KDataset(root, "val", SegEvalTransform(32), num_classes=5)
+    return torch.utils.data.DataLoader(eval_shard(val, rank=rank, world_size=world), batch_size=2,
+                                       collate_fn=collate_eval)
+
+
+def _seeded_segmentor():
+    torch.manual_seed(3)
+    return tiny_segmentor(classes=5).eval()
+
+
+def _ddp_eval_worker(rank, root, out_path):
+    from util.distributed import init_distributed
+    info = init_distributed(device="cpu")
+    metrics = evaluate_segmentation(_seeded_segmentor(), _eval_loader(root, info.rank, info.world_size),
+                                    device=info.device, num_classes=5, crop=32, stride=21)
+    torch.save({k: metrics[k] for k in ("confusion", "mIoU", "num_images")}, f"{out_path}.{rank}")
+
+
+def test_two_processes_evaluate_exactly_like_one(tmp_path):
+    """5 validation scenes over 2 gloo ranks (shards of 3 and 2): the all-reduced confusion matrix, hence mIoU,
+    equals the single-process one on every rank."""
+    from spawn_ranks import spawn
+    write_ade20k(tmp_path / "data", 1, 5, 40, seed=2)
+    spawn(_ddp_eval_worker, str(tmp_path / "data"), str(tmp_path / "out"))
+    single = evaluate_segmentation(_seeded_segmentor(), _eval_loader(tmp_path / "data"), device=torch.device("cpu"),
+                                   num_classes=5, crop=32, stride=21)
+    for rank in range(2):
+        run = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        assert torch.equal(run["confusion"], single["confusion"]) and run["num_images"] == 5
+        assert run["mIoU"] == single["mIoU"]
