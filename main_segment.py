@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate after the epoch in which the step passes a multiple of this (0: every epoch)")
     g.add_argument("--layer_decay", default=0.65, type=positive_float)
     g.add_argument("--drop_path", default=0.1, type=closed_fraction)
-    g.add_argument("--out_channels", default=None, type=positive_int, help="pyramid channels (default: ViT width)")
+    g.add_argument("--neck", default="beit", choices=["beit", "simple"],
+                   help="beit: BEiT/MAE's deconv/pool neck at the ViT width; simple: ViTDet's, + 1x1/3x3 convs")
+    g.add_argument("--out_channels", default=None, type=positive_int,
+                   help="pyramid channels of the simple neck (default 256)")
     g.add_argument("--channels", default=None, type=positive_int, help="UperNet channels (default: ViT width)")
     g.add_argument("--aux_channels", default=256, type=non_negative_int, help="auxiliary FCN channels (0: none)")
     g.add_argument("--aux_weight", default=0.4, type=float)
@@ -203,10 +206,10 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
     name = model_name(args.model)
     width, depth = _arch(name)
     taps = args.tap_blocks if args.tap_blocks is not None else TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
-    backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels or width,
+    backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels,
                                  drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
-                                 tap_blocks=tuple(taps) or None)
+                                 tap_blocks=tuple(taps) or None, neck=args.neck)
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})

@@ -127,8 +127,8 @@ def test_train_transform_keeps_image_and_label_aligned():
 # ---- model / inference -------------------------------------------------------------------------------------------
 
 def tiny_segmentor(classes: int = 3, size: int = 32) -> UperNetSegmentor:
-    return UperNetSegmentor(ViTFeaturePyramid("vit_tiny_patch16", img_size=size, out_channels=16, depth=2,
-                                              tap_blocks=(0, 0, 1, 1)), classes, channels=16, aux_channels=8)
+    return UperNetSegmentor(ViTFeaturePyramid("vit_tiny_patch16", img_size=size, depth=2, tap_blocks=(0, 0, 1, 1),
+                                              neck="beit"), classes, channels=16, aux_channels=8)
 
 
 def test_upernet_shapes_and_every_parameter_trains():
@@ -151,7 +151,7 @@ def test_layer_decay_groups_of_the_segmentor_cover_every_parameter_once():
     scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
     assert scale["backbone.vit.patch_embed.proj.weight"] == pytest.approx(0.65 ** 3)
     assert scale["backbone.vit.blocks.1.attn.qkv.weight"] == pytest.approx(0.65)
-    assert scale["decode_head.conv_seg.weight"] == scale["backbone.outputs.0.0.0.weight"] == 1.0
+    assert scale["decode_head.conv_seg.weight"] == scale["backbone.samplers.0.0.weight"] == 1.0
 
 
 def test_window_starts_follow_mmseg():
