@@ -205,7 +205,9 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
     """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
     name = model_name(args.model)
     width, depth = _arch(name)
-    taps = args.tap_blocks if args.tap_blocks is not None else TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
+    taps = args.tap_blocks
+    if taps is None:
+        taps = TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
     backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels,
                                  drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,

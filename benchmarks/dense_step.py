@@ -3,7 +3,8 @@
 One JSON line per task: images/s over the timed steps (after warm-up), seconds per step, peak memory (CUDA: max
 allocated, reset after warm-up; CPU: the process's max RSS, so every task runs in its own subprocess).
 Tasks: ``upernet`` (UperNet + auxiliary FCN on the ViT pyramid, the seed's ADE20K model: 150 classes, 768
-channels, BEiT neck, taps 3/5/7/11; batch >= 2 per process: the PPM's 1x1 BatchNorm needs it), ``classify`` (timm ViT fine-tuning step, 1000 classes, same layer-decay groups);
+channels, BEiT neck, taps 3/5/7/11; batch >= 2 per process: the PPM's 1x1 BatchNorm needs it), ``classify``
+(timm ViT fine-tuning step, 1000 classes, same layer-decay groups);
 ``all`` runs each in turn. Full size on a GPU: ``python benchmarks/dense_step.py --input_size 512 --batch_size 2``
 (the seed's 2 images per GPU); a small CPU check: ``--input_size 128 --batch_size 1 --steps 2 --warmup 1``.
 Timing discipline: warm-up steps excluded, ``cuda.synchronize()`` before each clock read on GPU.

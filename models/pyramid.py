@@ -97,7 +97,8 @@ class ViTFeaturePyramid(nn.Module):
     """
 
     def __init__(self, vit_name: str, *, img_size: int, out_channels: int | None = None,
-                 strides: Sequence[int] = (4, 8, 16, 32), extra_pool: bool = False, drop_path_rate: float = 0.1, window_size: int = 0,
+                 strides: Sequence[int] = (4, 8, 16, 32), extra_pool: bool = False, drop_path_rate: float = 0.1,
+                 window_size: int = 0,
                  global_blocks: Sequence[int] = (), grad_checkpointing: bool = False,
                  tap_blocks: Sequence[int] | None = None, neck: str = "simple", **vit_kwargs) -> None:
         super().__init__()
@@ -140,8 +141,9 @@ class ViTFeaturePyramid(nn.Module):
         for stride in strides:
             scale = self.patch_size // stride if stride <= self.patch_size else -1
             if scale == 4:
-                sampler, width = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                                               nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+                sampler = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
+                                        nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+                width = dim // 4
             elif scale == 2:
                 sampler, width = nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
             elif scale == 1:
@@ -154,8 +156,8 @@ class ViTFeaturePyramid(nn.Module):
             elif neck == "beit" and scale == 2:
                 sampler = nn.ConvTranspose2d(dim, dim, 2, 2)
             self.samplers.append(sampler)
-            self.outputs.append(nn.Identity() if neck == "beit" else
-                                nn.Sequential(_conv_ln(width, out_channels, 1), _conv_ln(out_channels, out_channels, 3)))
+            self.outputs.append(nn.Identity() if neck == "beit" else nn.Sequential(
+                _conv_ln(width, out_channels, 1), _conv_ln(out_channels, out_channels, 3)))
 
     @property
     def num_prefix_tokens(self) -> int:

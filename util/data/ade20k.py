@@ -165,8 +165,8 @@ class ADE20KDataset(Dataset):
         image_dir, label_dir = root / "images" / _SPLITS[split], root / "annotations" / _SPLITS[split]
         for folder in (image_dir, label_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{folder} is missing: expected the ADE20K layout <root>/images/"
-                                        "{training,validation}/*.jpg and <root>/annotations/{training,validation}/*.png")
+                raise FileNotFoundError(f"{folder} is missing: expected the ADE20K layout <root>/images/{{training,"
+                                        "validation}/*.jpg and <root>/annotations/{training,validation}/*.png")
         images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
         labels = {p.stem: p for p in label_dir.iterdir() if p.suffix.lower() == ".png"}
         if not images:
@@ -198,9 +198,9 @@ class ADE20KDataset(Dataset):
             label[label == 254] = IGNORE_INDEX
         bad = np.unique(label[(label != IGNORE_INDEX) & ((label < 0) | (label >= self.num_classes))])
         if bad.size:
+            note = ", after reduce_zero_label" if self.reduce_zero_label else ""
             raise ValueError(f"{path}: class ids {bad[:10].tolist()} are outside [0, {self.num_classes}) "
-                             f"(nb_classes {self.num_classes}{', after reduce_zero_label' if self.reduce_zero_label else ''}"
-                             f"; 255 = ignore)")
+                             f"(nb_classes {self.num_classes}{note}; 255 = ignore)")
         return label.astype(np.uint8)
 
     def __getitem__(self, index: int) -> tuple[Any, Any, int]:
