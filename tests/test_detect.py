@@ -296,3 +296,13 @@ def test_cascade_through_the_entry_script(tmp_path, monkeypatch):
     (line,) = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
     assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_loss_mask"} <= set(line)
     assert 0 <= result["bbox_AP"] <= 100 and 0 <= result["segm_AP"] <= 100
+
+
+@pytest.mark.parametrize("h, w, nh, nw", [(37, 53, 91, 13), (480, 640, 1536, 2048), (100, 80, 33, 27)])
+def test_jitter_resizes_masks_like_nearest_interpolation(h, w, nh, nw):
+    """The jitter gathers only the crop window's mask pixels; the full nearest resize is the reference."""
+    from util.data.coco import _nearest_rows
+    masks = (torch.rand(2, h, w, generator=torch.Generator().manual_seed(0)) > 0.5).to(torch.uint8)
+    reference = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
+    assert torch.equal(masks[:, _nearest_rows(0, nh, h, nh)][:, :, _nearest_rows(0, nw, w, nw)], reference)
+    assert torch.equal(masks[:, _nearest_rows(5, 7, h, nh)][:, :, _nearest_rows(3, 4, w, nw)], reference[:, 5:12, 3:7])
