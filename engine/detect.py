@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from util.coco_eval import IOU_TYPES, distributed_coco_metrics, to_coco_results
+from util.distributed import all_reduce_sum
 
 logger = logging.getLogger("vitfreeze")
 
@@ -76,5 +77,5 @@ def evaluate_detection(model: nn.Module, loader: Iterable, *, device: torch.devi
     results = predict_coco(model, loader, device=device, category_ids=category_ids, amp_dtype=amp_dtype,
                            masks="segm" in iou_types)
     metrics = distributed_coco_metrics(gt, results, iou_types=iou_types, max_dets=max_dets, image_ids=image_ids)
-    metrics["num_detections"] = float(len(results))  # this rank's
+    metrics["num_detections"] = float(all_reduce_sum(torch.tensor(len(results), device=device)))  # all ranks'
     return metrics

@@ -306,3 +306,18 @@ def test_jitter_resizes_masks_like_nearest_interpolation(h, w, nh, nw):
     reference = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
     assert torch.equal(masks[:, _nearest_rows(0, nh, h, nh)][:, :, _nearest_rows(0, nw, w, nw)], reference)
     assert torch.equal(masks[:, _nearest_rows(5, 7, h, nh)][:, :, _nearest_rows(3, 4, w, nw)], reference[:, 5:12, 3:7])
+
+
+def test_two_process_evaluation_equals_one_process(tmp_path, monkeypatch):
+    """--eval of one checkpoint on 2 gloo processes (uneven shards: 5 images) gives the 1-process numbers."""
+    from spawn_ranks import main_of, spawn
+    monkeypatch.chdir(main_detect.Path(main_detect.__file__).parent)
+    out = tmp_path / "run"
+    argv = _argv(out, "--scene_images", "8", "5", "--device", "cpu")
+    main_detect.main(argv)
+    ckpt = str(out / "checkpoint-last.pth")
+    single = main_detect.main(argv + ["--eval", "--resume", ckpt])
+    (out / "results.json").unlink()
+    spawn(main_of("main_detect", argv + ["--eval", "--resume", ckpt]), world=2)
+    assert json.loads((out / "results.json").read_text()) == pytest.approx(single)
+    assert single["num_detections"] > 0
