@@ -321,3 +321,11 @@ def test_two_process_evaluation_equals_one_process(tmp_path, monkeypatch):
     spawn(main_of("main_detect", argv + ["--eval", "--resume", ckpt]), world=2)
     assert json.loads((out / "results.json").read_text()) == pytest.approx(single)
     assert single["num_detections"] > 0
+
+
+def test_step_lr_is_mmdets_step_policy():
+    from util.lr_sched import step_lr
+    lr = partial(step_lr, base_lr=1e-4, milestones=[80, 110], warmup_steps=10)
+    assert lr(0) == pytest.approx(1e-7)  # warmup_ratio 0.001
+    assert lr(5) == pytest.approx(1e-4 * (0.001 + 0.999 * 0.5))
+    assert [lr(s) for s in (10, 79, 80, 109, 110, 200)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
