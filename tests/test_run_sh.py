@@ -45,7 +45,7 @@ def test_help_lists_tasks(run_sh):
 
 def test_refusals(run_sh, checkout, job):
     for args, msg in [((job, "nope", "base", "0"), "unknown task 'nope'"),
-                      ((job, "pretrain_demo+ade20k_seg", "base", "0"), "not supported yet"),
+                      ((job, "pretrain_demo+ade20kv_seg", "base", "0"), "not supported yet"),
                       ((job, "pretrain_demo", "base"), "expected JOB_NAME TASK MODEL NGPUS"),
                       ((job, "pretrain_demo", "base", "two"), "NGPUS must be a number")]:
         res = run_sh(*args)
@@ -126,3 +126,35 @@ def test_nothing_is_written_into_the_real_checkout(run_sh, checkout, job):
     res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
     assert res.returncode == 0, res.stderr
     assert (checkout / "output" / job / "knn" / "records").is_dir() and not (ROOT / "output" / job).exists()
+
+
+def test_dbot_detection_seed_maps_mm_overrides(run_sh, job, tmp_path):
+    """dBOT's COCO command as written (seed 000), on CPU: the mm-style keys become our flags."""
+    ckpt = tmp_path / "dbot_base_pre" / "checkpoint-1600.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")  # --dry_run checks that it exists
+    res = run_sh(job, "cascade_coco_det", "vit_base", "0", str(ckpt), f"data_path={tmp_path}",
+                 "data.samples_per_gpu=2", "lr_config.step=8,11", "runner.max_epochs=12",
+                 "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    assert resolved["model"] == "vit_base_patch16" and resolved["detector"] == "cascade_mask_rcnn"
+    assert (resolved["batch_size"], resolved["lr_steps"], resolved["epochs"], resolved["layer_decay"]) == \
+        (2, [8, 11], 12, 0.75)
+    assert resolved["finetune"] == str(ckpt)
+    assert resolved["accum_iter"] == 8  # effective batch 16 = 2 x 8 GPUs, kept on one process
+
+
+def test_segmentation_style_overrides_and_model_forms(run_sh, job, tmp_path):
+    res = run_sh(job, "mask_rcnn_coco_det", "large", "0", "optimizer_config.use_fp16=True", "optimizer.lr=3e-5",
+                 "model.backbone.drop_path_rate=0.2", "--deterministic", f"data_path={tmp_path}", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    assert resolved["model"] == "vit_large_patch16" and resolved["amp"] == "fp16"
+    assert resolved["lr"] == 3e-5 and resolved["drop_path"] == 0.2 and resolved["deterministic"] is True
+
+
+def test_unknown_mm_override_is_an_error_naming_it(run_sh, checkout, job):
+    res = run_sh(job, "cascade_coco_det", "base", "0", "optimizer.momentum=0.9")
+    assert res.returncode == 2 and "unknown override 'optimizer.momentum'" in res.stderr
+    assert not (checkout / "output" / job).exists()

@@ -27,7 +27,8 @@ import torch
 from util.checkpoint import atomic_write
 from util.data.transforms import denormalize
 
-__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "confusion_layout"]
+__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "confusion_layout",
+           "save_detection_png"]
 
 GAP = 2  # pixels between tiles
 HEADER = 24  # rows above the tiles for the column labels (two lines of PIL's default font)
@@ -315,3 +316,67 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
                 draw.text((left + p * cell + 2, top + t * cell + (cell - 10) // 2), str(count),
                           fill="white" if dark else "black")
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_detection_png(path: str | Path, images: Sequence[torch.Tensor], outputs: Sequence[dict[str, torch.Tensor]],
+                       class_names: Sequence[str], *, score_thresh: float = 0.5) -> Path:
+    """Predicted masks and boxes over images, side by side (torchvision's drawing utilities).
+
+    Args:
+        images: [3, H, W] floats in [0, 1] (any sizes; the row is as high as the highest).
+        outputs: torchvision detection outputs (``boxes`` xyxy, ``labels`` 1..K, ``scores``, optional ``masks``
+            [N, 1, H, W] probabilities); detections below ``score_thresh`` are not drawn.
+        class_names: name of label k at index k - 1.
+    """
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    tiles = []
+    for img, out in zip(images, outputs):
+        tile = _to_uint8(img.clamp(0, 1)).permute(2, 0, 1).contiguous()  # torchvision draws on [3, H, W]
+        keep = out["scores"] >= score_thresh
+        if "masks" in out and keep.any():
+            tile = draw_segmentation_masks(tile, out["masks"][keep, 0] > 0.5, alpha=0.45)
+        labels = [f"{class_names[int(k) - 1]} {float(s):.2f}" for k, s in zip(out["labels"][keep], out["scores"][keep])]
+        if keep.any():
+            tile = draw_bounding_boxes(tile, out["boxes"][keep], labels=labels, colors="yellow", width=2)
+        tiles.append(tile)
+    height = max(t.shape[1] for t in tiles)
+    canvas = torch.full((3, height, sum(t.shape[2] for t in tiles) + GAP * (len(tiles) - 1)), 255, dtype=torch.uint8)
+    x = 0
+    for t in tiles:
+        canvas[:, :t.shape[1], x:x + t.shape[2]] = t
+        x += t.shape[2] + GAP
+    return _write_png(Path(path), canvas.permute(1, 2, 0).contiguous())
+
+
+def segmentation_palette(num_classes: int) -> torch.Tensor:
+    """[num_classes, 3] uint8 colours, distinct and fixed (golden-ratio hues); the ignore label is drawn black."""
+    import colorsys
+    return torch.tensor([[int(255 * c) for c in colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 0.95)]
+                         for k in range(num_classes)], dtype=torch.uint8)
+
+
+def save_segmentation_png(path: str | Path, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                          num_classes: int, ignore_index: int = 255, alpha: float = 0.6) -> Path:
+    """One row per validation image: image | ground truth over the image | prediction over the image.
+
+    Args:
+        samples: ``(image [3, h, w] normalised, label int64 [H, W], prediction int64 [H, W])``; the image is
+            resized (nearest) to the label size; ignored pixels are left uncoloured.
+    """
+    palette = segmentation_palette(num_classes).float()
+    rows = []
+    for image, label, pred in samples:
+        h, w = label.shape
+        img = torch.nn.functional.interpolate(denormalize(image[None]).clamp(0, 1), size=(h, w), mode="nearest")[0]
+        base = img.permute(1, 2, 0) * 255.0
+        tiles = [base]
+        for mask in (label, pred):
+            valid = (mask != ignore_index) & (mask >= 0) & (mask < num_classes)
+            colour = palette[mask.clamp(0, num_classes - 1)]
+            tiles.append(torch.where(valid[..., None], (1 - alpha) * base + alpha * colour, base))
+        gap = torch.full((h, GAP, 3), 255.0)
+        rows.append(torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [torch.cat([r, torch.full((r.shape[0], width - r.shape[1], 3), 255.0)], dim=1) for r in rows]
+    canvas = torch.cat([t for r in rows for t in (r, torch.full((GAP, width, 3), 255.0))][:-1], dim=0)
+    return _write_png(Path(path), (canvas + 0.5).floor().clamp(0, 255).to(torch.uint8))
