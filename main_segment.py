@@ -34,7 +34,7 @@ from util.checkpoint import find_latest, load_checkpoint, load_model_state, resu
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader, epoch_seed
 from util.data.scenes import write_ade20k
-from util.distributed import barrier, wrap_ddp
+from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.logging import MetricWriter
 from util.metrics import segmentation_table
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                      steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch"),
                                      hint="a pretrained backbone goes to --finetune")
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint.get("best", best)
-    if info.distributed:
+    if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = wrap_ddp(model, info)
     if info.is_main:
@@ -176,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         step, last = int(stats["step"]), epoch == epochs - 1
         evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
         if evaluate_now:
+            broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
             result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
             if result["mIoU"] > best["mIoU"]:
                 best = {"mIoU": result["mIoU"], "step": step}

@@ -256,35 +256,20 @@ def test_a_pretrained_checkpoint_loads_into_the_segmentor(tmp_path, one_thread):
         torch.testing.assert_close(vit.state_dict()[name], mim.state_dict()[name], msg=name)
 
 
-def _eval_loader(root, rank: int = 0, world: int = 1):
-    from engine.evaluate import eval_shard
-    val = ADE20KDataset(root, "val", SegEvalTransform(32), num_classes=5)
-    return torch.utils.data.DataLoader(eval_shard(val, rank=rank, world_size=world), batch_size=2,
-                                       collate_fn=collate_eval)
 
-
-def _seeded_segmentor():
-    torch.manual_seed(3)
-    return tiny_segmentor(classes=5).eval()
-
-
-def _ddp_eval_worker(rank, root, out_path):
-    from util.distributed import init_distributed
-    info = init_distributed(device="cpu")
-    metrics = evaluate_segmentation(_seeded_segmentor(), _eval_loader(root, info.rank, info.world_size),
-                                    device=info.device, num_classes=5, crop=32, stride=21)
-    torch.save({k: metrics[k] for k in ("confusion", "mIoU", "num_images")}, f"{out_path}.{rank}")
-
-
-def test_two_processes_evaluate_exactly_like_one(tmp_path):
-    """5 validation scenes over 2 gloo ranks (shards of 3 and 2): the all-reduced confusion matrix, hence mIoU,
-    equals the single-process one on every rank."""
-    from spawn_ranks import spawn
-    write_ade20k(tmp_path / "data", 1, 5, 40, seed=2)
-    spawn(_ddp_eval_worker, str(tmp_path / "data"), str(tmp_path / "out"))
-    single = evaluate_segmentation(_seeded_segmentor(), _eval_loader(tmp_path / "data"), device=torch.device("cpu"),
-                                   num_classes=5, crop=32, stride=21)
-    for rank in range(2):
-        run = torch.load(tmp_path / f"out.{rank}", weights_only=False)
-        assert torch.equal(run["confusion"], single["confusion"]) and run["num_images"] == 5
-        assert run["mIoU"] == single["mIoU"]
+def test_two_processes_train_and_evaluate_like_the_checkpoint_on_one(tmp_path, monkeypatch):
+    """main_segment on 2 gloo ranks (DDP, 64 validation scenes sharded 32 / 32): the mIoU it reports equals a
+    1-process --eval of the checkpoint it wrote, i.e. the all-reduced confusion matrix counts every image once and
+    every rank evaluated rank 0's weights and BatchNorm statistics."""
+    from spawn_ranks import main_of, spawn
+    monkeypatch.chdir(main_segment.Path(main_segment.__file__).parent)
+    out = tmp_path / "ddp"
+    argv = DEMO + ["--output_dir", str(out), "--max_iters", "4", "--batch_size", "4", "--device", "cpu"]
+    spawn(main_of("main_segment", argv))
+    reported = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert reported["step"] == 4
+    torch.set_num_threads(1)
+    single = main_segment.main(DEMO + ["--output_dir", str(tmp_path / "eval"), "--data_path", str(out / "demo_scenes"),
+                                       "--eval", "--resume", str(out / "checkpoint-last.pth")])
+    assert single["num_images"] == 64
+    assert reported["val_mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
