@@ -154,6 +154,29 @@ def test_layer_decay_groups_of_the_segmentor_cover_every_parameter_once():
     assert scale["decode_head.conv_seg.weight"] == scale["backbone.samplers.0.0.weight"] == 1.0
 
 
+
+def test_segment_step_loss_is_mean_ce_over_labelled_pixels_plus_weighted_aux():
+    import torch.nn.functional as F
+    from engine.segment import segment_step
+    torch.manual_seed(0)
+    seg, aux = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return {"seg": seg, "aux": aux}
+
+    labels = torch.randint(0, 3, (2, 16, 16))
+    labels[0, :5] = 255
+    out = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), labels), 0, device=torch.device("cpu"), aux_weight=0.4)
+    up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731
+    ref_seg = F.cross_entropy(up(seg), labels, ignore_index=255)
+    ref_aux = F.cross_entropy(up(aux), labels, ignore_index=255)
+    torch.testing.assert_close(out["loss"], ref_seg + 0.4 * ref_aux)
+    torch.testing.assert_close(out["loss_aux"], ref_aux)
+    empty = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), torch.full((2, 16, 16), 255)), 0,
+                         device=torch.device("cpu"))
+    assert float(empty["loss"]) == 0.0  # an all-ignored batch is no signal, not NaN
+
 def test_window_starts_follow_mmseg():
     assert window_starts(512, 512, 341) == [0]
     assert window_starts(683, 512, 341) == [0, 171]       # 2 windows, the last moved back to the border
