@@ -216,8 +216,10 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
-        if missing:
-            raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
+        harmless = {"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"}
+        if missing or set(unexpected) - harmless:
+            raise ValueError(f"{finetune} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
+                             f"{sorted(set(unexpected) - harmless)[:8]}")
         logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", finetune, source, unexpected or "none")
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")

@@ -296,3 +296,17 @@ def test_two_processes_train_and_evaluate_like_the_checkpoint_on_one(tmp_path, m
                                        "--eval", "--resume", str(out / "checkpoint-last.pth")])
     assert single["num_images"] == 64
     assert reported["val_mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
+
+
+def test_a_backbone_checkpoint_with_keys_the_model_cannot_use_is_refused(tmp_path):
+    """Weights that would be silently dropped (here a deeper ViT's blocks 12 and 13) make --finetune fail loudly."""
+    import models
+    vit = models.create_model("vit_tiny_patch16", img_size=64, num_classes=0)
+    state = dict(vit.state_dict())
+    state.update({k.replace("blocks.0.", "blocks.12.", 1): v for k, v in vit.state_dict().items()
+                  if k.startswith("blocks.0.")})
+    path = tmp_path / "deeper.pth"
+    torch.save({"model": state}, path)
+    args = parse_args(main_segment.build_parser(), DEMO + ["--output_dir", str(tmp_path), "--finetune", str(path)])
+    with pytest.raises(ValueError, match=r"does not fit the backbone: missing \[\], unexpected \['blocks\.12\."):
+        main_segment.build_model(args, finetune=str(path))
