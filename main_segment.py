@@ -34,7 +34,7 @@ from util.checkpoint import find_latest, load_checkpoint, load_model_state, resu
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader, epoch_seed
 from util.data.scenes import write_ade20k
-from util.distributed import barrier, wrap_ddp
+from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.logging import MetricWriter
 from util.metrics import segmentation_table
@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (or ``--eval``) as ``argv`` says. Returns the last evaluation's ``mIoU``, ``mAcc``, ``aAcc``
-    (percent), ``best_mIoU`` and ``step``."""
+    (percent), ``best_mIoU`` / ``best_step`` and the final ``step``; with ``--eval`` the metrics, per-class ``IoU`` /
+    ``Acc`` lists and ``num_images``."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_segment")
     if result is not None:
         return result
@@ -141,13 +142,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
                                                num_layers=depth + 1), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, best = args.start_epoch, {"mIoU": -1.0, "step": -1}
+    start_epoch, skipped, best, step = args.start_epoch, 0, {"mIoU": -1.0, "step": -1}, 0
     if resume:
         checkpoint = resume_training(resume, model, optimizer, scaler, sync=lambda step: None,
                                      steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch"),
                                      hint="a pretrained backbone goes to --finetune")
         start_epoch, best = checkpoint["epoch"] + 1, checkpoint.get("best", best)
-    if info.distributed:
+        skipped, step = checkpoint.get("skipped_steps", 0), checkpoint.get("step", 0)
+    if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = wrap_ddp(model, info)
     if info.is_main:
@@ -171,17 +173,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=before_update, start_step=first,
                                 num_steps=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
                                 clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device, model=ddp,
-                                max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
+                                max_skipped_steps=args.max_skipped_steps, skipped_before=skipped,
+                                print_freq=args.print_freq,
                                 log_fn=writer.log, header=f"Epoch: [{epoch}]")
-        step, last = int(stats["step"]), epoch == epochs - 1
+        step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])
         evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
         if evaluate_now:
+            broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
             result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
             if result["mIoU"] > best["mIoU"]:
                 best = {"mIoU": result["mIoU"], "step": step}
         if info.is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "step": step, "best": best, "args": vars(args)}
+                     "epoch": epoch, "step": step, "skipped_steps": skipped, "best": best, "args": vars(args)}
             save_checkpoint(output_dir / "checkpoint-last.pth", state)
             if evaluate_now and best["step"] == step:
                 save_checkpoint(output_dir / "checkpoint-best.pth", state)
@@ -192,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     writer.close()
     barrier()
     return {**{k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result}, "best_mIoU": best["mIoU"],
-            "step": best["step"]}
+            "best_step": best["step"], "step": step}
 
 
 def model_name(name: str) -> str:
@@ -215,8 +219,10 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
-        if missing:
-            raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
+        harmless = {"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"}
+        if missing or set(unexpected) - harmless:
+            raise ValueError(f"{finetune} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
+                             f"{sorted(set(unexpected) - harmless)[:8]}")
         logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", finetune, source, unexpected or "none")
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")

@@ -22,6 +22,7 @@ an unused norm would also break DDP). Options:
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from models.convert import adapt_to_model
+from models.convert import adapt_to_model, fold_layer_scale
 from models.registry import create_model
 
 __all__ = ["ViTFeaturePyramid", "LayerNorm2d", "window_partition", "window_unpartition"]
@@ -221,6 +222,8 @@ class ViTFeaturePyramid(nn.Module):
 
         The patch kernel and the position embedding are resampled to this model (``adapt_to_model``); without a
         class token (window attention) the checkpoint's cls row of ``pos_embed`` and its ``cls_token`` are dropped.
+        LayerScale in ViT-Adapter's format (``blocks.N.gamma1`` / ``gamma2``, written by ``tools/convert_14to16.py``)
+        is folded into ``attn.proj`` / ``mlp.fc2`` like DINOv2's ``ls1.gamma`` (``models.convert.fold_layer_scale``).
         ``head.*``, ``fc_norm.*`` and ``norm.*`` are ignored (reported as unexpected).
 
         Returns:
@@ -230,6 +233,8 @@ class ViTFeaturePyramid(nn.Module):
             ValueError: a shape differs after resampling.
         """
         sd = dict(state_dict)
+        if any(re.search(r"^blocks\.\d+\.gamma[12]$", k) for k in sd):
+            sd = fold_layer_scale({re.sub(r"\.gamma([12])$", r".ls\1.gamma", k): v for k, v in sd.items()})
         pos = sd.get("pos_embed")
         ckpt_prefix = 0
         if pos is not None:

@@ -222,3 +222,27 @@ def test_beit_neck_matches_beit_layout():
         torch.testing.assert_close(out["2"], taps[2])
         torch.testing.assert_close(out["3"], torch.nn.functional.max_pool2d(taps[3], 2))
         torch.testing.assert_close(out["1"], small.samplers[1](taps[1]))
+
+
+def test_vit_adapter_14to16_file_from_the_tool_loads_with_layer_scale_folded(tmp_path):
+    """tools/convert_14to16.py writes ViT-Adapter's format (16x16 kernel, LayerScale as gamma1 / gamma2); the
+    pyramid folds the LayerScale instead of silently ignoring it."""
+    import importlib.util
+    from pathlib import Path
+    ckpt, dino = fake_dinov2_small()
+    torch.save(ckpt, tmp_path / "dinov2_vits14.pth")
+    spec = importlib.util.spec_from_file_location(
+        "convert_14to16", Path(__file__).resolve().parent.parent / "tools" / "convert_14to16.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / "dinov2_vits14.pth")]) == 0
+    converted = torch.load(tmp_path / "dinov2_vits14_14to16.pth", weights_only=True)
+    assert "blocks.0.gamma1" in converted
+    state, _ = to_timm_vit(converted)
+    model = ViTFeaturePyramid("vit_small_patch16", img_size=128, depth=2)
+    missing, unexpected = model.load_backbone(state)
+    assert missing == [] and not any("gamma" in k for k in unexpected)
+    torch.testing.assert_close(model.vit.blocks[0].mlp.fc2.weight,
+                               dino.blocks[0].ls2.gamma[:, None] * dino.blocks[0].mlp.fc2.weight)
+    torch.testing.assert_close(model.vit.blocks[0].mlp.fc2.bias, dino.blocks[0].ls2.gamma * dino.blocks[0].mlp.fc2.bias)
+    torch.testing.assert_close(model.vit.patch_embed.proj.weight, resize_patch_embed(dino.patch_embed.proj.weight, 16))

@@ -154,6 +154,29 @@ def test_layer_decay_groups_of_the_segmentor_cover_every_parameter_once():
     assert scale["decode_head.conv_seg.weight"] == scale["backbone.samplers.0.0.weight"] == 1.0
 
 
+
+def test_segment_step_loss_is_mean_ce_over_labelled_pixels_plus_weighted_aux():
+    import torch.nn.functional as F
+    from engine.segment import segment_step
+    torch.manual_seed(0)
+    seg, aux = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return {"seg": seg, "aux": aux}
+
+    labels = torch.randint(0, 3, (2, 16, 16))
+    labels[0, :5] = 255
+    out = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), labels), 0, device=torch.device("cpu"), aux_weight=0.4)
+    up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731
+    ref_seg = F.cross_entropy(up(seg), labels, ignore_index=255)
+    ref_aux = F.cross_entropy(up(aux), labels, ignore_index=255)
+    torch.testing.assert_close(out["loss"], ref_seg + 0.4 * ref_aux)
+    torch.testing.assert_close(out["loss_aux"], ref_aux)
+    empty = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), torch.full((2, 16, 16), 255)), 0,
+                         device=torch.device("cpu"))
+    assert float(empty["loss"]) == 0.0  # an all-ignored batch is no signal, not NaN
+
 def test_window_starts_follow_mmseg():
     assert window_starts(512, 512, 341) == [0]
     assert window_starts(683, 512, 341) == [0, 171]       # 2 windows, the last moved back to the border
@@ -256,35 +279,34 @@ def test_a_pretrained_checkpoint_loads_into_the_segmentor(tmp_path, one_thread):
         torch.testing.assert_close(vit.state_dict()[name], mim.state_dict()[name], msg=name)
 
 
-def _eval_loader(root, rank: int = 0, world: int = 1):
-    from engine.evaluate import eval_shard
-    val = ADE20KDataset(root, "val", SegEvalTransform(32), num_classes=5)
-    return torch.utils.data.DataLoader(eval_shard(val, rank=rank, world_size=world), batch_size=2,
-                                       collate_fn=collate_eval)
+
+def test_two_processes_train_and_evaluate_like_the_checkpoint_on_one(tmp_path, monkeypatch):
+    """main_segment on 2 gloo ranks (DDP, 64 validation scenes sharded 32 / 32): the mIoU it reports equals a
+    1-process --eval of the checkpoint it wrote, i.e. the all-reduced confusion matrix counts every image once and
+    every rank evaluated rank 0's weights and BatchNorm statistics."""
+    from spawn_ranks import main_of, spawn
+    monkeypatch.chdir(main_segment.Path(main_segment.__file__).parent)
+    out = tmp_path / "ddp"
+    argv = DEMO + ["--output_dir", str(out), "--max_iters", "4", "--batch_size", "4", "--device", "cpu"]
+    spawn(main_of("main_segment", argv))
+    reported = json.loads((out / "log.txt").read_text().splitlines()[-1])
+    assert reported["step"] == 4
+    torch.set_num_threads(1)
+    single = main_segment.main(DEMO + ["--output_dir", str(tmp_path / "eval"), "--data_path", str(out / "demo_scenes"),
+                                       "--eval", "--resume", str(out / "checkpoint-last.pth")])
+    assert single["num_images"] == 64
+    assert reported["val_mIoU"] == pytest.approx(single["mIoU"], abs=1e-9)
 
 
-def _seeded_segmentor():
-    torch.manual_seed(3)
-    return tiny_segmentor(classes=5).eval()
-
-
-def _ddp_eval_worker(rank, root, out_path):
-    from util.distributed import init_distributed
-    info = init_distributed(device="cpu")
-    metrics = evaluate_segmentation(_seeded_segmentor(), _eval_loader(root, info.rank, info.world_size),
-                                    device=info.device, num_classes=5, crop=32, stride=21)
-    torch.save({k: metrics[k] for k in ("confusion", "mIoU", "num_images")}, f"{out_path}.{rank}")
-
-
-def test_two_processes_evaluate_exactly_like_one(tmp_path):
-    """5 validation scenes over 2 gloo ranks (shards of 3 and 2): the all-reduced confusion matrix, hence mIoU,
-    equals the single-process one on every rank."""
-    from spawn_ranks import spawn
-    write_ade20k(tmp_path / "data", 1, 5, 40, seed=2)
-    spawn(_ddp_eval_worker, str(tmp_path / "data"), str(tmp_path / "out"))
-    single = evaluate_segmentation(_seeded_segmentor(), _eval_loader(tmp_path / "data"), device=torch.device("cpu"),
-                                   num_classes=5, crop=32, stride=21)
-    for rank in range(2):
-        run = torch.load(tmp_path / f"out.{rank}", weights_only=False)
-        assert torch.equal(run["confusion"], single["confusion"]) and run["num_images"] == 5
-        assert run["mIoU"] == single["mIoU"]
+def test_a_backbone_checkpoint_with_keys_the_model_cannot_use_is_refused(tmp_path):
+    """Weights that would be silently dropped (here a deeper ViT's blocks 12 and 13) make --finetune fail loudly."""
+    import models
+    vit = models.create_model("vit_tiny_patch16", img_size=64, num_classes=0)
+    state = dict(vit.state_dict())
+    state.update({k.replace("blocks.0.", "blocks.12.", 1): v for k, v in vit.state_dict().items()
+                  if k.startswith("blocks.0.")})
+    path = tmp_path / "deeper.pth"
+    torch.save({"model": state}, path)
+    args = parse_args(main_segment.build_parser(), DEMO + ["--output_dir", str(tmp_path), "--finetune", str(path)])
+    with pytest.raises(ValueError, match=r"does not fit the backbone: missing \[\], unexpected \['blocks\.12\."):
+        main_segment.build_model(args, finetune=str(path))
