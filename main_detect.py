@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from engine.detect import detect_step, evaluate_detection
 from engine.evaluate import eval_shard
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
@@ -112,17 +112,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                          "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     ddp = wrap_ddp(model, info)
     writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
+                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
+                      print_freq=args.print_freq, images_per_update=eff_batch)
     for epoch in range(start_epoch, args.epochs):
         seed_everything(epoch_seed(args.seed, epoch, info.rank))
         set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
         model.train()
-        stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler,
+        stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop,
+                                EpochProgress(epoch, epoch * steps_per_epoch, skipped=skipped),
                                 before_update=lambda step: apply_lr(optimizer, schedule(step)),
-                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
-                                accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
-                                device=device, model=ddp, max_skipped_steps=args.max_skipped_steps,
-                                skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
-                                header=f"Epoch: [{epoch}]")
+                                no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
         skipped, evaluated = int(stats["skipped_steps"]), {}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             result = evaluated = report(evaluate(), f"epoch {epoch}")

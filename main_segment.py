@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import models
 from engine.evaluate import eval_shard
 from engine.segment import evaluate_segmentation, poly_lr, segment_step
-from engine.train import NonFiniteLossError, train_one_epoch
+from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.convert import to_timm_vit
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
@@ -170,12 +170,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         train_set.set_epoch(epoch)
         model.train()
         first = epoch * steps_per_epoch
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, before_update=before_update, start_step=first,
-                                num_steps=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
-                                clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device, model=ddp,
-                                max_skipped_steps=args.max_skipped_steps, skipped_before=skipped,
-                                print_freq=args.print_freq,
-                                log_fn=writer.log, header=f"Epoch: [{epoch}]")
+        loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
+                          clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
+                          max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
+                          images_per_update=args.batch_size * args.accum_iter * info.world_size)
+        stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, EpochProgress(epoch, first, skipped=skipped),
+                                before_update=before_update, no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
         step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])
         evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
         if evaluate_now:
