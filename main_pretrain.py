@@ -111,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     def before_update(step: int) -> None:
         freezer.before_update(step)
-        if step % args.print_freq == 0 and args.freezeout:
-            writer.log({f"lr/unit_{u:02d}": schedule.lr(u, step) for u in range(schedule.num_units)}, step)
+        if step % args.print_freq == 0:  # with or without FreezeOut: one schedule object gives every unit's lr
+            writer.log({**{f"lr/unit_{u:02d}": schedule.lr(u, step) for u in range(schedule.num_units)},
+                        "train/num_frozen": freezer.num_frozen}, step)
 
     def step_fn(batch, step: int) -> dict:
         return mim_step(freezer.module, batch, step, mask_ratio=args.mask_ratio, device=info.device,

@@ -1,0 +1,39 @@
+"""What pretraining writes to TensorBoard: per-unit lr and the frozen-unit count with or without FreezeOut, and the
+per-scale LocalMIM losses (issue 11)."""
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import main_pretrain
+
+ARGS = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", "--epochs", "2",
+        "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--print_freq", "1", "--batch_size", "16",
+        "--vis_every", "0"]
+
+
+def scalars(out) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_unit_lrs_and_frozen_count_are_logged_without_freezeout(tmp_path):
+    main_pretrain.main([*ARGS, "--output_dir", str(tmp_path / "run")])
+    tags = scalars(tmp_path / "run")
+    units = sorted(t for t in tags if t.startswith("lr/unit_"))
+    assert len(units) == 13  # patch embedding + 12 blocks of ViT-Ti
+    assert all(value == 0 for _, value in tags["train/num_frozen"])
+    # without FreezeOut every unit follows the one cosine: all curves equal, and equal the loop's train/lr
+    for tag in units:
+        assert tags[tag] == tags["lr/unit_00"]
+    lr_at = dict(tags["lr/unit_00"])
+    for step, value in tags["train/lr"]:  # the loop logs after the update, the hook before it: step - 1
+        assert value == pytest.approx(lr_at[step - 1], rel=1e-6)
+    assert {"train/loss_x4", "train/loss_x2", "train/loss_x1", "train/loss_x0.5"} <= set(tags)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_frozen_count_rises_with_freezeout(tmp_path):
+    main_pretrain.main([*ARGS, "--t_0", "0.5", "--how_scale", "linear", "--output_dir", str(tmp_path / "run")])
+    frozen = [value for _, value in scalars(tmp_path / "run")["train/num_frozen"]]
+    assert frozen == sorted(frozen) and frozen[-1] > 0
