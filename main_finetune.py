@@ -177,6 +177,7 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
             skipped = progress.skipped
             result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
             confusion = result.pop("confusion")
+            writer.log_validation(result, epoch)
             if result["acc1"] > best["acc1"]:
                 best = {"acc1": result["acc1"], "epoch": epoch, "confusion": confusion}
             logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",

@@ -157,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             is_best = result["acc1"] > best["acc1"]
             best = {**result, "epoch": epoch} if is_best else best
             result["best_acc1"] = best["acc1"]
+            writer.log_validation(result, epoch)
             logger.info("epoch %d: acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  (lr %.3e; best acc1 %.2f)", epoch,
                         result["acc1"], result["acc5"], result["f1"], result["mcc"], lrs[h], best["acc1"])
             ckpts.end_epoch(epoch, state(epoch, progress, metrics=result), is_best=is_best,

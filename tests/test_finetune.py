@@ -71,6 +71,14 @@ def test_finetune_beats_chance_and_eval_reproduces_the_checkpoints(pretrained, d
     assert max(e["val_acc1"] for e in logged) == result["best_acc1"] == logged[result["best_epoch"]]["val_acc1"]
     for key in ("acc1", "acc5", "precision", "recall", "f1", "mcc", "loss"):
         assert result[key] == logged[-1][f"val_{key}"]
+    # TensorBoard: MAE's names for the validation curve, per epoch (float32 there)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for key in ("acc1", "acc5", "loss"):
+        curve = [(e.step, e.value) for e in events.Scalars(f"perf/test_{key}")]
+        assert curve == [(e["epoch"], pytest.approx(e[f"val_{key}"], rel=1e-6)) for e in logged]
+    assert len(events.Scalars("val/mcc")) == 4
     table = (out / "per_class_val.txt").read_text().splitlines()
     assert len(table) == 1 + CLASSES and table[1].split()[0] == "checkerboard"  # ImageFolder's sorted class names
     with Image.open(out / "confusion_val.png") as png:

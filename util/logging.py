@@ -102,6 +102,14 @@ class MetricWriter:
                 if value is not None:
                     self._tb.add_scalar(key, value, step)
 
+    def log_validation(self, metrics: dict[str, Any], epoch: int) -> None:
+        """Validation metrics of an epoch to TensorBoard, x axis = epoch: ``acc1``, ``acc5`` and ``loss`` under
+        MAE's names (``perf/test_acc1``, ``perf/test_acc5``, ``perf/test_loss``) so that MAE's dashboards and
+        scripts read them, every numeric metric also as ``val/<name>``."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.log({**{f"perf/test_{k}": numbers[k] for k in ("acc1", "acc5", "loss") if k in numbers},
+                  **{f"val/{k}": v for k, v in numbers.items()}}, epoch)
+
     def log_epoch(self, stats: dict[str, Any]) -> None:
         if self.log_file is not None:
             with open(self.log_file, "a") as handle:
