@@ -29,7 +29,9 @@ def classify_step(model: nn.Module, batch: Any, step: int, *, criterion: Callabl
         mixup_fn: timm ``Mixup`` applied to (inputs, targets) first, or None.
 
     Returns:
-        ``{'loss': scalar}``; with H > 1 heads also ``loss_head<h>`` (detached) per head.
+        ``{'loss': scalar}``; with H > 1 heads the loss is their sum (each head gets its own gradient) and
+        ``loss_head<h>`` per head and ``loss_head_mean`` (detached) are logged too: the sum grows with the lr grid
+        and is no curve to read.
     """
     inputs = batch[0].to(device, non_blocking=True)
     targets = batch[1].to(device, non_blocking=True)
@@ -42,6 +44,7 @@ def classify_step(model: nn.Module, batch: Any, step: int, *, criterion: Callabl
     out = {"loss": losses.sum()}
     if len(losses) > 1:
         out.update({f"loss_head{h}": loss.detach() for h, loss in enumerate(losses)})
+        out["loss_head_mean"] = losses.detach().mean()
     return out
 
 

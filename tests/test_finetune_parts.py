@@ -155,3 +155,17 @@ def test_fold_summary_is_mean_and_population_std():
     summary = mean_and_std([{"acc1": 90.0, "f1": 80.0, "only_here": 1.0, "note": "x"},
                                              {"acc1": 94.0, "f1": 81.0}])
     assert summary == {"acc1": 92.0, "acc1_std": 2.0, "f1": 80.5, "f1_std": 0.5}
+
+
+def test_classify_step_with_several_heads_reports_each_head_and_their_mean():
+    from engine.finetune import classify_step
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 5)  # 3 heads, batch 4, 5 classes
+    targets = torch.tensor([0, 1, 2, 3])
+    out = classify_step(lambda x: logits, (torch.zeros(4, 1), targets), 0, criterion=torch.nn.CrossEntropyLoss(),
+                        device=torch.device("cpu"))
+    per_head = [torch.nn.functional.cross_entropy(h, targets) for h in logits]
+    for h, expected in enumerate(per_head):
+        assert torch.allclose(out[f"loss_head{h}"], expected)
+    assert torch.allclose(out["loss"], sum(per_head))
+    assert torch.allclose(out["loss_head_mean"], sum(per_head) / 3)
