@@ -114,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
     loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
                       amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch)
+                      print_freq=args.print_freq, images_per_update=eff_batch,
+                      total_steps=args.epochs * steps_per_epoch)
     for epoch in range(start_epoch, args.epochs):
         seed_everything(epoch_seed(args.seed, epoch, info.rank))
         set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)

@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
                       amp_dtype=amp_dtype, device=info.device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps)
+                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
+                      total_steps=args.epochs * steps_per_epoch)
 
     def state(epoch: int, progress: EpochProgress, **extra) -> dict:
         return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,

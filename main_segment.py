@@ -173,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
                           clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
                           max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
-                          images_per_update=args.batch_size * args.accum_iter * info.world_size)
+                          images_per_update=args.batch_size * args.accum_iter * info.world_size,
+                          total_steps=total)
         stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, EpochProgress(epoch, first, skipped=skipped),
                                 before_update=before_update, no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
         step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])

@@ -49,6 +49,8 @@ class LoopConfig:
         images_per_update: images in one optimizer update over all ranks (batch x accum x world), for images/s
             (0: not reported).
         save_every_steps: call ``checkpoint_fn`` every this many updates inside the epoch (0: never).
+        total_steps: optimizer updates of the whole run, for the run's ETA on the progress line (0: not shown;
+            with FreezeOut it is an upper bound, as steps get cheaper).
     """
     steps_per_epoch: int
     accum_steps: int = 1
@@ -59,6 +61,7 @@ class LoopConfig:
     print_freq: int = 20
     images_per_update: int = 0
     save_every_steps: int = 0
+    total_steps: int = 0
 
 
 @dataclass
@@ -271,8 +274,10 @@ def _log(cfg: LoopConfig, progress: EpochProgress, optimizer: torch.optim.Optimi
     eta = timer.avg * (cfg.steps_per_epoch - progress.update)
     mem = f"  mem: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if cfg.device.type == "cuda" else ""
     loss_avg = progress.loss_total / progress.loss_count if progress.loss_count else float("nan")
-    logger.info("Epoch: [%d] [%d/%d]  eta: %s  lr: %.3e  loss: %.4f (%.4f)  time: %.3f s/it%s", progress.epoch,
-                progress.update, cfg.steps_per_epoch, format_eta(eta), lr, loss_meter.avg, loss_avg, timer.avg, mem)
+    run_eta = f" (run: {format_eta(timer.avg * max(0, cfg.total_steps - progress.step))})" if cfg.total_steps else ""
+    logger.info("Epoch: [%d] [%d/%d]  eta: %s%s  lr: %.3e  loss: %.4f (%.4f)  time: %.3f s/it%s", progress.epoch,
+                progress.update, cfg.steps_per_epoch, format_eta(eta), run_eta, lr, loss_meter.avg, loss_avg,
+                timer.avg, mem)
     if log_fn is None:
         return
     # every scalar (the loss too) as its mean over the updates applied since the last log step

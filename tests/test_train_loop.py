@@ -231,3 +231,22 @@ def test_fp16_loss_scaler_owns_gradient_overflow_and_a_nan_loss_still_counts():
                             before_update=lambda s: weights.append(model.weight.detach().clone()))
     assert [torch.equal(a, b) for a, b in zip(weights, weights[1:])] == [False, True, True]
     assert stats["skipped_steps"] == 1 and scaler.get_scale() == 2.0 ** 6 and torch.isfinite(model.weight).all()
+
+
+def test_progress_line_shows_the_runs_eta(caplog, monkeypatch):
+    """The run ETA is the mean update time times the updates left in the whole run, not only the epoch."""
+    import engine.train as train
+    clock = iter(range(0, 1000, 2))  # every time.time() call advances 2 s
+    monkeypatch.setattr(train.time, "time", lambda: float(next(clock)))
+    model = nn.Linear(3, 1)
+    x, y = make_data()
+    loader = [(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)]
+    config = LoopConfig(steps_per_epoch=4, print_freq=4, total_steps=40)
+    with caplog.at_level("INFO", logger="vitfreeze"):
+        train_one_epoch(lambda b, s: {"loss": ((model(b[0]).squeeze(1) - b[1]) ** 2).mean()}, loader,
+                        torch.optim.SGD(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", enabled=False),
+                        config, EpochProgress(epoch=2, first_step=8), before_update=lambda s: None)
+    (line,) = [r.getMessage() for r in caplog.records if "Epoch: [2] [4/4]" in r.getMessage()]
+    per_update = float(line.split("time: ")[1].split(" s/it")[0])
+    left = 40 - 12  # steps 8..11 done
+    assert f"(run: {train.format_eta(per_update * left)})" in line
