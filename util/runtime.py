@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from util.distributed import DistInfo, init_distributed
-from util.logging import setup_logging
+from util.logging import format_eta, setup_logging
 import yaml
 
 try:
@@ -62,9 +62,11 @@ def setup_run(args: argparse.Namespace) -> DistInfo:
         ValueError: the output folder is a file, not writable, locked by a live run, or holds checkpoints of a
             run this one would silently replace.
     """
+    global _run_folder
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     if info.is_main:  # before the first log line goes into the folder: a second run must not append to ours
         lock_output_dir(args.output_dir)
+        _run_folder = Path(args.output_dir)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     if info.is_main:
         refuse_fresh_over_checkpoints(args.output_dir, fresh=not (getattr(args, "resume", "") or
@@ -266,6 +268,23 @@ def write_run_record(output_dir: str | Path, resolved_args: dict[str, Any], deri
     return record
 
 
+_run_folder: Path | None = None  # --output_dir of this process's run (rank 0), for the end-of-run summary
+
+
+def log_run_summary(seconds: float, result: Any) -> None:
+    """The last lines of a run: wall-clock time, the headline metrics of ``main()``'s result (``best_*`` keys first,
+    else every number it returned, at most 8) and where the outputs are (rank 0 only)."""
+    if _run_folder is None:
+        return
+    numbers = {k: v for k, v in (result or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    best = {k: v for k, v in numbers.items() if k.startswith("best")} or numbers
+    shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in list(best.items())[:8])
+    names = sorted(p.name for p in _run_folder.iterdir() if not p.name.startswith(".")) if _run_folder.is_dir() else []
+    log = logging.getLogger("vitfreeze")
+    log.info("run finished in %.1f s (%s)%s", seconds, format_eta(seconds), f"; {shown}" if shown else "")
+    log.info("outputs in %s: %s", _run_folder, ", ".join(names) if names else "(none)")
+
+
 def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     """Run an entry script's ``main()``: a user error (bad path, bad value, ``errors``) becomes one log line and
     exit status 1 instead of a traceback; the process group is always torn down."""
@@ -273,8 +292,10 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
 
     from util.data.folder import CorruptImageError
 
+    started = time.time()
     try:
-        main()
+        result = main()
+        log_run_summary(time.time() - started, result)
     except (FileNotFoundError, ValueError, CorruptImageError, *errors) as error:
         message = str(error)
         if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
