@@ -216,7 +216,8 @@ class ViTAdapter(nn.Module):
                                           no_embed_class=reg_tokens > 0)
         if swiglu:  # DINOv2 ViT-g: hidden (int(4 D * 2/3) + 7) // 8 * 8, packed gate and value in fc1 (as timm)
             hidden = (int(embed_dim * 4 * 2 / 3) + 7) // 8 * 8
-            vit_kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=2 * hidden / embed_dim)
+            # timm sizes fc1 as int(D * mlp_ratio): + 0.5 keeps float rounding from losing a unit
+            vit_kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=(2 * hidden + 0.5) / embed_dim)
         else:
             vit_kwargs.update(mlp_ratio=mlp_ratio)
         # the classification ViT of models/vit.py (qkv bias, LayerNorm eps 1e-6), no head

@@ -111,8 +111,8 @@ def detect_source(state_dict: Mapping[str, Tensor]) -> str:
     Rules, first match wins: ``(module.)base_encoder.*`` -> ``'moco_v3'``; ``decoder_embed`` / ``decoder_blocks``
     -> ``'mae'`` (pretraining checkpoint with decoder, official or ours); ``norm.0.weight``, ``decoder.*`` or
     ``hog_enc.*`` -> ``'localmim'`` (also ViTFreeze and ours); ``ls1.gamma``, ViT-Adapter's ``gamma1``,
-    ``register_tokens`` or a top-level ``mask_token`` next to ``blocks`` -> ``'dinov2'``; ``blocks`` + ``patch_embed`` -> ``'timm'`` (also MAE's encoder-only release,
-    DeiT, converted MoCo v3).
+    ``register_tokens`` or a top-level ``mask_token`` next to ``blocks`` -> ``'dinov2'``; ``blocks`` +
+    ``patch_embed`` -> ``'timm'`` (also MAE's encoder-only release, DeiT, converted MoCo v3).
 
     Raises:
         ValueError: the keys match none of the supported layouts.

@@ -1,0 +1,269 @@
+"""ViT-Adapter (models/adapter.py) and its DINOv2 checkpoints (models/convert.py, tools/convert_14to16.py).
+
+References: timm's own ViT / DINOv2 models (random weights, real key names and shapes) run at patch 16 on
+weights resized in the test with F.interpolate, the explicit per-window computation, and the lr-decay formula.
+"""
+from __future__ import annotations
+
+import importlib.util
+from functools import partial
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import GluMlp
+
+from models.adapter import ADAPTER_MODELS, ViTAdapter, create_adapter, default_interaction_indexes
+from models.convert import backbone_state, detect_source
+from util.param_groups import param_groups
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(embed_dim=32, depth=4, num_heads=2, deform_num_heads=2, conv_inplane=8, img_size=64)
+
+
+def plain_tokens(vit, x: torch.Tensor, last_blocks: list[int]) -> list[torch.Tensor]:
+    """timm's own forward: token sequences [B, T + hw, D] after the given blocks, no final norm."""
+    with torch.no_grad():
+        outs = vit.forward_intermediates(x, indices=last_blocks, norm=False, output_fmt="NLC",
+                                         return_prefix_tokens=True, intermediates_only=True)
+    return [torch.cat([prefix, patches], dim=1) for patches, prefix in outs]
+
+
+def adapter_tokens(model: ViTAdapter, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return model.forward_interactions(x)[0]
+
+
+def as_plain_vit(model: ViTAdapter, img_size: int | tuple[int, int], **timm_kwargs) -> torch.nn.Module:
+    """A timm ViT of the same architecture holding the adapter's ViT weights (pos grid resampled by the test)."""
+    plain = timm.models.vision_transformer.VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=model.embed_dim, depth=model.depth,
+        num_heads=model.vit.blocks[0].attn.num_heads, num_classes=0, qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), **timm_kwargs).eval()
+    state = {k: v for k, v in model.vit.state_dict().items()}
+    state["pos_embed"] = resample_grid(state["pos_embed"], plain.patch_embed.grid_size,
+                                       0 if plain.no_embed_class else plain.num_prefix_tokens)
+    plain.load_state_dict(state, strict=False)  # only norm.* (the adapter has none) stays missing
+    return plain
+
+
+def resample_grid(pos: torch.Tensor, size: tuple[int, int], prefix: int) -> torch.Tensor:
+    """ViT-Adapter's ``_get_pos_embed``: bicubic, align_corners False, no antialias; prefix rows kept."""
+    grid = pos[:, prefix:]
+    g = int(grid.shape[1] ** 0.5)
+    if (g, g) == tuple(size):
+        return pos
+    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(size), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :prefix], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+# ---- architecture ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [{}, {"layer_scale": True, "reg_tokens": 4}])
+def test_vit_tokens_equal_the_plain_vit_while_gammas_are_zero(extra):
+    torch.manual_seed(0)
+    model = ViTAdapter(**TINY, **extra).eval()
+    x = torch.randn(2, 3, 64, 96)  # not the position grid's size: the grid is resampled on the fly
+    timm_kwargs = {"init_values": 1.0, "reg_tokens": 4, "no_embed_class": True} if extra else {}
+    plain = as_plain_vit(model, (64, 96), **timm_kwargs)
+    last = [r[1] for r in model.interaction_indexes]
+    assert last == [0, 1, 2, 3]
+    got, want = adapter_tokens(model, x), plain_tokens(plain, x, last)
+    assert all(int(i.gamma.abs().sum()) == 0 for i in (b.injector for b in model.interactions))
+    for g, w in zip(got, want):
+        assert g.shape == w.shape == (2, (1 + extra.get("reg_tokens", 0)) + 4 * 6, 32)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a trained injector changes the ViT's tokens: the comparison can fail
+        model.interactions[1].injector.gamma.fill_(0.5)
+    changed = adapter_tokens(model, x)
+    torch.testing.assert_close(changed[0], want[0], rtol=1e-5, atol=1e-5)
+    assert (changed[1] - want[1]).abs().max() > 1e-3
+
+
+def test_pyramid_contract_and_every_parameter_trains():
+    torch.manual_seed(0)
+    model = create_adapter("adapter_small", **TINY, drop_path_rate=0.1)
+    out = model(torch.randn(2, 3, 64, 96))
+    assert list(out) == ["0", "1", "2", "3"] and model.out_channels == 32 and model.strides == (4, 8, 16, 32)
+    assert [tuple(v.shape) for v in out.values()] == [(2, 32, 16, 24), (2, 32, 8, 12), (2, 32, 4, 6), (2, 32, 2, 3)]
+    sum(v.square().mean() for v in out.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad
+    assert len(model.interactions[-1].extra_extractors) == 2 and not model.interactions[0].extra_extractors
+    with pytest.raises(ValueError, match="divisible by 32"):
+        model(torch.randn(1, 3, 48, 64))
+
+
+def test_windowed_blocks_equal_attention_within_each_window():
+    torch.manual_seed(0)
+    model = ViTAdapter(**TINY, window_size=3, window_blocks=[0, 2]).eval()
+    h, w, prefix = 4, 6, 1
+    x = torch.randn(2, prefix + h * w, 32)
+    with torch.no_grad():
+        got = model._block(0, x, (h, w))
+        block = model.vit.blocks[0]
+        grid = x[:, prefix:].reshape(2, h, w, 32)
+        want = torch.empty_like(grid)
+        for r in range(0, h, 3):  # windows 3x3; the bottom row of windows holds one valid row only
+            for c in range(0, w, 3):
+                win = grid[:, r:r + 3, c:c + 3]
+                want[:, r:r + 3, c:c + 3] = block(win.reshape(2, -1, 32)).reshape(win.shape)
+        torch.testing.assert_close(got[:, prefix:], want.reshape(2, h * w, 32), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[:, :prefix], block(x[:, :prefix]), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model._block(1, x, (h, w)), got)  # block 1 is global
+    with pytest.raises(ValueError, match="window"):
+        ViTAdapter(**TINY, window_blocks=[0])
+
+
+def test_layer_decay_groups_follow_the_reference_constructor():
+    model = ViTAdapter(**TINY)
+    assert [model.layer_id(n) for n in ("vit.cls_token", "vit.pos_embed", "vit.patch_embed.proj.weight",
+                                        "vit.blocks.0.attn.qkv.weight", "vit.blocks.3.mlp.fc2.bias",
+                                        "spm.stem.0.weight", "interactions.0.injector.gamma", "level_embed",
+                                        "norms.0.weight")] == [0, 0, 0, 1, 4, 5, 5, 5, 5]
+    groups = param_groups(model, weight_decay=0.05, unit_of=model.layer_id, layer_decay=0.7,
+                          num_layers=model.num_layers, no_weight_decay=model.no_weight_decay())
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert scale["vit.patch_embed.proj.weight"] == pytest.approx(0.7 ** 5)
+    assert scale["vit.blocks.1.attn.qkv.weight"] == pytest.approx(0.7 ** 3)
+    assert scale["spm.fc1.weight"] == scale["interactions.3.extractor.attn.value_proj.weight"] == 1.0
+    assert decay["vit.pos_embed"] == decay["vit.cls_token"] == decay["interactions.0.injector.gamma"] == 0.0
+    assert decay["level_embed"] == decay["vit.blocks.0.attn.qkv.weight"] == 0.05
+
+
+def test_factories_have_the_reference_sizes():
+    assert default_interaction_indexes(12) == [(0, 2), (3, 5), (6, 8), (9, 11)]
+    assert default_interaction_indexes(24) == [(0, 5), (6, 11), (12, 17), (18, 23)]
+    assert {"adapter_small", "adapter_base", "adapter_large", "adapter_dinov2_small", "adapter_dinov2_base",
+            "adapter_dinov2_large", "adapter_dinov2_giant", "adapter_dinov2_small_reg4"} <= set(ADAPTER_MODELS)
+    model = create_adapter("adapter_dinov2_base", depth=4)  # narrow depth only: cheap to build
+    assert (model.embed_dim, model.vit.blocks[0].attn.num_heads, model.layer_scale) == (768, 12, True)
+    attn = model.interactions[0].injector.attn
+    assert (attn.n_heads, attn.value_dim, attn.n_levels, attn.n_points) == (12, 384, 3, 4)  # deform_ratio 0.5
+    assert model.vit.patch_embed.grid_size == (37, 37)  # pretrain_size 592: a DINOv2 37x37 grid loads as is
+    with pytest.raises(ValueError, match="unknown ViT-Adapter"):
+        create_adapter("adapter_smal")
+
+
+# ---- DINOv2 checkpoints ----------------------------------------------------------------------------------------
+
+def dinov2_original(timm_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The keys and shapes of DINOv2's released files, from a timm DINOv2 model: ``mask_token``, registers as
+    ``register_tokens`` with the cls position inside ``pos_embed``, SwiGLU as ``mlp.w12`` / ``mlp.w3``."""
+    sd = {k: v.clone() for k, v in timm_model.state_dict().items()}
+    dim = sd["cls_token"].shape[-1]
+    sd["mask_token"] = torch.zeros(1, dim)
+    if "reg_token" in sd:
+        cls_pos = torch.randn(1, 1, dim) * 0.02  # undo timm's fold of the cls position into cls_token
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["cls_token"] = sd["cls_token"] - cls_pos
+        sd["pos_embed"] = torch.cat([cls_pos, sd["pos_embed"]], dim=1)
+    if not isinstance(timm_model.blocks[0].mlp, GluMlp):
+        return sd
+    return {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in sd.items()}
+
+
+def timm_dinov2(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gamma"):
+                p.uniform_(0.1, 2.0)  # trained-looking LayerScale (1e-5 at init would hide errors)
+    return model
+
+
+def convert_tool():
+    spec = importlib.util.spec_from_file_location("convert_14to16", ROOT / "tools" / "convert_14to16.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def patch16_reference(timm_model: torch.nn.Module, name: str, size: int, **kwargs) -> torch.nn.Module:
+    """timm's model at patch 16 and input ``size`` with the DINOv2 weights, kernel and grid resized here."""
+    plain = timm.create_model(name, pretrained=False, num_classes=0, patch_size=16, img_size=size, **kwargs).eval()
+    state = dict(timm_model.state_dict())
+    state["patch_embed.proj.weight"] = F.interpolate(state["patch_embed.proj.weight"], size=(16, 16),
+                                                     mode="bilinear", align_corners=False)
+    prefix = 0 if plain.no_embed_class else plain.num_prefix_tokens
+    state["pos_embed"] = resample_grid(state["pos_embed"], plain.patch_embed.grid_size, prefix)
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
+@pytest.mark.parametrize("name, adapter", [("vit_small_patch14_dinov2", "adapter_dinov2_small"),
+                                           ("vit_small_patch14_reg4_dinov2", "adapter_dinov2_small_reg4")])
+def test_dinov2_checkpoint_converts_14to16_and_loads_with_every_key_used(tmp_path, name, adapter):
+    dinov2 = timm_dinov2(name, img_size=518)  # DINOv2's released grid: 37 x 37
+    ckpt = dinov2_original(dinov2)
+    assert ckpt["pos_embed"].shape == (1, 1 + 37 * 37, 384) and ckpt["patch_embed.proj.weight"].shape[-1] == 14
+    torch.save(ckpt, tmp_path / "dinov2_vits14_pretrain.pth")
+    assert convert_tool().main([str(tmp_path / "dinov2_vits14_pretrain.pth")]) == 0
+    converted = torch.load(tmp_path / "dinov2_vits14_pretrain_14to16.pth", weights_only=True)
+    assert "blocks.0.gamma1" in converted and detect_source(converted) == "dinov2"
+
+    model = create_adapter(adapter, img_size=64).eval()
+    missing, unexpected = model.load_backbone(converted, what="14to16 file")
+    assert unexpected == ["vit.norm.bias", "vit.norm.weight"]  # the adapter does not use the final norm
+    assert missing and not [k for k in missing if k.startswith("vit.")]
+    used = {k for k in ckpt if k not in ("mask_token", "norm.weight", "norm.bias")}
+    assert len(used) == len(model.vit.state_dict())  # every other checkpoint tensor has a place in the ViT
+    torch.testing.assert_close(model.vit.blocks[5].ls2.gamma, ckpt["blocks.5.ls2.gamma"], rtol=0, atol=0)
+
+    # the adapter's ViT tokens (gammas 0) equal timm's DINOv2 run at patch 16 on the same resized weights
+    x = torch.randn(1, 3, 64, 64)
+    kwargs = {"reg_tokens": 4, "no_embed_class": True} if "reg4" in name else {}
+    reference = patch16_reference(dinov2, name, 64)
+    last = [r[1] for r in model.interaction_indexes]
+    for g, w in zip(adapter_tokens(model, x), plain_tokens(reference, x, last)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    assert kwargs.get("reg_tokens", 0) == model.vit.num_reg_tokens
+
+
+def test_register_tokens_and_layer_scale_refused_by_a_model_without_them():
+    dinov2 = dinov2_original(timm_dinov2("vit_small_patch14_reg4_dinov2", img_size=56, depth=4))
+    with pytest.raises(ValueError, match="4 register tokens and the model 0"):
+        create_adapter("adapter_dinov2_small", depth=4, img_size=64).load_backbone(dinov2)
+    # a model without LayerScale gets it folded (exact), and raw DINOv2 loads into it with every ViT key
+    plain = dinov2_original(timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4))
+    missing, unexpected = create_adapter("adapter_small", depth=4, img_size=64).load_backbone(plain)
+    assert unexpected == ["vit.norm.bias", "vit.norm.weight"]
+
+
+def test_swiglu_giant_loads_into_the_giant_adapter_and_is_refused_elsewhere():
+    small = dict(embed_dim=48, depth=4, num_heads=2)
+    dinov2 = timm_dinov2("vit_giant_patch14_dinov2", img_size=56, **small)
+    ckpt = dinov2_original(dinov2)
+    assert "blocks.0.mlp.w12.weight" in ckpt and ckpt["blocks.0.mlp.w3.weight"].shape == (48, 128)
+    model = create_adapter("adapter_dinov2_giant", **small, deform_num_heads=2, img_size=64).eval()
+    model.load_backbone(ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    reference = patch16_reference(dinov2, "vit_giant_patch14_dinov2", 64, **small)
+    for g, w in zip(adapter_tokens(model, x), plain_tokens(reference, x, [0, 1, 2, 3])):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="SwiGLU"):
+        create_adapter("adapter_dinov2_small", **small, deform_num_heads=2, img_size=64).load_backbone(ckpt)
+
+
+def test_vit_adapter_14to16_file_loads_into_the_classifier_with_layer_scale_folded():
+    """Issue 11: the 24 gamma1/gamma2 keys of a converted file were ignored at INFO level; now they are folded."""
+    dinov2 = timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4)
+    converted = convert_tool().dinov2_14to16(dinov2_original(dinov2))
+    classifier = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=384, depth=4, num_heads=6, num_classes=0, qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    state, source = backbone_state(converted, classifier)
+    assert source == "dinov2" and not [k for k in state if "gamma" in k]
+    classifier.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(classifier(x), patch16_reference(dinov2, "vit_small_patch14_dinov2", 64,
+                                                                    depth=4)(x), rtol=1e-4, atol=1e-4)
+    stray = dict(converted, **{"blocks.0.attn.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="block parameters the model lacks"):
+        backbone_state(stray, classifier)
