@@ -12,8 +12,9 @@ Chen et al., "Vision Transformer Adapter for Dense Predictions", ICLR 2023 (gith
   pretrained ViT starts untouched), the ViT blocks of the range, then an **extractor** (``c`` queries the ViT
   patch tokens with 1-level deformable attention, then a ConvFFN: linear, 3x3 depth-wise conv per level, GELU,
   linear); the last interaction has two extra extractors;
-- outputs: c1 + up(c2), c2, c3, c4, each plus the ViT tokens of interaction 1..4 resized to that stride,
-  then a BatchNorm per level.
+- outputs: c1 + up(c2), c2, c3, c4, each plus the last ViT tokens resized to that stride (bilinear), then a
+  BatchNorm per level. (The reference's first release added the tokens of interaction i to level i; its current
+  code, which the DINOv2 configs run, adds the last ones everywhere, as here.)
 
 Differences from the reference, and why:
 
@@ -126,9 +127,8 @@ class InteractionBlock(nn.Module):
         common = dict(num_heads=num_heads, n_points=n_points, deform_ratio=deform_ratio)
         self.injector = Injector(dim, init_values=init_values, **common)
         self.extractor = Extractor(dim, cffn_ratio=cffn_ratio, drop_path=drop_path, **common)
-        # the reference's extra extractors have no drop path
-        self.extra_extractors = nn.ModuleList(
-            [Extractor(dim, cffn_ratio=cffn_ratio, **common) for _ in range(2)] if extra_extractor else [])
+        self.extra_extractors = nn.ModuleList([Extractor(dim, cffn_ratio=cffn_ratio, drop_path=drop_path, **common)
+                                               for _ in range(2)] if extra_extractor else [])
 
     def extract(self, c: Tensor, x: Tensor, ref: Tensor, vit_shape: Shapes, c_shapes: Shapes) -> Tensor:
         for extractor in [self.extractor, *self.extra_extractors]:
@@ -366,12 +366,11 @@ class ViTAdapter(nn.Module):
                       zip(c.split([4 * h * w, h * w, (h // 2) * (w // 2)], dim=1),
                           [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]))
         feats = [self.up(c2) + c1, c2, c3, c4]
-        if self.add_vit_feature:
-            grids = [t[:, prefix:].transpose(1, 2).reshape(b, d, h, w) for t in outs]
+        if self.add_vit_feature:  # the last ViT tokens, resized to every level (the reference's current code)
+            grid = outs[-1][:, prefix:].transpose(1, 2).reshape(b, d, h, w)
             for i, scale in enumerate((4.0, 2.0, 1.0, 0.5)):
-                vit = grids[i] if scale == 1 else F.interpolate(grids[i], scale_factor=scale, mode="bilinear",
-                                                                align_corners=False)
-                feats[i] = feats[i] + vit
+                feats[i] = feats[i] + (grid if scale == 1 else F.interpolate(grid, scale_factor=scale,
+                                                                             mode="bilinear", align_corners=False))
         return OrderedDict((str(i), norm(f)) for i, (norm, f) in enumerate(zip(self.norms, feats)))
 
 

@@ -24,6 +24,7 @@ Sources and what they derive from:
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from functools import partial
@@ -38,6 +39,8 @@ from models.pos_embed import resample_pos_embed
 
 __all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit", "backbone_state",
            "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit", "dinov2_14to16"]
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm")
 # Top-level names of timm VisionTransformer parameters/buffers that a converted backbone may carry.
@@ -319,6 +322,9 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
     keep = any(re.search(r"\.ls[12]\.gamma$", k) for k in own)
     swiglu = isinstance(getattr(model.blocks[0], "mlp", None), GluMlp)
     state, source = to_timm_vit(checkpoint, source=source, keep_layer_scale=keep, swiglu=swiglu)
+    if source == "dinov2":
+        logger.info("DINOv2 checkpoint: LayerScale %s", "kept as parameters (the model has LayerScale)" if keep
+                    else "folded into attn.proj / mlp.fc2 (exact; the model has no LayerScale)")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     regs = state["reg_token"].shape[1] if "reg_token" in state else 0
     model_regs = getattr(model, "num_reg_tokens", 0)
@@ -365,8 +371,8 @@ def dinov2_14to16(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     Resizes ``patch_embed.proj.weight`` [D, 3, 14, 14] -> [D, 3, 16, 16] (bilinear, align_corners False, no
     rescale), drops every key containing ``mask_token``, renames ``ls1.gamma`` -> ``gamma1`` and ``ls2.gamma`` ->
-    ``gamma2``; ``pos_embed`` and everything else are untouched. For our ViT use :func:`to_timm_vit` (which folds
-    LayerScale) and :func:`adapt_to_model` instead.
+    ``gamma2``; ``pos_embed`` and everything else are untouched. :func:`to_timm_vit` / :func:`backbone_state`
+    read the result (``gamma1`` / ``gamma2`` are DINOv2's LayerScale: folded or kept, never ignored).
 
     Raises:
         ValueError: no ``patch_embed.proj.weight``.
