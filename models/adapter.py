@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -52,11 +53,14 @@ from timm.layers import DropPath, SwiGLUPacked, resample_abs_pos_embed, trunc_no
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
 
-__all__ = ["ViTAdapter", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock", "ADAPTER_MODELS",
+__all__ = ["ViTAdapter", "PyramidFPN", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock",
+           "ADAPTER_MODELS",
            "create_adapter", "default_interaction_indexes"]
 
 logger = logging.getLogger(__name__)
@@ -272,35 +276,43 @@ class ViTAdapter(nn.Module):
 
     def load_backbone(self, checkpoint: Mapping[str, Any], *, source: str = "auto",
                       what: str = "checkpoint") -> tuple[list[str], list[str]]:
-        """Load a ViT checkpoint (any layout ``models/convert`` reads: DINOv2 raw, *_reg4, 14->16 converted, DeiT,
-        MAE, ours, timm) into ``vit.*``: patch kernel and position grid fitted to this model, LayerScale kept
-        (DINOv2 models) or folded (others), every ViT key required.
+        """Load a ViT checkpoint into ``vit.*`` (the contract of ``ViTFeaturePyramid.load_backbone``).
+
+        Accepts any layout ``models/convert`` reads, as loaded (DINOv2 raw, *_reg4, ViT-Adapter's 14->16 file,
+        DeiT, MAE, ours, timm) or already converted by ``to_timm_vit``. Patch kernel and position grid are fitted to
+        this model. LayerScale is kept when the model has it (DINOv2 models); if the checkpoint has none (DeiT, or
+        a state already folded by ``to_timm_vit``) the gammas are set to 1 (the same function; the reference
+        initialises its gammas to 1 too) and a warning says so. The adapter's own modules stay at their
+        initialisation.
 
         Returns:
-            ``(missing, unexpected)``: missing are the adapter's own keys (expected: they start untrained),
-            unexpected the checkpoint's keys the adapter does not use (``vit.norm.*``, a head), as classification
-            fine-tuning reports them.
+            ``(missing, unexpected)`` ViT keys, without the ``vit.`` prefix, sorted: missing is empty (a missing
+            ViT key raises), unexpected are the checkpoint's keys the adapter does not use (``norm.*``, a head).
 
         Raises:
             ValueError: a ViT key is missing, shapes differ, or the checkpoint has parts this model lacks
-                (register tokens, LayerScale or SwiGLU without the matching model).
+                (register tokens, SwiGLU, other block parameters).
         """
         state, source = backbone_state(checkpoint, self.vit, source=source)
-        state = {f"vit.{k}": v for k, v in state.items()}
-        own = self.state_dict()
+        own = self.vit.state_dict()
+        unset_gammas = [k for k in own if re.search(r"\.ls[12]\.gamma$", k) and k not in state]
+        if unset_gammas:
+            logger.warning("%s has no LayerScale for the %d gammas of the ViT-Adapter's ViT (folded or never "
+                           "trained with it): they start at 1, which leaves the checkpoint's function unchanged",
+                           what, len(unset_gammas))
+            state.update({k: torch.ones_like(own[k]) for k in unset_gammas})
         shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and v.shape != own[k].shape]
         if shapes:
-            raise ValueError(f"{what}: shapes differ from the ViT-Adapter:\n  " + "\n  ".join(shapes))
-        result = self.load_state_dict(state, strict=False)
+            raise ValueError(f"{what}: shapes differ from the ViT-Adapter's ViT:\n  " + "\n  ".join(shapes))
+        result = self.vit.load_state_dict(state, strict=False)
         missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-        vit_missing = [k for k in missing if k.startswith("vit.")]
-        if vit_missing:
-            raise ValueError(f"{what} did not load the ViT-Adapter's backbone: {len(vit_missing)} ViT keys are "
-                             f"missing ({_short(vit_missing)})")
-        logger.info("loaded %s (%s checkpoint) into the ViT-Adapter: %d ViT keys; missing (the adapter's own, "
-                    "kept initial): %d keys; unexpected (ignored): %s", what, source, len(state) - len(unexpected),
-                    len(missing), _short(unexpected) if unexpected else "none")
+        if missing:
+            raise ValueError(f"{what} ({source}) did not load the ViT-Adapter's backbone: {len(missing)} of "
+                             f"{len(own)} ViT keys are missing ({_short(missing)})")
+        logger.info("loaded %s (%s checkpoint) into the ViT-Adapter: %d ViT keys; the adapter's own %d tensors "
+                    "start initialised; unexpected (not used by the adapter): %s", what, source, len(own),
+                    len(self.state_dict()) - len(own), _short(unexpected) if unexpected else "none")
         return missing, unexpected
 
     # ---- forward --------------------------------------------------------------------------------------------------
@@ -374,6 +386,41 @@ class ViTAdapter(nn.Module):
         return OrderedDict((str(i), norm(f)) for i, (norm, f) in enumerate(zip(self.norms, feats)))
 
 
+class PyramidFPN(nn.Module):
+    """An FPN neck over a four-level pyramid (strides 4..32): the reference configs' mmdet ``FPN`` (in_channels
+    [D] * 4, out_channels 256, num_outs 5 without extra convs = a stride-64 max-pool level) as torchvision's
+    ``FeaturePyramidNetwork`` + ``LastLevelMaxPool``, convolutions Xavier-uniform initialised as mmdet's.
+
+    Output: OrderedDict "0".."3" (+ "pool" with ``extra_pool``), each [B, out_channels, H/s, W/s]: the input
+    torchvision's ``MaskRCNN`` and ``models/detectors.py`` take. ``layer_id``, ``no_weight_decay``, ``num_layers`` and
+    ``load_backbone`` delegate to the body (the neck is at lr scale 1).
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int = 256, extra_pool: bool = True) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork([body.out_channels] * len(body.strides), out_channels,
+                                         extra_blocks=LastLevelMaxPool() if extra_pool else None)
+        for m in self.fpn.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.out_channels, self.num_layers = out_channels, body.num_layers
+        self.strides = tuple(body.strides) + ((body.strides[-1] * 2,) if extra_pool else ())
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+    def layer_id(self, name: str) -> int:
+        return self.body.layer_id(name[len("body."):]) if name.startswith("body.") else self.num_layers
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"body.{n}" for n in self.body.no_weight_decay()}
+
+    def load_backbone(self, checkpoint: Mapping[str, Any], **kwargs: Any) -> tuple[list[str], list[str]]:
+        return self.body.load_backbone(checkpoint, **kwargs)
+
+
 def _short(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -439,9 +486,11 @@ ADAPTER_MODELS: dict[str, Callable[..., ViTAdapter]] = {
 }
 
 
-def create_adapter(name: str, **kwargs: Any) -> ViTAdapter:
+def create_adapter(name: str, *, fpn_channels: int | None = None, **kwargs: Any) -> ViTAdapter | PyramidFPN:
     """Build a ViT-Adapter by name (``ADAPTER_MODELS``); kwargs override the preset (drop_path_rate, img_size,
-    window_size / window_blocks, depth for tiny tests, ...)."""
+    window_size / window_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the Mask R-CNN configs)
+    wraps it in :class:`PyramidFPN` with the stride-64 ``'pool'`` level, ready for a detector."""
     if name not in ADAPTER_MODELS:
         raise ValueError(f"unknown ViT-Adapter {name!r}; choose one of {sorted(ADAPTER_MODELS)}")
-    return ADAPTER_MODELS[name](**kwargs)
+    adapter = ADAPTER_MODELS[name](**kwargs)
+    return adapter if fpn_channels is None else PyramidFPN(adapter, fpn_channels, extra_pool=True)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import GluMlp
 
-from models.adapter import ADAPTER_MODELS, ViTAdapter, create_adapter, default_interaction_indexes
+from models.adapter import ADAPTER_MODELS, PyramidFPN, ViTAdapter, create_adapter, default_interaction_indexes
 from models.convert import backbone_state, detect_source
 from util.param_groups import param_groups
 
@@ -95,6 +95,21 @@ def test_pyramid_contract_and_every_parameter_trains():
     assert len(model.interactions[-1].extra_extractors) == 2 and not model.interactions[0].extra_extractors
     with pytest.raises(ValueError, match="divisible by 32"):
         model(torch.randn(1, 3, 48, 64))
+
+
+def test_fpn_neck_gives_the_detector_five_levels():
+    torch.manual_seed(0)
+    model = create_adapter("adapter_small", **TINY, fpn_channels=16).eval()
+    assert isinstance(model, PyramidFPN) and model.out_channels == 16 and model.strides == (4, 8, 16, 32, 64)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+        inner = model.body(torch.randn(1, 3, 64, 64))
+    assert list(out) == ["0", "1", "2", "3", "pool"] and len(inner) == 4
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    torch.testing.assert_close(out["pool"], out["3"][..., ::2, ::2])  # max-pool kernel 1, stride 2
+    assert model.layer_id("body.vit.blocks.2.mlp.fc1.weight") == 3
+    assert model.layer_id("fpn.inner_blocks.0.0.weight") == 5
+    assert model.num_layers == 5 and "body.vit.pos_embed" in model.no_weight_decay()
 
 
 def test_windowed_blocks_equal_attention_within_each_window():
@@ -209,8 +224,7 @@ def test_dinov2_checkpoint_converts_14to16_and_loads_with_every_key_used(tmp_pat
 
     model = create_adapter(adapter, img_size=64).eval()
     missing, unexpected = model.load_backbone(converted, what="14to16 file")
-    assert unexpected == ["vit.norm.bias", "vit.norm.weight"]  # the adapter does not use the final norm
-    assert missing and not [k for k in missing if k.startswith("vit.")]
+    assert missing == [] and unexpected == ["norm.bias", "norm.weight"]  # the adapter does not use the final norm
     used = {k for k in ckpt if k not in ("mask_token", "norm.weight", "norm.bias")}
     assert len(used) == len(model.vit.state_dict())  # every other checkpoint tensor has a place in the ViT
     torch.testing.assert_close(model.vit.blocks[5].ls2.gamma, ckpt["blocks.5.ls2.gamma"], rtol=0, atol=0)
@@ -232,7 +246,7 @@ def test_register_tokens_and_layer_scale_refused_by_a_model_without_them():
     # a model without LayerScale gets it folded (exact), and raw DINOv2 loads into it with every ViT key
     plain = dinov2_original(timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4))
     missing, unexpected = create_adapter("adapter_small", depth=4, img_size=64).load_backbone(plain)
-    assert unexpected == ["vit.norm.bias", "vit.norm.weight"]
+    assert missing == [] and unexpected == ["norm.bias", "norm.weight"]
 
 
 def test_swiglu_giant_loads_into_the_giant_adapter_and_is_refused_elsewhere():
@@ -267,3 +281,19 @@ def test_vit_adapter_14to16_file_loads_into_the_classifier_with_layer_scale_fold
     stray = dict(converted, **{"blocks.0.attn.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="block parameters the model lacks"):
         backbone_state(stray, classifier)
+
+
+def test_a_state_already_folded_by_to_timm_vit_loads_with_gammas_at_one():
+    """main_detect's path (to_timm_vit, then load_backbone): LayerScale was folded, so the gammas start at 1 and
+    the ViT computes the same function as with the checkpoint's LayerScale kept as parameters."""
+    from models.convert import to_timm_vit
+    raw = dinov2_original(timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4))
+    kept = create_adapter("adapter_dinov2_small", depth=4, img_size=64).eval()
+    kept.load_backbone(raw)
+    folded = create_adapter("adapter_dinov2_small", depth=4, img_size=64).eval()
+    folded.load_backbone(to_timm_vit(raw)[0])
+    assert torch.equal(folded.vit.blocks[2].ls1.gamma, torch.ones(384))
+    assert not torch.equal(kept.vit.blocks[2].ls1.gamma, torch.ones(384))
+    x = torch.randn(1, 3, 64, 64)
+    for a, b in zip(adapter_tokens(kept, x), adapter_tokens(folded, x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
