@@ -60,8 +60,7 @@ from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
 
 __all__ = ["ViTAdapter", "PyramidFPN", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock",
-           "ADAPTER_MODELS",
-           "create_adapter", "default_interaction_indexes"]
+           "ADAPTER_MODELS", "create_adapter", "default_interaction_indexes"]
 
 logger = logging.getLogger(__name__)
 
