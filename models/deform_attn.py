@@ -131,13 +131,15 @@ class MSDeformAttn(nn.Module):
         around ``ref_points`` [N or 1, Lq, L or 1, 2] ((x, y) in [0, 1]); offsets are divided by (W_l, H_l)."""
         n, lq, _ = query.shape
         m, lv, k = self.n_heads, self.n_levels, self.n_points
-        offsets = self.sampling_offsets(query).view(n, lq, m, lv, k, 2)
-        weights = self.attention_weights(query).view(n, lq, m, lv * k).softmax(-1).view(n, lq, m, lv, k)
-        shapes = torch.as_tensor(_shapes(spatial_shapes), dtype=query.dtype, device=query.device)
+        # fp32 from here on under autocast (as ViT-Adapter's op, custom_fwd(cast_inputs=float32)): a bf16 location
+        # near 1.0 is only good to 1/128, a whole pixel on a 256-wide map
+        offsets = self.sampling_offsets(query).float().view(n, lq, m, lv, k, 2)
+        weights = self.attention_weights(query).float().view(n, lq, m, lv * k).softmax(-1).view(n, lq, m, lv, k)
+        shapes = torch.as_tensor(_shapes(spatial_shapes), dtype=torch.float32, device=query.device)
         normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)  # (W_l, H_l)
         if ref_points.shape[-1] != 2:
             raise ValueError(f"reference points must be (x, y) pairs, got last dim {ref_points.shape[-1]}")
-        locations = ref_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = ref_points.float()[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return locations, weights
 
     def forward(self, query: Tensor, ref_points: Tensor, input_flatten: Tensor,
@@ -162,4 +164,6 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(n, s, self.n_heads, self.value_dim // self.n_heads)
         locations, weights = self.sampling(query, ref_points, spatial_shapes)
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            out = ms_deform_attn(value.float(), spatial_shapes, locations, weights)
+        return self.output_proj(out.to(query.dtype))

@@ -297,3 +297,18 @@ def test_a_state_already_folded_by_to_timm_vit_loads_with_gammas_at_one():
     x = torch.randn(1, 3, 64, 64)
     for a, b in zip(adapter_tokens(kept, x), adapter_tokens(folded, x)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = ViTAdapter(**TINY, window_size=3, window_blocks=[1], grad_checkpointing=ckpt).train()
+        with torch.no_grad():
+            for block in model.interactions:
+                block.injector.gamma.fill_(0.3)
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        sum(v.square().mean() for v in model(x).values()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)

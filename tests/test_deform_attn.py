@@ -113,3 +113,17 @@ def test_gradients_flow_to_offsets_and_values():
     for name, p in attn.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert feat.grad.abs().sum() > 0 and query.grad.abs().sum() > 0
+
+
+def test_sampling_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=1, n_heads=2, n_points=2)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.3)
+    query, feat, shapes = torch.randn(1, 5, 16), torch.randn(1, 64 * 64, 16), [(64, 64)]
+    ref = torch.rand(1, 5, 1, 2) * 0.2 + 0.8  # near 1, where bf16 spacing is 1/128 (two pixels of this map)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        locations, weights = attn.sampling(query, ref, shapes)
+        out = attn(query, ref, feat, shapes)
+    assert locations.dtype == weights.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attn(query, ref, feat, shapes), rtol=0.05, atol=0.05)
