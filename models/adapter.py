@@ -29,7 +29,7 @@ Differences from the reference, and why:
   ``mlp.fc2`` is exact at load time but changes fine-tuning (AdamW steps are relative to the weights' scale, and
   the reference's layer-decay recipe was tuned with gammas as parameters). Models without LayerScale (DeiT rows)
   get checkpoints with LayerScale folded (``models/convert.backbone_state``).
-- Window attention (``window_size`` / ``window_blocks``, the DINOv2 configs' ``window_attn``): non-overlapping
+- Window attention (``window_size`` / ``global_blocks``, the DINOv2 configs' ``window_attn``): non-overlapping
   windows over the patch grid, padded at the bottom/right with the padded keys masked out (the reference lets
   zero-padded keys take part with logit 0); the prefix tokens form their own group in windowed blocks.
 - Multi-scale deformable attention is the ``grid_sample`` implementation of ``models/deform_attn.py`` (no
@@ -198,10 +198,11 @@ class ViTAdapter(nn.Module):
         cffn_ratio: ConvFFN hidden width / D.
         init_values: initial injector gamma (0: the pretrained ViT starts untouched).
         interaction_indexes: (first, last) block of each interaction; default four equal ranges.
-        add_vit_feature: add the ViT tokens of each interaction to the matching output level.
+        add_vit_feature: add the last ViT tokens, resized, to every output level.
         use_extra_extractor: two extra extractors in the last interaction.
-        window_size: window of the windowed-attention blocks (0: none).
-        window_blocks: indices of the blocks that use windowed attention.
+        window_size: 0 = global attention everywhere; else window attention in every block not in ``global_blocks``
+            (the DINOv2 configs: 14, global blocks 2, 5, 8, 11 for depth 12; ``ViTFeaturePyramid``'s arguments).
+        global_blocks: blocks that keep global attention under ``window_size`` (negative indices count from the end).
         grad_checkpointing: recompute the ViT blocks in backward (memory for time).
     """
 
@@ -212,7 +213,7 @@ class ViTAdapter(nn.Module):
                  swiglu: bool = False, conv_inplane: int = 64, n_points: int = 4, deform_num_heads: int = 6,
                  deform_ratio: float = 1.0, cffn_ratio: float = 0.25, init_values: float = 0.0,
                  interaction_indexes: Sequence[Sequence[int]] | None = None, add_vit_feature: bool = True,
-                 use_extra_extractor: bool = True, window_size: int = 0, window_blocks: Sequence[int] = (),
+                 use_extra_extractor: bool = True, window_size: int = 0, global_blocks: Sequence[int] = (),
                  grad_checkpointing: bool = False) -> None:
         super().__init__()
         vit_kwargs: dict[str, Any] = dict(init_values=1e-5 if layer_scale else None, reg_tokens=reg_tokens,
@@ -234,10 +235,12 @@ class ViTAdapter(nn.Module):
         if [r[0] for r in ranges] != [0] + [r[1] + 1 for r in ranges[:-1]] or ranges[-1][1] != depth - 1:
             raise ValueError(f"interaction_indexes {ranges} must cover blocks 0..{depth - 1} in consecutive ranges")
         self.interaction_indexes = ranges
-        bad = [i for i in window_blocks if not 0 <= i < depth]
-        if bad or (window_blocks and window_size <= 0):
-            raise ValueError(f"window_blocks {list(window_blocks)} need window_size > 0 and indices in [0, {depth})")
-        self.window_size, self.window_blocks = window_size, frozenset(window_blocks)
+        if window_size < 0 or any(not -depth <= i < depth for i in global_blocks):
+            raise ValueError(f"window_size must be >= 0 and global_blocks in [-{depth}, {depth}), got {window_size}, "
+                             f"{list(global_blocks)}")
+        self.window_size = window_size
+        self.window_blocks = frozenset(set(range(depth)) - {i % depth for i in global_blocks}) if window_size else \
+            frozenset()
         self.add_vit_feature, self.grad_checkpointing = add_vit_feature, grad_checkpointing
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SpatialPriorModule(conv_inplane, embed_dim)
@@ -404,7 +407,7 @@ class PyramidFPN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.out_channels, self.num_layers = out_channels, body.num_layers
+        self.out_channels, self.num_layers, self.depth = out_channels, body.num_layers, body.depth
         self.strides = tuple(body.strides) + ((body.strides[-1] * 2,) if extra_pool else ())
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -487,7 +490,7 @@ ADAPTER_MODELS: dict[str, Callable[..., ViTAdapter]] = {
 
 def create_adapter(name: str, *, fpn_channels: int | None = None, **kwargs: Any) -> ViTAdapter | PyramidFPN:
     """Build a ViT-Adapter by name (``ADAPTER_MODELS``); kwargs override the preset (drop_path_rate, img_size,
-    window_size / window_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the Mask R-CNN configs)
+    window_size / global_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the Mask R-CNN configs)
     wraps it in :class:`PyramidFPN` with the stride-64 ``'pool'`` level, ready for a detector."""
     if name not in ADAPTER_MODELS:
         raise ValueError(f"unknown ViT-Adapter {name!r}; choose one of {sorted(ADAPTER_MODELS)}")

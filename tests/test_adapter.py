@@ -114,7 +114,8 @@ def test_fpn_neck_gives_the_detector_five_levels():
 
 def test_windowed_blocks_equal_attention_within_each_window():
     torch.manual_seed(0)
-    model = ViTAdapter(**TINY, window_size=3, window_blocks=[0, 2]).eval()
+    model = ViTAdapter(**TINY, window_size=3, global_blocks=[1, -1]).eval()
+    assert model.window_blocks == {0, 2}
     h, w, prefix = 4, 6, 1
     x = torch.randn(2, prefix + h * w, 32)
     with torch.no_grad():
@@ -129,8 +130,9 @@ def test_windowed_blocks_equal_attention_within_each_window():
         torch.testing.assert_close(got[:, prefix:], want.reshape(2, h * w, 32), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[:, :prefix], block(x[:, :prefix]), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(model._block(1, x, (h, w)), got)  # block 1 is global
-    with pytest.raises(ValueError, match="window"):
-        ViTAdapter(**TINY, window_blocks=[0])
+    with pytest.raises(ValueError, match="global_blocks"):
+        ViTAdapter(**TINY, window_size=3, global_blocks=[4])
+    assert ViTAdapter(**TINY, global_blocks=[1]).window_blocks == frozenset()  # no window_size: all global
 
 
 def test_layer_decay_groups_follow_the_reference_constructor():
@@ -303,7 +305,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = ViTAdapter(**TINY, window_size=3, window_blocks=[1], grad_checkpointing=ckpt).train()
+        model = ViTAdapter(**TINY, window_size=3, global_blocks=[0, 2, 3], grad_checkpointing=ckpt).train()
         with torch.no_grad():
             for block in model.interactions:
                 block.injector.gamma.fill_(0.3)
