@@ -314,3 +314,16 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name, adapter", [("vit_base_patch14_dinov2", "adapter_dinov2_base"),
+                                           ("vit_large_patch14_reg4_dinov2", "adapter_dinov2_large_reg4")])
+def test_dinov2_base_and_large_widths_load_through_the_tool(tmp_path, name, adapter):
+    """B and L at their real widths, heads and 37x37 grid (4 blocks instead of 12 / 24 to stay small)."""
+    ckpt = dinov2_original(timm_dinov2(name, img_size=518, depth=4))
+    torch.save(ckpt, tmp_path / "ckpt.pth")
+    assert convert_tool().main([str(tmp_path / "ckpt.pth")]) == 0
+    model = create_adapter(adapter, depth=4)
+    missing, unexpected = model.load_backbone(torch.load(tmp_path / "ckpt_14to16.pth", weights_only=True))
+    assert missing == [] and unexpected == ["norm.bias", "norm.weight"]
+    assert model.vit.pos_embed.shape[1] == ckpt["pos_embed"].shape[1] - ("reg4" in name)  # 37x37 as is
