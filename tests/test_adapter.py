@@ -327,3 +327,24 @@ def test_dinov2_base_and_large_widths_load_through_the_tool(tmp_path, name, adap
     missing, unexpected = model.load_backbone(torch.load(tmp_path / "ckpt_14to16.pth", weights_only=True))
     assert missing == [] and unexpected == ["norm.bias", "norm.weight"]
     assert model.vit.pos_embed.shape[1] == ckpt["pos_embed"].shape[1] - ("reg4" in name)  # 37x37 as is
+
+
+def test_torchvision_mask_rcnn_trains_on_the_adapter_with_fpn():
+    """The neck's output is what torchvision's MaskRCNN takes (its transform pads images to multiples of 32)."""
+    from torchvision.models.detection import MaskRCNN
+    torch.manual_seed(0)
+    detector = MaskRCNN(create_adapter("adapter_small", **TINY, fpn_channels=16), num_classes=3, min_size=64,
+                        max_size=96, rpn_batch_size_per_image=32, box_batch_size_per_image=16)
+    masks = torch.zeros(2, 70, 90, dtype=torch.uint8)
+    masks[0, 10:30, 20:50], masks[1, 40:60, 5:25] = 1, 1
+    target = {"boxes": torch.tensor([[20.0, 10, 50, 30], [5, 40, 25, 60]]), "labels": torch.tensor([1, 2]),
+              "masks": masks}
+    losses = detector([torch.rand(3, 70, 90)], [target])
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert detector.backbone.body.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    detector.eval()
+    with torch.no_grad():
+        out = detector([torch.rand(3, 70, 90)])
+    assert out[0]["masks"].shape[-2:] == (70, 90)
