@@ -362,3 +362,12 @@ def test_finetune_loads_the_14to16_file_with_layer_scale_folded(tmp_path):
     gamma = converted["blocks.3.gamma2"]
     torch.testing.assert_close(model.blocks[3].mlp.fc2.weight, converted["blocks.3.mlp.fc2.weight"] * gamma[:, None])
     torch.testing.assert_close(model.blocks[3].mlp.fc2.bias, converted["blocks.3.mlp.fc2.bias"] * gamma)
+
+
+@pytest.mark.parametrize("name, millions", [("adapter_small", 48), ("adapter_base", 120)])
+def test_parameter_counts_match_the_seed_table(name, millions):
+    """Seed 002's #Param column (Mask R-CNN + FPN on ViT-Adapter-S / B, 80 COCO classes): 48M and 120M."""
+    from torchvision.models.detection import MaskRCNN
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        detector = MaskRCNN(create_adapter(name, fpn_channels=256), num_classes=81)
+    assert round(sum(p.numel() for p in detector.parameters()) / 1e6) == millions
