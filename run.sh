@@ -4,11 +4,14 @@
 #   JOB_NAME    output goes to output/JOB_NAME/TASK/ (and runs resume from there automatically)
 #   TASK        a recipe (see --help); several joined with '+' run one after another
 #   MODEL       a registered model name (mae_vit_base_patch16, MIM_vit_base_patch16, vit_base_patch16, ...)
-#               or an architecture (tiny, small, base, large, huge) completed from the task's recipe
+#               or an architecture (tiny, small, base, large, huge, or vit_base, ...) completed from the task's recipe
 #   NGPUS       processes per node: 0 = plain python (CPU), N > 0 = torchrun --nproc_per_node=N;
 #               NNODES > 1 in the environment (or --launcher slurm among the extras) submits through submitit
 #   CHECKPOINT  --resume for pretraining tasks, --finetune (the pretrained backbone) for the others
-#   extras      passed through and override the recipe: --flag value, or key=value (becomes --key value)
+#   extras      passed through and override the recipe: --flag value, or key=value (becomes --key value);
+#               the seeds' mm-style keys are mapped: data.samples_per_gpu, lr_config.step, runner.max_epochs,
+#               optimizer.lr, optimizer.paramwise_cfg.layer_decay_rate, model.backbone.drop_path_rate,
+#               optimizer_config.use_fp16 (any other dotted key is an error)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,10 +32,12 @@ add inat_cls          main_finetune.py configs/finetune/dbot_inat18.yaml
 add inat19_cls        main_finetune.py configs/finetune/dbot_inat19.yaml
 add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
 add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
-UNSUPPORTED="cascade_coco_det ade20k_seg ade20kv_seg"
+add cascade_coco_det   main_detect.py   configs/detect/cascade_mask_rcnn_vit_base_1x_coco.yaml
+add mask_rcnn_coco_det main_detect.py   configs/detect/mask_rcnn_vit_base_3x_coco.yaml
+UNSUPPORTED="ade20k_seg ade20kv_seg"
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     echo; echo "tasks:"
     for task in $(printf '%s\n' "${!SCRIPT[@]}" | sort); do
         printf '  %-52s %s --config %s\n' "$task" "${SCRIPT[$task]}" "${CONFIG[$task]}"
@@ -46,9 +51,32 @@ JOB=$1; TASKS=$2; MODEL=$3; NGPUS=$4; shift 4
 if ! [[ $NGPUS =~ ^[0-9]+$ ]]; then echo "error: NGPUS must be a number >= 0, got '$NGPUS'" >&2; exit 2; fi
 CKPT=""
 if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then CKPT=$1; shift; fi
+mm_override() {  # KEY VALUE of an mm-style override (the seeds' OpenMMLab configs) -> our flags in MAPPED
+    local key=$1 value=$2
+    case $key in
+        data.samples_per_gpu) MAPPED=(--batch_size "$value");;
+        lr_config.step) IFS=',' read -ra steps <<< "$value"; MAPPED=(--lr_steps "${steps[@]}");;
+        runner.max_epochs) MAPPED=(--epochs "$value");;
+        optimizer.lr) MAPPED=(--lr "$value");;
+        optimizer.paramwise_cfg.layer_decay_rate) MAPPED=(--layer_decay "$value");;
+        model.backbone.drop_path_rate) MAPPED=(--drop_path "$value");;
+        optimizer_config.use_fp16)
+            case ${value,,} in true) MAPPED=(--amp fp16);; false) MAPPED=(--amp none);;
+                *) echo "error: optimizer_config.use_fp16 takes True or False, got '$value'" >&2; exit 2;; esac;;
+        *) echo "error: unknown override '$key' (mm-style keys known here: data.samples_per_gpu, lr_config.step," \
+                "runner.max_epochs, optimizer.lr, optimizer.paramwise_cfg.layer_decay_rate," \
+                "model.backbone.drop_path_rate, optimizer_config.use_fp16)" >&2; exit 2;;
+    esac
+}
 EXTRA=()
 for arg in "$@"; do
-    if [[ $arg == *=* && $arg != -* ]]; then EXTRA+=("--${arg%%=*}" "${arg#*=}"); else EXTRA+=("$arg"); fi
+    if [[ $arg == *=* && $arg != -* ]]; then
+        key=${arg%%=*}
+        if [[ $key == *.* ]]; then mm_override "$key" "${arg#*=}"; EXTRA+=("${MAPPED[@]}")
+        else EXTRA+=("--$key" "${arg#*=}"); fi
+    else
+        EXTRA+=("$arg")
+    fi
 done
 
 LAUNCHER=""  # --launcher slurm|local among the extras
@@ -68,11 +96,11 @@ for task in "${TASK_LIST[@]}"; do  # check every task before starting any
 done
 
 model_name() {  # full name as given, or an architecture completed with the recipe's model family
-    local task=$1 family
-    if [[ $MODEL == *_* ]]; then echo "$MODEL"; return; fi
-    local patch=16; [[ $MODEL == huge ]] && patch=14
+    local task=$1 family arch=${MODEL#vit_}  # the seeds write base, large or vit_base
+    if [[ $MODEL == *_* && ! $MODEL =~ ^vit_(tiny|small|base|large|huge)$ ]]; then echo "$MODEL"; return; fi
+    local patch=16; [[ $arch == huge ]] && patch=14
     family=$(sed -n 's/^model: *\([A-Za-z]*_\)\{0,1\}vit_.*/\1/p' "${CONFIG[$task]}")
-    echo "${family}vit_${MODEL}_patch${patch}"
+    echo "${family}vit_${arch}_patch${patch}"
 }
 
 command_of() {  # sets args (the entry script's arguments) and cmd (how to launch it) for one task

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import main_detect
 import main_finetune
 import main_knn
 import main_linprobe
@@ -12,7 +13,8 @@ import main_pretrain
 import models
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe, "knn": main_knn}
+SCRIPTS = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe, "knn": main_knn,
+           "detect": main_detect}
 RECIPES = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

@@ -99,3 +99,32 @@ def test_slurm_goes_through_submitit_not_torchrun(job, extra, env):
     nodes = int(env.get("NNODES", 1))
     assert (resolved["launcher"], resolved["nodes"], resolved["ngpus"]) == ("slurm", nodes, 4)
     assert resolved["accum_iter"] == 1024 // (32 * 4 * nodes)  # the recipe's effective batch on nodes x 4 GPUs
+
+
+def test_dbot_detection_seed_maps_mm_overrides(job):
+    """dBOT's COCO command as written (seed 000), on CPU: the mm-style keys become our flags."""
+    res = run_sh(job, "cascade_coco_det", "vit_base", "0", "dbot_base_pre/checkpoint-1600.pth",
+                 "data.samples_per_gpu=2", "lr_config.step=8,11", "runner.max_epochs=12",
+                 "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    assert resolved["model"] == "vit_base_patch16" and resolved["detector"] == "cascade_mask_rcnn"
+    assert (resolved["batch_size"], resolved["lr_steps"], resolved["epochs"], resolved["layer_decay"]) == \
+        (2, [8, 11], 12, 0.75)
+    assert resolved["finetune"] == "dbot_base_pre/checkpoint-1600.pth"
+    assert resolved["accum_iter"] == 8  # effective batch 16 = 2 x 8 GPUs, kept on one process
+
+
+def test_segmentation_style_overrides_and_model_forms(job):
+    res = run_sh(job, "mask_rcnn_coco_det", "large", "0", "optimizer_config.use_fp16=True", "optimizer.lr=3e-5",
+                 "model.backbone.drop_path_rate=0.2", "--deterministic", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    assert resolved["model"] == "vit_large_patch16" and resolved["amp"] == "fp16"
+    assert resolved["lr"] == 3e-5 and resolved["drop_path"] == 0.2 and resolved["deterministic"] is True
+
+
+def test_unknown_mm_override_is_an_error_naming_it(job):
+    res = run_sh(job, "cascade_coco_det", "base", "0", "optimizer.momentum=0.9")
+    assert res.returncode == 2 and "unknown override 'optimizer.momentum'" in res.stderr
+    assert not (ROOT / "output" / job).exists()

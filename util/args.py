@@ -378,3 +378,53 @@ def add_transfer_data_args(parser: argparse.ArgumentParser) -> None:
                        help="fetch CIFAR / Flowers / Pets with torchvision when missing (never done otherwise)")
     group.add_argument("--train_per_class", default=0, type=non_negative_int,
                        help="train on N labelled images per class, drawn with --seed (few labels; 0: all of them)")
+
+
+# ------------------------------------------------------------------------------- detection / instance segmentation
+def add_detection_args(parser: argparse.ArgumentParser) -> None:
+    """Mask R-CNN / Cascade Mask R-CNN on the ViT pyramid (``main_detect.py``): model, data, schedule."""
+    group = parser.add_argument_group("detection")
+    group.add_argument("--detector", default="mask_rcnn", choices=["mask_rcnn", "cascade_mask_rcnn"],
+                       help="models.detectors.DETECTORS")
+    group.add_argument("--finetune", default="",
+                       help="pretrained ViT checkpoint (ours, MAE, LocalMIM/ViTFreeze, MoCo v3, DINOv2, timm) for the "
+                            "pyramid's encoder; empty: random initialisation (a baseline)")
+    group.add_argument("--checkpoint_source", default="auto",
+                       choices=["auto", "vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm"],
+                       help="layout of --finetune (auto: detected from its keys)")
+    group.add_argument("--drop_path", default=0.1, type=closed_fraction, help="stochastic depth of the ViT")
+    group.add_argument("--layer_decay", default=0.75, type=positive_float,
+                       help="layer-wise lr decay over the ViT blocks (1 disables it); RPN/RoI heads get scale 1")
+    group.add_argument("--lr_steps", default=[8, 11], type=positive_int, nargs="+",
+                       help="epochs after which the lr is multiplied by 0.1 (mmdet's lr_config.step)")
+    group.add_argument("--warmup_iters", default=500, type=non_negative_int,
+                       help="linear warmup from 0.001 x lr over this many optimizer steps (mmdet)")
+    group.add_argument("--anchor_sizes", default=[32, 64, 128, 256, 512], type=positive_int, nargs=5,
+                       help="RPN anchor size of each level (strides 4, 8, 16, 32, 64)")
+    group.add_argument("--out_channels", default=256, type=positive_int, help="channels of the feature pyramid")
+    group.add_argument("--rois_per_image", default=512, type=positive_int,
+                       help="RoIs sampled per image (and cascade stage) to train the box head")
+    group.add_argument("--proposals_per_image", default=2000, type=positive_int,
+                       help="RPN proposals per image after NMS in training (half of it at test time)")
+    group.add_argument("--box_fc", default=1024, type=positive_int, help="width of the box head's FC layer")
+    group.add_argument("--window_size", default=0, type=non_negative_int,
+                       help="window attention in the ViT blocks outside --global_blocks (ViTDet: 14); 0: global")
+    group.add_argument("--global_blocks", default=[2, 5, 8, 11], type=int, nargs="*",
+                       help="blocks that keep global attention under --window_size")
+    group.add_argument("--grad_checkpointing", action="store_true", help="recompute ViT blocks in backward")
+    group.add_argument("--scale_range", default=[0.1, 2.0], type=positive_float, nargs=2,
+                       help="large-scale jitter: random resize range around --input_size (ViTDet 0.1 2.0)")
+    group.add_argument("--max_dets", default=100, type=positive_int, help="detections per image (COCO: 100)")
+    group.add_argument("--eval", action="store_true", help="only evaluate --resume (or --auto_resume's) checkpoint")
+    group.add_argument("--eval_every", default=1, type=positive_int, help="evaluate every N epochs (and the last)")
+    group.add_argument("--deterministic", action="store_true",
+                       help="deterministic cuDNN kernels (mmdet's --deterministic); slower")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_path", default="scenes",
+                      help="COCO root (annotations/instances_{train,val}2017.json, {train,val}2017/), or 'scenes': "
+                           "synthetic scenes written into <output_dir>/scenes")
+    data.add_argument("--scene_images", default=[64, 16], type=positive_int, nargs=2,
+                      help="train / val images of the synthetic scenes (their side is --input_size)")
+    data.add_argument("--num_workers", default=4, type=non_negative_int)
+    data.add_argument("--pin_mem", action="store_true", default=True)
+    data.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")

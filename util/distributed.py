@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -155,3 +156,23 @@ def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer, src)
+
+
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Picklable ``obj`` of every rank, in rank order, on rank ``dst`` (None elsewhere); ``[obj]`` single-process.
+
+    For results that are lists of Python objects of uneven size (COCO detections with RLE masks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (identity single-process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -3,12 +3,14 @@
 The MAE rule ([MAE] ``util/lr_sched.py``) evaluated on optimizer steps instead of fractional epochs:
 warmup lr * step / warmup_steps, then min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2.
 Schedules are pure functions of the step; the training loop owns the counter. ``training_budget`` gives the
-quantities every training script derives first: steps per epoch, effective batch and the actual lr.
+quantities every training script derives first: steps per epoch, effective batch and the actual lr. ``step_lr`` is
+mmdet's step policy with linear warmup (detection recipes).
 """
 from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import torch
 
@@ -59,3 +61,21 @@ def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every param group's lr to ``lr`` times its ``lr_scale`` (1 when absent)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def step_lr(step: int, *, base_lr: float, milestones: Sequence[int], gamma: float = 0.1, warmup_steps: int = 0,
+            warmup_ratio: float = 0.001) -> float:
+    """mmdet's step schedule (``lr_config = dict(policy='step', warmup='linear', step=[8, 11])``) at update ``step``.
+
+    Args:
+        step: optimizer updates done so far.
+        base_lr: lr before the first milestone.
+        milestones: updates after which the lr is multiplied by ``gamma`` (epochs x steps per epoch).
+        gamma: decay factor at each milestone.
+        warmup_steps: linear warmup from ``warmup_ratio * lr`` (mmdet's ``warmup_iters``, ratio 0.001).
+        warmup_ratio: start of the warmup, as a fraction of the lr it ramps to.
+    """
+    lr = base_lr * gamma ** sum(step >= m for m in milestones)
+    if step < warmup_steps:
+        lr *= warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return lr

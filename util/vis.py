@@ -24,7 +24,7 @@ import torch
 from util.checkpoint import atomic_write
 from util.data.transforms import denormalize
 
-__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png"]
+__all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "save_detection_png"]
 
 GAP = 2  # pixels between tiles
 
@@ -261,3 +261,33 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
                 draw.text((left + p * cell + 2, top + t * cell + (cell - 10) // 2), str(count),
                           fill="white" if dark else "black")
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_detection_png(path: str | Path, images: Sequence[torch.Tensor], outputs: Sequence[dict[str, torch.Tensor]],
+                       class_names: Sequence[str], *, score_thresh: float = 0.5) -> Path:
+    """Predicted masks and boxes over images, side by side (torchvision's drawing utilities).
+
+    Args:
+        images: [3, H, W] floats in [0, 1] (any sizes; the row is as high as the highest).
+        outputs: torchvision detection outputs (``boxes`` xyxy, ``labels`` 1..K, ``scores``, optional ``masks``
+            [N, 1, H, W] probabilities); detections below ``score_thresh`` are not drawn.
+        class_names: name of label k at index k - 1.
+    """
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    tiles = []
+    for img, out in zip(images, outputs):
+        tile = _to_uint8(img.clamp(0, 1)).permute(2, 0, 1).contiguous()  # torchvision draws on [3, H, W]
+        keep = out["scores"] >= score_thresh
+        if "masks" in out and keep.any():
+            tile = draw_segmentation_masks(tile, out["masks"][keep, 0] > 0.5, alpha=0.45)
+        labels = [f"{class_names[int(k) - 1]} {float(s):.2f}" for k, s in zip(out["labels"][keep], out["scores"][keep])]
+        if keep.any():
+            tile = draw_bounding_boxes(tile, out["boxes"][keep], labels=labels, colors="yellow", width=2)
+        tiles.append(tile)
+    height = max(t.shape[1] for t in tiles)
+    canvas = torch.full((3, height, sum(t.shape[2] for t in tiles) + GAP * (len(tiles) - 1)), 255, dtype=torch.uint8)
+    x = 0
+    for t in tiles:
+        canvas[:, :t.shape[1], x:x + t.shape[2]] = t
+        x += t.shape[2] + GAP
+    return _write_png(Path(path), canvas.permute(1, 2, 0).contiguous())

@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -78,15 +78,15 @@ class KeyedSamples(Dataset):
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
-                       world_size: int, seed: int, keyed: bool = True) -> DataLoader:
+                       world_size: int, seed: int, keyed: bool = True, collate_fn: Callable | None = None) -> DataLoader:
     """Shuffled, ``drop_last`` training loader sharded over ``world_size`` ranks, of ``KeyedSamples(dataset)``
     (or of ``dataset`` itself with ``keyed=False``: items without randomness, e.g. cached features, where the
-    per-item reseeding would cost more than the item)."""
+    per-item reseeding would cost more than the item); ``collate_fn`` as DataLoader's (detection keeps lists)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     return DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(), drop_last=True,
-                      generator=torch.Generator(), persistent_workers=False)
+                      generator=torch.Generator(), persistent_workers=False, collate_fn=collate_fn)
 
 
 def set_loader_epoch(loader: DataLoader, *, seed: int, epoch: int, rank: int) -> None:

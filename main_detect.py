@@ -1,0 +1,211 @@
+"""Object detection and instance segmentation: Mask R-CNN / Cascade Mask R-CNN on the ViT feature pyramid (COCO).
+
+The seeds' recipes ran on mmdet (dBOT's Cascade Mask R-CNN 1x, ViT-Adapter's Mask R-CNN 3x); this script runs
+them on torchvision's detection models (``models/detectors.py``) over ``models/pyramid.py`` (ViTDet's simple
+feature pyramid), with ViTDet's large-scale jitter (``util/data/coco.py``), AdamW with layer-wise lr decay, mmdet's
+step schedule (``--lr_steps``, ``--warmup_iters``) and COCO box / mask AP (``util/coco_eval.py``, keys ``bbox_AP``,
+``segm_AP``, ... in ``log.txt``). The training loop is the shared one (``engine/train.py``) with
+``engine.detect.detect_step``. Recipes: ``configs/detect/``; ``./run.sh JOB cascade_coco_det vit_base 8 CKPT``.
+Example: ``python main_detect.py --config configs/detect/demo.yaml --output_dir output/det_demo``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from engine.detect import detect_step, evaluate_detection
+from engine.evaluate import eval_shard
+from engine.train import NonFiniteLossError, train_one_epoch
+from models.convert import to_timm_vit
+from models.detectors import build_detector, detector_layer_id
+from models.pyramid import ViTFeaturePyramid
+from util import args as cli
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
+from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
+from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.distributed import DistInfo, barrier, wrap_ddp
+from util.launch import add_launch_args, parse_or_dispatch
+from util.logging import MetricWriter
+from util.lr_sched import apply_lr, step_lr, training_budget
+from util.param_groups import param_groups
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+
+logger = logging.getLogger("vitfreeze")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False)
+    cli.add_config_args(parser)
+    cli.add_model_args(parser, default_model="vit_base_patch16")
+    cli.add_detection_args(parser)
+    cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
+    cli.add_dist_args(parser)
+    cli.add_output_args(parser, save_every=4)
+    parser.set_defaults(input_size=1024)  # ViTDet's LSJ canvas
+    add_launch_args(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Train (``--eval``: evaluate) as ``argv`` says; returns the last evaluation's metrics (``bbox_AP``,
+    ``segm_AP``, AP50, AP75, APs/m/l, percent) plus ``epoch``."""
+    args, result = parse_or_dispatch(build_parser(), argv, "main_detect")
+    if result is not None:
+        return result
+    if not args.model.startswith("vit_"):
+        raise ValueError(f"--model {args.model}: the detection backbone is a ViT (vit_base_patch16, ...)")
+    info = setup_run(args)
+    if args.deterministic:  # mmdet's --deterministic
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    seed_everything(args.seed + info.rank)
+    output_dir, device, amp_dtype = Path(args.output_dir), info.device, resolve_amp(args.amp, info.device)
+    root = prepare_data(args, info)
+    train_set = CocoInstances(root, "train", train=True, transform=partial(
+        large_scale_jitter, size=args.input_size, scale_range=args.scale_range))
+    val_set = CocoInstances(root, "val")
+    if train_set.category_ids != val_set.category_ids:
+        raise ValueError(f"train and val categories differ: {train_set.category_ids} vs {val_set.category_ids}")
+    resume = args.resume or (find_latest(output_dir) if args.auto_resume else None)
+    if args.eval and not resume:
+        raise ValueError("--eval evaluates a trained checkpoint: pass --resume CKPT (or --auto_resume)")
+    model = build_model(args, len(val_set.classes), finetune=None if resume else args.finetune).to(device)
+    val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size), shuffle=False,
+                            batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=collate_detection)
+    evaluate = partial(evaluate_detection, model, val_loader, device=device, gt=val_set.gt,
+                       category_ids=val_set.category_ids, image_ids=val_set.image_ids, amp_dtype=amp_dtype,
+                       max_dets=(1, 10, args.max_dets))
+    if args.eval:
+        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
+        return write_results(output_dir if info.is_main else None, report(evaluate(), "eval"))
+
+    loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
+                                collate_fn=collate_detection)
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
+    backbone, depth = model.backbone, model.backbone.depth
+    optimizer = torch.optim.AdamW(param_groups(
+        model, weight_decay=args.weight_decay, unit_of=partial(detector_layer_id, backbone=backbone),
+        no_weight_decay={f"backbone.{n}" for n in backbone.no_weight_decay()}, layer_decay=args.layer_decay,
+        num_layers=depth + 1), lr=lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    schedule = partial(step_lr, base_lr=lr, milestones=[e * steps_per_epoch for e in args.lr_steps],
+                       warmup_steps=args.warmup_iters + args.warmup_epochs * steps_per_epoch)
+    start_epoch, skipped, result = args.start_epoch, 0, {}
+    if resume:
+        checkpoint = resume_training(resume, model, optimizer, scaler, sync=lambda step: None,
+                                     steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch"),
+                                     hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint")
+        start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
+        result = checkpoint.get("metrics", {})
+    if info.is_main:
+        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
+                         "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
+    ddp = wrap_ddp(model, info)
+    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    for epoch in range(start_epoch, args.epochs):
+        seed_everything(epoch_seed(args.seed, epoch, info.rank))
+        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
+        model.train()
+        stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler,
+                                before_update=lambda step: apply_lr(optimizer, schedule(step)),
+                                start_step=epoch * steps_per_epoch, num_steps=steps_per_epoch,
+                                accum_steps=args.accum_iter, clip_grad=args.clip_grad, amp_dtype=amp_dtype,
+                                device=device, model=ddp, max_skipped_steps=args.max_skipped_steps,
+                                skipped_before=skipped, print_freq=args.print_freq, log_fn=writer.log,
+                                header=f"Epoch: [{epoch}]")
+        skipped, evaluated = int(stats["skipped_steps"]), {}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            result = evaluated = report(evaluate(), f"epoch {epoch}")
+            writer.log({f"val/{k}": v for k, v in result.items()}, int(stats["step"]))
+            if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
+                save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "step": int(stats["step"]), "skipped_steps": skipped, "metrics": result,
+                     "classes": val_set.classes, "category_ids": val_set.category_ids, "args": vars(args)}
+            save_checkpoint(output_dir / "checkpoint-last.pth", state)
+            if (epoch + 1) % args.save_every == 0:
+                save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
+        writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()},
+                          **{f"val_{k}": v for k, v in evaluated.items()}, "epoch": epoch})
+    writer.close()
+    return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
+
+
+def _step(model: nn.Module, batch, step: int, *, device: torch.device) -> dict:
+    return detect_step(model, batch, step, device=device)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | None) -> nn.Module:
+    """Pyramid backbone (with the ``finetune`` checkpoint's ViT, if any) under the ``--detector`` heads."""
+    backbone = ViTFeaturePyramid(args.model, img_size=args.input_size, out_channels=args.out_channels,
+                                 extra_pool=True, drop_path_rate=args.drop_path, window_size=args.window_size,
+                                 global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing)
+    if finetune:
+        state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
+        missing, unexpected = backbone.load_backbone(state)
+        if missing:
+            raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
+        logger.info("loaded %s (%s checkpoint) into the pyramid's ViT; ignored: %s", finetune, source,
+                    unexpected[:8] or "none")
+    elif not (args.resume or args.auto_resume):
+        logger.warning("no --finetune checkpoint: the ViT starts from random initialisation (a baseline)")
+    return build_detector(args.detector, backbone, num_classes, img_size=args.input_size,
+                          anchor_sizes=args.anchor_sizes, box_fc=args.box_fc, detections_per_img=args.max_dets,
+                          rois_per_image=args.rois_per_image, proposals_per_image=args.proposals_per_image)
+
+
+def prepare_data(args: argparse.Namespace, info: DistInfo) -> Path:
+    """The COCO root: ``--data_path``, or synthetic scenes written once into ``<output_dir>/scenes``."""
+    if args.data_path != "scenes":
+        return Path(args.data_path)
+    from util.data.scenes import write_coco
+    root = Path(args.output_dir) / "scenes"
+    spec = {"n_train": args.scene_images[0], "n_val": args.scene_images[1], "size": args.input_size,
+            "seed": args.seed}
+    marker = root / "scenes.json"
+    if info.is_main and not (marker.exists() and json.loads(marker.read_text()) == spec):
+        write_coco(root, **spec)
+        marker.write_text(json.dumps(spec))
+    barrier()
+    return root
+
+
+def report(metrics: dict[str, float], what: str) -> dict[str, float]:
+    logger.info("%s: box AP %.2f (AP50 %.2f, AP75 %.2f)  mask AP %.2f (AP50 %.2f, AP75 %.2f)", what,
+                *(metrics.get(k, float("nan")) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
+                                                         "segm_AP50", "segm_AP75")))
+    return metrics
+
+
+def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, device: torch.device,
+                  count: int = 4) -> None:
+    """Predicted boxes and masks (score >= 0.5) over the first ``count`` validation images (one PNG)."""
+    from util.vis import save_detection_png
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    model.eval()
+    with torch.inference_mode():
+        outputs = model([img.to(device) for img, _ in items])
+    save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
+                       dataset.classes)
+
+
+def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[str, float]:
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, NonFiniteLossError)

@@ -1,0 +1,234 @@
+"""ViT feature pyramid for dense tasks: our ViT encoder + ViTDet's simple feature pyramid.
+
+After ViTDet (Li et al., "Exploring Plain Vision Transformer Backbones for Object Detection", ECCV 2022;
+detectron2 ``modeling/backbone/vit.py`` ``SimpleFeaturePyramid``): the plain ViT's stride-16 map is turned into
+strides 4 (two 2x2 deconvolutions with LayerNorm + GELU between), 8 (one deconvolution), 16 (identity) and 32 (2x2
+max-pool), each followed by a 1x1 conv + LayerNorm and a 3x3 conv + LayerNorm to ``out_channels``; ``extra_pool``
+adds torchvision's ``LastLevelMaxPool`` level (stride 64, key ``'pool'``) for detection. The output is the
+``OrderedDict`` of feature maps with ``out_channels`` that torchvision's ``MaskRCNN`` / ``FasterRCNN`` expect of a
+backbone, so detection and segmentation share it (and ``models/adapter.py`` follows the same contract).
+
+The encoder is a registered timm ``VisionTransformer`` (``models/vit.py``) with ``dynamic_img_size`` (the position
+embedding is resampled bicubically to any input grid, so detection's padded, non-square batches work), with its
+final ``norm`` / head removed (ViTDet and BEiT/MAE segmentation use the last block's tokens without the final norm;
+an unused norm would also break DDP). Options:
+- ``tap_blocks``: four block indices whose outputs feed the four levels, as BEiT's / MAE's UperNet configs
+  (``out_indices=[3, 5, 7, 11]``); default: every level from the last block (ViTDet).
+- ``window_size`` > 0: window attention (ViTDet) in every block not in ``global_blocks``; the class token is not
+  used then (ViTDet has none). Windows are run as a batch of sequences through the unchanged timm ``Block``, so
+  weights are the global-attention ones; ViTDet's relative position bias is not added (our checkpoints have none),
+  and drop path then drops per window rather than per image.
+- ``grad_checkpointing``: recompute each block in backward (torch.utils.checkpoint, non-reentrant).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from models.convert import adapt_to_model
+from models.registry import create_model
+
+__all__ = ["ViTFeaturePyramid", "LayerNorm2d", "window_partition", "window_unpartition"]
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of [B, C, H, W] (detectron2 ``LayerNorm``, ConvNeXt), eps 1e-6."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def window_partition(x: Tensor, window: int) -> tuple[Tensor, tuple[int, int]]:
+    """[B, H, W, C] -> ([B * nW, window * window, C], padded (Hp, Wp)); zero-pads H, W up to multiples of window."""
+    b, h, w, c = x.shape
+    ph, pw = (window - h % window) % window, (window - w % window) % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hp, wp = h + ph, w + pw
+    x = x.view(b, hp // window, window, wp // window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, window * window, c), (hp, wp)
+
+
+def window_unpartition(windows: Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: [B * nW, window * window, C] -> [B, H, W, C] (padding cropped)."""
+    hp, wp = padded
+    b = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.view(b, hp // window, wp // window, window, window, -1).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, hp, wp, -1)[:, :size[0], :size[1]].contiguous()
+
+
+def _conv_ln(cin: int, cout: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), LayerNorm2d(cout))
+
+
+class ViTFeaturePyramid(nn.Module):
+    """ViT encoder + simple feature pyramid.
+
+    Args:
+        vit_name: a registered ViT factory (``vit_base_patch16``, ...).
+        img_size: training crop size; the position embedding is kept (and resampled on load) for this grid.
+        out_channels: channels of every pyramid level (256 in ViTDet / Mask R-CNN).
+        strides: levels to build, a subset of (4, 8, 16, 32) for patch 16 (scales 4, 2, 1, 1/2 of the ViT map).
+        extra_pool: add key ``'pool'`` = max-pool (kernel 1, stride 2) of the coarsest level (detection).
+        drop_path_rate: stochastic depth, linearly spaced over the blocks.
+        window_size: 0 = global attention everywhere; else window attention outside ``global_blocks``.
+        global_blocks: blocks that keep global attention under ``window_size`` (ViTDet: 2, 5, 8, 11 for ViT-B).
+        grad_checkpointing: recompute blocks in backward.
+        tap_blocks: None (all levels from the last block) or one block index per level (BEiT/MAE UperNet).
+
+    ``forward(x [B, 3, H, W]) -> OrderedDict`` ``'0'``.. (one per stride, coarsest last) [+ ``'pool'``], each
+    [B, out_channels, H / s, W / s] (H, W multiples of the patch size; of 32 for a stride-32 level).
+    """
+
+    def __init__(self, vit_name: str, *, img_size: int, out_channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32),
+                 extra_pool: bool = False, drop_path_rate: float = 0.1, window_size: int = 0,
+                 global_blocks: Sequence[int] = (), grad_checkpointing: bool = False,
+                 tap_blocks: Sequence[int] | None = None, **vit_kwargs) -> None:
+        super().__init__()
+        self.window_size = int(window_size)
+        use_cls = self.window_size == 0
+        self.vit = create_model(vit_name, img_size=img_size, num_classes=0, global_pool="token" if use_cls else "avg",
+                                drop_path_rate=drop_path_rate, dynamic_img_size=True, class_token=use_cls,
+                                **vit_kwargs)
+        # the final norm / fc_norm are not used by dense heads (and unused parameters would stall DDP)
+        self.vit.norm, self.vit.fc_norm, self.vit.head = nn.Identity(), nn.Identity(), nn.Identity()
+        self.depth = len(self.vit.blocks)
+        self.patch_size = self.vit.patch_embed.patch_size[0]
+        self.global_blocks = frozenset(int(b) % self.depth for b in global_blocks)
+        self.grad_checkpointing = grad_checkpointing
+        strides = tuple(int(s) for s in strides)
+        allowed = {self.patch_size // 4: None, self.patch_size // 2: None, self.patch_size: None,
+                   self.patch_size * 2: None}
+        bad = [s for s in strides if s not in allowed]
+        if bad or not strides or list(strides) != sorted(set(strides)):
+            raise ValueError(f"strides must be increasing, distinct and among {sorted(allowed)} for patch "
+                             f"{self.patch_size}; got {strides}")
+        if tap_blocks is not None:
+            tap_blocks = tuple(int(b) % self.depth for b in tap_blocks)
+            if len(tap_blocks) != len(strides):
+                raise ValueError(f"tap_blocks needs one block per stride ({len(strides)}), got {tap_blocks}")
+        self.tap_blocks = tap_blocks
+        self.strides = strides + ((strides[-1] * 2,) if extra_pool else ())
+        self.extra_pool = extra_pool
+        self.out_channels = out_channels
+        dim = self.vit.embed_dim
+        self.samplers = nn.ModuleList()
+        self.outputs = nn.ModuleList()
+        for stride in strides:
+            scale = self.patch_size // stride if stride <= self.patch_size else -1
+            if scale == 4:
+                sampler, width = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
+                                               nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+            elif scale == 2:
+                sampler, width = nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
+            elif scale == 1:
+                sampler, width = nn.Identity(), dim
+            else:
+                sampler, width = nn.MaxPool2d(2, 2), dim
+            self.samplers.append(sampler)
+            self.outputs.append(nn.Sequential(_conv_ln(width, out_channels, 1), _conv_ln(out_channels, out_channels, 3)))
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.vit.num_prefix_tokens
+
+    def _run_block(self, index: int, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        block = self.vit.blocks[index]
+        if self.window_size and index not in self.global_blocks:
+            b, _, c = x.shape
+            windows, padded = window_partition(x.view(b, grid[0], grid[1], c), self.window_size)
+            return window_unpartition(block(windows), self.window_size, padded, grid).view(b, -1, c)
+        return block(x)
+
+    def forward_tokens(self, x: Tensor) -> list[Tensor]:
+        """Images [B, 3, H, W] -> the maps that feed the levels, each [B, D, H / p, W / p]."""
+        vit = self.vit
+        b, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        grid = (h // self.patch_size, w // self.patch_size)
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        prefix = vit.num_prefix_tokens
+        taps = self.tap_blocks or (self.depth - 1,)
+        maps: dict[int, Tensor] = {}
+        for i in range(max(taps) + 1):
+            if self.grad_checkpointing and self.training and x.requires_grad:
+                x = checkpoint(self._run_block, i, x, grid, use_reentrant=False)
+            else:
+                x = self._run_block(i, x, grid)
+            if i in taps:
+                maps[i] = x[:, prefix:].transpose(1, 2).reshape(b, -1, *grid)
+        return [maps[i] for i in (self.tap_blocks or (self.depth - 1,) * len(self.samplers))]
+
+    def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
+        maps = self.forward_tokens(x)
+        out: OrderedDict[str, Tensor] = OrderedDict()
+        for level, (fmap, sampler, head) in enumerate(zip(maps, self.samplers, self.outputs)):
+            out[str(level)] = head(sampler(fmap))
+        if self.extra_pool:
+            out["pool"] = F.max_pool2d(out[str(len(self.samplers) - 1)], 1, 2, 0)
+        return out
+
+    def layer_id(self, name: str) -> int:
+        """Layer id for layer-wise lr decay, names relative to this module: 0 = patch embedding, cls token and
+        position embedding; j + 1 = block j; depth + 1 = the pyramid (scale 1, like a classifier head)."""
+        parts = name.split(".")
+        if parts[0] != "vit":
+            return self.depth + 1
+        if parts[1] in ("cls_token", "pos_embed", "patch_embed", "reg_token"):
+            return 0
+        if parts[1] == "blocks":
+            return int(parts[2]) + 1
+        return self.depth + 1
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) that never decay: tokens and position embedding, as timm's ViT."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    def load_backbone(self, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+        """Load a timm-keyed ViT state dict (``models.convert.to_timm_vit``) into the encoder.
+
+        The patch kernel and the position embedding are resampled to this model (``adapt_to_model``); without a
+        class token (window attention) the checkpoint's cls row of ``pos_embed`` and its ``cls_token`` are dropped.
+        ``head.*``, ``fc_norm.*`` and ``norm.*`` are ignored (reported as unexpected).
+
+        Returns:
+            ``(missing, unexpected)`` encoder keys, sorted (keys without the ``vit.`` prefix).
+
+        Raises:
+            ValueError: a shape differs after resampling.
+        """
+        sd = dict(state_dict)
+        pos = sd.get("pos_embed")
+        ckpt_prefix = 0
+        if pos is not None:
+            pos = pos if pos.ndim == 3 else pos.unsqueeze(0)
+            n = pos.shape[1]
+            ckpt_prefix = 0 if int(round(n**0.5)) ** 2 == n else 1
+            if ckpt_prefix and self.vit.cls_token is None:
+                pos = pos[:, ckpt_prefix:]
+                ckpt_prefix = 0
+            sd["pos_embed"] = pos
+        if self.vit.cls_token is None:
+            sd.pop("cls_token", None)
+        sd = adapt_to_model(sd, patch_size=self.patch_size, grid_size=self.vit.patch_embed.grid_size[0],
+                            num_prefix_tokens=ckpt_prefix)
+        own = self.vit.state_dict()
+        shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in sd.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if shapes:
+            raise ValueError("backbone shapes differ from the pyramid's ViT:\n  " + "\n  ".join(shapes))
+        result = self.vit.load_state_dict(sd, strict=False)
+        return sorted(result.missing_keys), sorted(result.unexpected_keys)
