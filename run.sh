@@ -34,6 +34,9 @@ add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
 add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
 add cascade_coco_det   main_detect.py   configs/detect/cascade_mask_rcnn_vit_base_1x_coco.yaml
 add mask_rcnn_coco_det main_detect.py   configs/detect/mask_rcnn_vit_base_3x_coco.yaml
+for cfg in configs/detect/mask_rcnn_*_adapter_*.yaml; do  # ViT-Adapter rows of seed 002, one task per recipe
+    add "$(basename "$cfg" .yaml)" main_detect.py "$cfg"
+done
 UNSUPPORTED="ade20k_seg ade20kv_seg"
 
 usage() {
@@ -98,6 +101,8 @@ done
 model_name() {  # full name as given, or an architecture completed with the recipe's model family
     local task=$1 family arch=${MODEL#vit_}  # the seeds write base, large or vit_base
     if [[ $MODEL == *_* && ! $MODEL =~ ^vit_(tiny|small|base|large|huge)$ ]]; then echo "$MODEL"; return; fi
+    local recipe_model; recipe_model=$(sed -n 's/^model: *//p' "${CONFIG[$task]}")
+    if [[ $recipe_model == adapter_* ]]; then echo "${recipe_model%_*}_${arch}"; return; fi  # adapter_[dinov2_]ARCH
     local patch=16; [[ $arch == huge ]] && patch=14
     family=$(sed -n 's/^model: *\([A-Za-z]*_\)\{0,1\}vit_.*/\1/p' "${CONFIG[$task]}")
     echo "${family}vit_${arch}_patch${patch}"

@@ -58,6 +58,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
+from models.registry import register_model
 
 __all__ = ["ViTAdapter", "PyramidFPN", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock",
            "ADAPTER_MODELS", "create_adapter", "default_interaction_indexes"]
@@ -467,6 +468,7 @@ def _init_weights(m: nn.Module) -> None:
 
 # ---- factories: the reference configs' hyper-parameters (kwargs override them, e.g. a tiny depth for tests) ------
 _SIZES = {  # ViT dims (DINOv2 / DeiT / AugReg) and the reference's deformable-attention settings
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, deform_num_heads=6, deform_ratio=1.0),
     "small": dict(embed_dim=384, depth=12, num_heads=6, deform_num_heads=6, deform_ratio=1.0),
     "base": dict(embed_dim=768, depth=12, num_heads=12, deform_num_heads=12, deform_ratio=0.5),
     "large": dict(embed_dim=1024, depth=24, num_heads=16, deform_num_heads=16, deform_ratio=0.5),
@@ -474,22 +476,29 @@ _SIZES = {  # ViT dims (DINOv2 / DeiT / AugReg) and the reference's deformable-a
 }
 
 
-def _factory(size: str, **preset: Any) -> Callable[..., ViTAdapter]:
-    def build(**kwargs: Any) -> ViTAdapter:
+def _register(name: str, size: str, what: str, **preset: Any) -> Callable[..., ViTAdapter]:
+    def factory(**kwargs: Any) -> ViTAdapter:
         return ViTAdapter(**{**_SIZES[size], **preset, **kwargs})
-    return build
+    factory.__name__ = factory.__qualname__ = name
+    dims = _SIZES[size]
+    factory.__doc__ = (f"ViT-Adapter-{size[0].upper()} ({what}): D {dims['embed_dim']}, depth {dims['depth']}, "
+                       f"{dims['num_heads']} heads. kwargs override the preset (drop_path_rate, window_size, ...).")
+    return register_model(factory)
 
 
+# DeiT / AugReg rows (no LayerScale, pretrain size 224) and DINOv2 rows (LayerScale, 592 = DINOv2's 37x37 grid x 16)
 ADAPTER_MODELS: dict[str, Callable[..., ViTAdapter]] = {
-    **{f"adapter_{s}": _factory(s) for s in ("small", "base", "large")},  # DeiT / AugReg rows: no LayerScale
-    **{f"adapter_dinov2_{s}": _factory(s, layer_scale=True, img_size=592) for s in ("small", "base", "large", "giant")},
-    **{f"adapter_dinov2_{s}_reg4": _factory(s, layer_scale=True, img_size=592, reg_tokens=4)
+    **{f"adapter_{s}": _register(f"adapter_{s}", s, "DeiT / AugReg") for s in ("tiny", "small", "base", "large")},
+    **{f"adapter_dinov2_{s}": _register(f"adapter_dinov2_{s}", s, "DINOv2", layer_scale=True, img_size=592)
+       for s in ("small", "base", "large", "giant")},
+    **{f"adapter_dinov2_{s}_reg4": _register(f"adapter_dinov2_{s}_reg4", s, "DINOv2 with 4 registers",
+                                             layer_scale=True, img_size=592, reg_tokens=4)
        for s in ("small", "base", "large", "giant")},
 }
 
 
 def create_adapter(name: str, *, fpn_channels: int | None = None, **kwargs: Any) -> ViTAdapter | PyramidFPN:
-    """Build a ViT-Adapter by name (``ADAPTER_MODELS``); kwargs override the preset (drop_path_rate, img_size,
+    """Build a ViT-Adapter by name (``ADAPTER_MODELS``, also in the model registry); kwargs override the preset (drop_path_rate, img_size,
     window_size / global_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the Mask R-CNN configs)
     wraps it in :class:`PyramidFPN` with the stride-64 ``'pool'`` level, ready for a detector."""
     if name not in ADAPTER_MODELS:

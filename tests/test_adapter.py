@@ -371,3 +371,26 @@ def test_parameter_counts_match_the_seed_table(name, millions):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         detector = MaskRCNN(create_adapter(name, fpn_channels=256), num_classes=81)
     assert round(sum(p.numel() for p in detector.parameters()) / 1e6) == millions
+
+
+def test_run_sh_runs_the_adapter_recipes_with_the_seeds_overrides(tmp_path):
+    """Seed 002's rows as run.sh tasks: the architecture completes within the recipe's family, mm-style keys map."""
+    import subprocess
+    job = f"test_adapter_{tmp_path.name}"
+    try:
+        res = subprocess.run(["bash", str(ROOT / "run.sh"), job, "mask_rcnn_dinov2_adapter_small_fpn_3x_coco", "base",
+                              "0", "pretrained/dinov2_vitb14_pretrain_14to16.pth",
+                              "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        import yaml
+        resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+        assert (resolved["model"], resolved["layer_decay"], resolved["epochs"], resolved["lr_steps"]) == \
+            ("adapter_dinov2_base", 0.75, 36, [27, 33])
+        assert resolved["finetune"] == "pretrained/dinov2_vitb14_pretrain_14to16.pth"
+        help_text = subprocess.run(["bash", str(ROOT / "run.sh"), "--help"], capture_output=True, text=True).stdout
+        for size in ("small", "base", "large"):
+            assert f"mask_rcnn_dinov2_adapter_{size}_fpn_3x_coco" in help_text
+    finally:
+        import shutil
+        shutil.rmtree(ROOT / "output" / job, ignore_errors=True)
