@@ -6,9 +6,11 @@ weights resized in the test with F.interpolate, the explicit per-window computat
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -394,3 +396,36 @@ def test_run_sh_runs_the_adapter_recipes_with_the_seeds_overrides(tmp_path):
     finally:
         import shutil
         shutil.rmtree(ROOT / "output" / job, ignore_errors=True)
+
+
+def _detect_argv(out, *extra):
+    return ["--config", "configs/detect/demo_adapter.yaml", "--output_dir", str(out), "--input_size", "64",
+            "--scene_images", "4", "2", "--epochs", "1", "--batch_size", "2", "--rois_per_image", "32",
+            "--proposals_per_image", "100", "--anchor_sizes", "4", "8", "16", "32", "64", "--out_channels", "32",
+            *extra]
+
+
+def test_main_detect_builds_the_adapter_with_a_raw_dinov2_file_and_trains(tmp_path, monkeypatch):
+    import main_detect
+    from models.detectors import detector_layer_id
+    from util.args import parse_args
+    from util.param_groups import param_groups
+    raw = dinov2_original(timm_dinov2("vit_small_patch14_reg4_dinov2", img_size=518))
+    torch.save(raw, tmp_path / "dinov2_vits14_reg4_pretrain.pth")  # not converted: loads as is too
+    args = parse_args(main_detect.build_parser(), _detect_argv(tmp_path, "--model", "adapter_dinov2_small_reg4",
+                                                               "--window_size", "14"))
+    model = main_detect.build_model(args, 3, finetune=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"))
+    body = model.backbone.body
+    assert torch.equal(body.vit.blocks[7].ls1.gamma, raw["blocks.7.ls1.gamma"])  # LayerScale kept, not folded
+    assert torch.equal(body.vit.reg_token, raw["register_tokens"]) and body.window_blocks == set(range(12)) - {
+        2, 5, 8, 11}
+    groups = param_groups(model, weight_decay=0.05, unit_of=partial(detector_layer_id, backbone=model.backbone),
+                          layer_decay=0.7, num_layers=model.backbone.depth + 1)
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scale["backbone.body.vit.blocks.0.attn.qkv.weight"] == pytest.approx(0.7 ** 12)
+    assert scale["backbone.body.spm.fc1.weight"] == scale["backbone.fpn.layer_blocks.0.0.weight"] == 1.0
+    # one epoch of the demo recipe (tiny adapter) through the shared loop: log.txt gets the AP keys
+    monkeypatch.chdir(ROOT)
+    main_detect.main(_detect_argv(tmp_path / "run"))
+    line = json.loads((tmp_path / "run" / "log.txt").read_text().splitlines()[0])
+    assert {"val_bbox_AP", "val_segm_AP", "train_loss_mask"} <= set(line) and np.isfinite(line["train_loss"])
