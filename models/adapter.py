@@ -498,9 +498,9 @@ ADAPTER_MODELS: dict[str, Callable[..., ViTAdapter]] = {
 
 
 def create_adapter(name: str, *, fpn_channels: int | None = None, **kwargs: Any) -> ViTAdapter | PyramidFPN:
-    """Build a ViT-Adapter by name (``ADAPTER_MODELS``, also in the model registry); kwargs override the preset (drop_path_rate, img_size,
-    window_size / global_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the Mask R-CNN configs)
-    wraps it in :class:`PyramidFPN` with the stride-64 ``'pool'`` level, ready for a detector."""
+    """Build a ViT-Adapter by name (``ADAPTER_MODELS``, also in the model registry); kwargs override the preset
+    (drop_path_rate, img_size, window_size / global_blocks, depth for tiny tests, ...). ``fpn_channels`` (256 in the
+    Mask R-CNN configs) wraps it in :class:`PyramidFPN` with the stride-64 ``'pool'`` level, ready for a detector."""
     if name not in ADAPTER_MODELS:
         raise ValueError(f"unknown ViT-Adapter {name!r}; choose one of {sorted(ADAPTER_MODELS)}")
     adapter = ADAPTER_MODELS[name](**kwargs)
