@@ -191,13 +191,14 @@ def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
 
 
 def prepare_data(args: argparse.Namespace, info: DistInfo) -> Path:
-    """The COCO root: ``--data_path``, or synthetic scenes written once into ``<output_dir>/scenes``."""
+    """The COCO root: ``--data_path``, or synthetic scenes written once into ``<output_dir>/scenes`` (5 classes,
+    colour-coded as the segmentation demo's, so that a CPU demo learns in minutes)."""
     if args.data_path != "scenes":
         return Path(args.data_path)
     from util.data.scenes import write_coco
     root = Path(args.output_dir) / "scenes"
     spec = {"n_train": args.scene_images[0], "n_val": args.scene_images[1], "size": args.input_size,
-            "seed": args.seed}
+            "seed": args.seed, "class_colours": True}
     marker = root / "scenes.json"
     if info.is_main and not (marker.exists() and json.loads(marker.read_text()) == spec):
         write_coco(root, **spec)

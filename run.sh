@@ -32,12 +32,13 @@ add inat_cls          main_finetune.py configs/finetune/dbot_inat18.yaml
 add inat19_cls        main_finetune.py configs/finetune/dbot_inat19.yaml
 add gastrovision_cls  main_finetune.py configs/finetune/mae_gastrovision.yaml
 add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
+add ade20k_seg        main_segment.py  configs/segment/upernet_vit_base_512_160k_ade20k.yaml
 add cascade_coco_det   main_detect.py   configs/detect/cascade_mask_rcnn_vit_base_1x_coco.yaml
 add mask_rcnn_coco_det main_detect.py   configs/detect/mask_rcnn_vit_base_3x_coco.yaml
 for cfg in configs/detect/mask_rcnn_*_adapter_*.yaml; do  # ViT-Adapter rows of seed 002, one task per recipe
     add "$(basename "$cfg" .yaml)" main_detect.py "$cfg"
 done
-UNSUPPORTED="ade20k_seg ade20kv_seg"
+UNSUPPORTED="ade20kv_seg"
 
 usage() {
     sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'

@@ -79,7 +79,8 @@ class ViTFeaturePyramid(nn.Module):
     Args:
         vit_name: a registered ViT factory (``vit_base_patch16``, ...).
         img_size: training crop size; the position embedding is kept (and resampled on load) for this grid.
-        out_channels: channels of every pyramid level (256 in ViTDet / Mask R-CNN).
+        out_channels: channels of every pyramid level None: 256 (ViTDet, Mask R-CNN) for
+            the simple neck, the ViT width for the 'beit' neck.
         strides: levels to build, a subset of (4, 8, 16, 32) for patch 16 (scales 4, 2, 1, 1/2 of the ViT map).
         extra_pool: add key ``'pool'`` = max-pool (kernel 1, stride 2) of the coarsest level (detection).
         drop_path_rate: stochastic depth, linearly spaced over the blocks.
@@ -87,15 +88,19 @@ class ViTFeaturePyramid(nn.Module):
         global_blocks: blocks that keep global attention under ``window_size`` (ViTDet: 2, 5, 8, 11 for ViT-B).
         grad_checkpointing: recompute blocks in backward.
         tap_blocks: None (all levels from the last block) or one block index per level (BEiT/MAE UperNet).
+        neck: ``'simple'`` (ViTDet's, above) or ``'beit'``: BEiT's / MAE's segmentation neck (``fpn1``..``fpn4``:
+            ConvT(D, D) + BatchNorm + GELU + ConvT(D, D) at stride 4, ConvT(D, D) at 8, identity, 2x2 max-pool),
+            no output convs, every level with D channels (``out_channels`` must be None or D).
 
     ``forward(x [B, 3, H, W]) -> OrderedDict`` ``'0'``.. (one per stride, coarsest last) [+ ``'pool'``], each
     [B, out_channels, H / s, W / s] (H, W multiples of the patch size; of 32 for a stride-32 level).
     """
 
-    def __init__(self, vit_name: str, *, img_size: int, out_channels: int = 256, strides: Sequence[int] = (4, 8, 16, 32),
-                 extra_pool: bool = False, drop_path_rate: float = 0.1, window_size: int = 0,
+    def __init__(self, vit_name: str, *, img_size: int, out_channels: int | None = None,
+                 strides: Sequence[int] = (4, 8, 16, 32), extra_pool: bool = False, drop_path_rate: float = 0.1,
+                 window_size: int = 0,
                  global_blocks: Sequence[int] = (), grad_checkpointing: bool = False,
-                 tap_blocks: Sequence[int] | None = None, **vit_kwargs) -> None:
+                 tap_blocks: Sequence[int] | None = None, neck: str = "simple", **vit_kwargs) -> None:
         super().__init__()
         self.window_size = int(window_size)
         use_cls = self.window_size == 0
@@ -122,23 +127,37 @@ class ViTFeaturePyramid(nn.Module):
         self.tap_blocks = tap_blocks
         self.strides = strides + ((strides[-1] * 2,) if extra_pool else ())
         self.extra_pool = extra_pool
-        self.out_channels = out_channels
         dim = self.vit.embed_dim
+        if neck not in ("simple", "beit"):
+            raise ValueError(f"neck must be 'simple' (ViTDet) or 'beit', got {neck!r}")
+        if neck == "beit":
+            if out_channels not in (None, dim):
+                raise ValueError(f"the 'beit' neck keeps the ViT width {dim}; got out_channels {out_channels}")
+            out_channels = dim
+        out_channels = out_channels or 256
+        self.out_channels, self.neck = out_channels, neck
         self.samplers = nn.ModuleList()
         self.outputs = nn.ModuleList()
         for stride in strides:
             scale = self.patch_size // stride if stride <= self.patch_size else -1
             if scale == 4:
-                sampler, width = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
-                                               nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)), dim // 4
+                sampler = nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2), LayerNorm2d(dim // 2), nn.GELU(),
+                                        nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2))
+                width = dim // 4
             elif scale == 2:
                 sampler, width = nn.ConvTranspose2d(dim, dim // 2, 2, 2), dim // 2
             elif scale == 1:
                 sampler, width = nn.Identity(), dim
             else:
                 sampler, width = nn.MaxPool2d(2, 2), dim
+            if neck == "beit" and scale == 4:
+                sampler = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+                                        nn.ConvTranspose2d(dim, dim, 2, 2))
+            elif neck == "beit" and scale == 2:
+                sampler = nn.ConvTranspose2d(dim, dim, 2, 2)
             self.samplers.append(sampler)
-            self.outputs.append(nn.Sequential(_conv_ln(width, out_channels, 1), _conv_ln(out_channels, out_channels, 3)))
+            self.outputs.append(nn.Identity() if neck == "beit" else nn.Sequential(
+                _conv_ln(width, out_channels, 1), _conv_ln(out_channels, out_channels, 3)))
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -10,11 +10,12 @@ import main_finetune
 import main_knn
 import main_linprobe
 import main_pretrain
+import main_segment
 import models
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"pretrain": main_pretrain, "finetune": main_finetune, "linprobe": main_linprobe, "knn": main_knn,
-           "detect": main_detect}
+           "detect": main_detect, "segment": main_segment}
 RECIPES = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

@@ -194,3 +194,31 @@ def test_writers_layouts(tmp_path):
         rows, cols = np.nonzero(mask)
         assert (x, y, x + w, y + h) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
     assert all((tmp_path / "coco" / "val2017" / im["file_name"]).is_file() for im in data["images"])
+
+
+def test_beit_neck_matches_beit_layout():
+    """BEiT / MAE segmentation neck: fpn1 = ConvT + BN + GELU + ConvT, fpn2 = ConvT, fpn3 = identity, fpn4 = max-pool,
+    all at the ViT width, no output convs; levels read blocks 3, 5, 7, 11."""
+    with torch.device("meta"):
+        model = ViTFeaturePyramid("vit_base_patch16", img_size=512, out_channels=None, tap_blocks=(3, 5, 7, 11),
+                                  neck="beit")
+        out = model(torch.empty(2, 3, 512, 512))
+    assert [tuple(v.shape) for v in out.values()] == [(2, 768, 128, 128), (2, 768, 64, 64), (2, 768, 32, 32),
+                                                      (2, 768, 16, 16)]
+    neck = sum(p.numel() for p in model.samplers.parameters()) + sum(p.numel() for p in model.outputs.parameters())
+    assert neck == 3 * (768 * 768 * 4 + 768) + 2 * 768  # three 2x2 ConvT(768, 768) with bias + one BatchNorm
+    with pytest.raises(ValueError, match="keeps the ViT width"):
+        ViTFeaturePyramid("vit_tiny_patch16", img_size=32, out_channels=64, neck="beit", depth=1)
+    small = ViTFeaturePyramid("vit_tiny_patch16", img_size=32, tap_blocks=(0, 1, 2, 3), neck="beit", depth=4).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        vit = small.vit
+        tokens = vit._pos_embed(vit.patch_embed(x))
+        taps = []
+        for block in vit.blocks:
+            tokens = block(tokens)
+            taps.append(tokens[:, 1:].transpose(1, 2).reshape(1, 192, 2, 2))
+        out = small(x)
+        torch.testing.assert_close(out["2"], taps[2])
+        torch.testing.assert_close(out["3"], torch.nn.functional.max_pool2d(taps[3], 2))
+        torch.testing.assert_close(out["1"], small.samplers[1](taps[1]))

@@ -33,7 +33,7 @@ def test_help_lists_tasks():
 
 def test_refusals(job):
     for args, msg in [((job, "nope", "base", "0"), "unknown task 'nope'"),
-                      ((job, "pretrain_demo+ade20k_seg", "base", "0"), "not supported yet"),
+                      ((job, "pretrain_demo+ade20kv_seg", "base", "0"), "not supported yet"),
                       ((job, "pretrain_demo", "base"), "expected JOB_NAME TASK MODEL NGPUS"),
                       ((job, "pretrain_demo", "base", "two"), "NGPUS must be a number")]:
         res = run_sh(*args)

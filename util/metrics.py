@@ -128,3 +128,61 @@ def mean_and_std(results: list[dict[str, Any]]) -> dict[str, float]:
         values = torch.tensor([float(r[key]) for r in results], dtype=torch.float64)
         summary[key], summary[f"{key}_std"] = float(values.mean()), float(values.std(unbiased=False))
     return summary
+
+
+# ------------------------------------------------------------------------------------------ semantic segmentation
+def segmentation_confusion(preds: Tensor, targets: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
+    """Pixel confusion matrix [C, C] (rows: truth) over the pixels whose target is not ``ignore_index``.
+
+    Runs on the tensors' device (one ``bincount``); summing it over images and processes is exact.
+
+    Raises:
+        ValueError: a target outside [0, C) that is not ``ignore_index`` (e.g. a label map with more classes than
+            ``--nb_classes``), or a prediction outside [0, C).
+    """
+    preds, targets = preds.reshape(-1).long(), targets.reshape(-1).long()
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} differ in size")
+    keep = targets != ignore_index
+    preds, targets = preds[keep], targets[keep]
+    if targets.numel():
+        bad = targets[(targets < 0) | (targets >= num_classes)]
+        if bad.numel():
+            raise ValueError(f"label map has class ids {sorted(set(bad.unique().tolist()))[:10]} outside "
+                             f"[0, {num_classes}) (nb_classes {num_classes}, ignore index {ignore_index})")
+        if int(preds.min()) < 0 or int(preds.max()) >= num_classes:
+            raise ValueError(f"predicted class ids must lie in [0, {num_classes})")
+    return torch.bincount(targets * num_classes + preds, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: Tensor) -> dict[str, Any]:
+    """mmsegmentation's ``eval_metrics`` from a pixel confusion matrix (rows: truth, columns: prediction).
+
+    Per class: IoU = TP / (TP + FP + FN), Acc = TP / (TP + FN); NaN where the denominator is 0 (IoU: class neither
+    in the labels nor predicted; Acc: class not in the labels), and the means ignore NaN (mmseg's ``nanmean``).
+
+    Returns:
+        ``{'mIoU', 'mAcc', 'aAcc'}`` in percent (NaN only if no class qualifies; aAcc 0 without pixels), plus
+        ``'IoU'`` and ``'Acc'``: lists of per-class percentages (NaN for the undefined classes).
+    """
+    cm = confusion.double()
+    tp, label, pred = cm.diagonal(), cm.sum(1), cm.sum(0)
+    union = label + pred - tp
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(label > 0, tp / label.clamp(min=1), nan)
+    total = float(cm.sum())
+    return {"mIoU": 100.0 * float(iou.nanmean()), "mAcc": 100.0 * float(acc.nanmean()),
+            "aAcc": 100.0 * float(tp.sum()) / total if total else 0.0,
+            "IoU": [100.0 * float(v) for v in iou], "Acc": [100.0 * float(v) for v in acc]}
+
+
+def segmentation_table(metrics: dict[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """Per-class IoU / Acc table (mmseg's layout), from :func:`segmentation_metrics`; undefined values as nan."""
+    names = list(class_names) if class_names is not None else [str(i) for i in range(len(metrics["IoU"]))]
+    width = max(5, *(len(n) for n in names))
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'Acc':>6}"]
+    lines += [f"{name:<{width}}  {iou:6.2f}  {acc:6.2f}" for name, iou, acc in zip(names, metrics["IoU"],
+                                                                                    metrics["Acc"])]
+    return "\n".join(lines)

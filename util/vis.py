@@ -291,3 +291,37 @@ def save_detection_png(path: str | Path, images: Sequence[torch.Tensor], outputs
         canvas[:, :t.shape[1], x:x + t.shape[2]] = t
         x += t.shape[2] + GAP
     return _write_png(Path(path), canvas.permute(1, 2, 0).contiguous())
+
+
+def segmentation_palette(num_classes: int) -> torch.Tensor:
+    """[num_classes, 3] uint8 colours, distinct and fixed (golden-ratio hues); the ignore label is drawn black."""
+    import colorsys
+    return torch.tensor([[int(255 * c) for c in colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.75, 0.95)]
+                         for k in range(num_classes)], dtype=torch.uint8)
+
+
+def save_segmentation_png(path: str | Path, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                          num_classes: int, ignore_index: int = 255, alpha: float = 0.6) -> Path:
+    """One row per validation image: image | ground truth over the image | prediction over the image.
+
+    Args:
+        samples: ``(image [3, h, w] normalised, label int64 [H, W], prediction int64 [H, W])``; the image is
+            resized (nearest) to the label size; ignored pixels are left uncoloured.
+    """
+    palette = segmentation_palette(num_classes).float()
+    rows = []
+    for image, label, pred in samples:
+        h, w = label.shape
+        img = torch.nn.functional.interpolate(denormalize(image[None]).clamp(0, 1), size=(h, w), mode="nearest")[0]
+        base = img.permute(1, 2, 0) * 255.0
+        tiles = [base]
+        for mask in (label, pred):
+            valid = (mask != ignore_index) & (mask >= 0) & (mask < num_classes)
+            colour = palette[mask.clamp(0, num_classes - 1)]
+            tiles.append(torch.where(valid[..., None], (1 - alpha) * base + alpha * colour, base))
+        gap = torch.full((h, GAP, 3), 255.0)
+        rows.append(torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=1))
+    width = max(r.shape[1] for r in rows)
+    rows = [torch.cat([r, torch.full((r.shape[0], width - r.shape[1], 3), 255.0)], dim=1) for r in rows]
+    canvas = torch.cat([t for r in rows for t in (r, torch.full((GAP, width, 3), 255.0))][:-1], dim=0)
+    return _write_png(Path(path), (canvas + 0.5).floor().clamp(0, 255).to(torch.uint8))

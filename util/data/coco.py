@@ -167,16 +167,14 @@ def large_scale_jitter(image: Tensor, target: Target, *, size: int, scale_range:
     scale = min(size * factor / h, size * factor / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
-    masks = target["masks"]
-    if len(masks):
-        masks = F.interpolate(masks[None].float(), size=(nh, nw), mode="nearest")[0].to(torch.uint8)
-    else:
-        masks = masks.new_zeros((0, nh, nw))
     boxes = target["boxes"] * torch.tensor([nw / w, nh / h, nw / w, nh / h])
     y0 = int(torch.randint(0, max(nh - size, 0) + 1, ()))
     x0 = int(torch.randint(0, max(nw - size, 0) + 1, ()))
-    image, masks = image[:, y0:y0 + size, x0:x0 + size], masks[:, y0:y0 + size, x0:x0 + size]
+    image = image[:, y0:y0 + size, x0:x0 + size]
     ch, cw = image.shape[1:]
+    # masks: nearest resize of the crop window only (a 2x upscale of 50 full-size COCO masks would be GBs)
+    ys, xs = _nearest_rows(y0, ch, h, nh), _nearest_rows(x0, cw, w, nw)
+    masks = target["masks"][:, ys][:, :, xs]
     boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
     boxes = torch.stack([boxes[:, 0].clamp(0, cw), boxes[:, 1].clamp(0, ch), boxes[:, 2].clamp(0, cw),
                          boxes[:, 3].clamp(0, ch)], dim=1)
@@ -192,6 +190,13 @@ def large_scale_jitter(image: Tensor, target: Target, *, size: int, scale_range:
     padded[:, :ch, :cw] = masks
     return canvas, {**target, "boxes": boxes[keep], "labels": target["labels"][keep], "masks": padded[keep],
                     "scale": scale}
+
+
+def _nearest_rows(start: int, count: int, size: int, new_size: int) -> Tensor:
+    """Source rows of output rows ``start .. start + count`` of a nearest resize ``size -> new_size``
+    (``F.interpolate(mode='nearest')``'s rule: floor(i * size / new_size))."""
+    return (torch.arange(start, start + count, dtype=torch.float64) * (size / new_size)).floor().long().clamp_(
+        max=size - 1)
 
 
 def collate_detection(batch: Sequence[tuple]) -> tuple[list, ...]:

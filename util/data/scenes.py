@@ -69,7 +69,8 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def render_scene(size: int, rng: np.random.Generator, *, num_classes: int = len(SCENE_CLASSES), max_objects: int = 4,
-                 min_area: int = 16) -> dict[str, Any]:
+                 min_area: int = 16, class_colours: bool = False,
+                 radius: tuple[float, float] = (0.18, 0.42)) -> dict[str, Any]:
     """Render one scene.
 
     Args:
@@ -78,6 +79,10 @@ def render_scene(size: int, rng: np.random.Generator, *, num_classes: int = len(
         num_classes: object classes used, the first ``num_classes`` of ``SCENE_CLASSES``.
         max_objects: at most this many objects (at least one).
         min_area: objects with fewer visible pixels are painted over by the background (not annotated).
+        radius: range of the object size (half-width as a fraction of half the image side).
+        class_colours: class k is always painted in palette colour k (jittered), so colour alone tells the class
+            (an easy task that a small model learns in a few dozen CPU steps); False: colours are drawn from the
+            palette shared by all classes and only the shape tells the class.
 
     Returns:
         ``{'image': uint8 [S, S, 3], 'semantic': uint8 [S, S] (0 background, k + 1 class k),
@@ -94,13 +99,14 @@ def render_scene(size: int, rng: np.random.Generator, *, num_classes: int = len(
     objects = []
     for i in range(int(rng.integers(1, max_objects + 1))):
         label = int(rng.integers(0, num_classes))
-        r = rng.uniform(0.18, 0.42)
+        r = rng.uniform(*radius)
         cx, cy = rng.uniform(-0.7, 0.7, 2)
         angle = rng.uniform(-0.4, 0.4)
         u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)
         v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
         inside = _inside(SCENE_CLASSES[label], u, v, r)
-        colour = np.clip(_PALETTE[rng.integers(0, len(_PALETTE))] + rng.normal(0.0, 0.05, 3), 0.0, 1.0)
+        colour_index = label if class_colours else rng.integers(0, len(_PALETTE))
+        colour = np.clip(_PALETTE[colour_index] + rng.normal(0.0, 0.05, 3), 0.0, 1.0)
         img[inside] = colour
         owner[inside] = i
         objects.append((label, colour))

@@ -1,0 +1,145 @@
+"""Semantic segmentation: the step function for the shared loop and sliding-window evaluation.
+
+After mmsegmentation's ``EncoderDecoder`` (``forward_train``: logits upsampled bilinearly to the label size, cross
+entropy with ignore index 255, auxiliary head loss x 0.4; ``slide_inference``: overlapping crops, logits summed and
+divided by the number of windows covering each pixel, then resized to the original label size) and
+``eval_metrics`` (confusion matrix over labelled pixels). The confusion matrix of a rank's shard is all-reduced as
+int64, so a distributed evaluation gives exactly the single-process numbers.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from util.distributed import all_reduce_sum
+from util.metrics import segmentation_confusion, segmentation_metrics
+
+IGNORE_INDEX = 255
+
+
+def _up(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def segment_step(model: nn.Module, batch: Any, step: int, *, device: torch.device, aux_weight: float = 0.4,
+                 ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
+    """One micro-batch of segmentation training.
+
+    Args:
+        model: returns ``{'seg': logits [B, K, h, w], 'aux': logits (optional)}`` (``UperNetSegmentor``).
+        batch: ``(images [B, 3, H, W], labels int64 [B, H, W], ...)``.
+        step: optimizer updates so far (unused; part of the step-function contract).
+        aux_weight: weight of the auxiliary head's loss.
+
+    Returns:
+        ``{'loss', 'loss_seg'[, 'loss_aux']}``; a batch whose pixels are all ignored gives loss 0 (not NaN).
+    """
+    images = batch[0].to(device, non_blocking=True)
+    labels = batch[1].to(device, non_blocking=True)
+    out = model(images)
+    size = labels.shape[-2:]
+
+    def ce(logits: Tensor) -> Tensor:
+        loss = F.cross_entropy(_up(logits, size).float(), labels, ignore_index=ignore_index, reduction="sum")
+        return loss / (labels != ignore_index).sum().clamp(min=1)
+
+    loss_seg = ce(out["seg"])
+    result = {"loss": loss_seg, "loss_seg": loss_seg.detach()}
+    if "aux" in out and aux_weight > 0:
+        loss_aux = ce(out["aux"])
+        result["loss"] = loss_seg + aux_weight * loss_aux
+        result["loss_aux"] = loss_aux.detach()
+    return result
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg's slide grid along one axis: ``max(size - crop + stride - 1, 0) // stride + 1`` windows, the last one
+    moved back to end at the border."""
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    return sorted({max(min(i * stride, size - crop), 0) for i in range(n)})
+
+
+@torch.no_grad()
+def slide_inference(model: nn.Module, image: Tensor, *, num_classes: int, crop: int, stride: int,
+                    batch_windows: int = 8) -> Tensor:
+    """Class logits [K, H, W] of one normalised image [3, H, W] from overlapping ``crop`` windows.
+
+    Windows smaller than ``crop`` (an image side under ``crop``) are zero-padded to ``crop`` and their logits
+    cropped back; each window's logits are upsampled to the window size, summed, and divided by the count of
+    windows covering each pixel.
+    """
+    _, h, w = image.shape
+    logits = image.new_zeros((num_classes, h, w), dtype=torch.float32)
+    count = image.new_zeros((1, h, w), dtype=torch.float32)
+    boxes = [(y, min(y + crop, h), x, min(x + crop, w)) for y in window_starts(h, crop, stride)
+             for x in window_starts(w, crop, stride)]
+    for first in range(0, len(boxes), batch_windows):
+        chunk = boxes[first:first + batch_windows]
+        crops = torch.stack([F.pad(image[:, y0:y1, x0:x1], (0, crop - (x1 - x0), 0, crop - (y1 - y0)))
+                             for y0, y1, x0, x1 in chunk])
+        out = _up(model(crops)["seg"].float(), (crop, crop))
+        for (y0, y1, x0, x1), window in zip(chunk, out):
+            logits[:, y0:y1, x0:x1] += window[:, :y1 - y0, :x1 - x0]
+            count[:, y0:y1, x0:x1] += 1
+    return logits / count
+
+
+@torch.no_grad()
+def evaluate_segmentation(model: nn.Module, loader: Iterable, *, device: torch.device, num_classes: int, crop: int,
+                          stride: int, amp_dtype: torch.dtype | None = None, ignore_index: int = IGNORE_INDEX,
+                          keep: int = 0) -> dict[str, Any]:
+    """mIoU / mAcc / aAcc (percent) and per-class IoU / Acc over ``loader``, exact under DDP.
+
+    Args:
+        loader: yields ``(images, labels, indices)`` as lists (``util.data.ade20k.collate_eval``): each image
+            normalised [3, h, w] (resized for the model), each label int64 [H, W] at the original size.
+        crop, stride: sliding window.
+        keep: also return the first ``keep`` (image, label, prediction) triples of this rank (for pictures).
+
+    Returns:
+        :func:`util.metrics.segmentation_metrics` plus ``'confusion'`` (int64 [K, K]), ``'num_images'`` and
+        ``'samples'`` (the kept triples, on the CPU).
+    """
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    images_seen, samples = 0, []
+    for images, labels, _ in loader:
+        for image, label in zip(images, labels):
+            image, label = image.to(device), label.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = slide_inference(model, image, num_classes=num_classes, crop=crop, stride=stride)
+            pred = _up(logits[None], tuple(label.shape))[0].argmax(0)
+            confusion += segmentation_confusion(pred, label, num_classes, ignore_index)
+            images_seen += 1
+            if len(samples) < keep:
+                samples.append((image.cpu(), label.cpu(), pred.cpu()))
+    model.train(was_training)
+    confusion = all_reduce_sum(confusion)
+    total = all_reduce_sum(torch.tensor([images_seen], device=device))
+    metrics = segmentation_metrics(confusion.cpu())
+    return {**metrics, "confusion": confusion.cpu(), "num_images": int(total.item()), "samples": samples}
+
+
+def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
+            min_lr: float = 0.0, warmup_ratio: float = 1e-6) -> float:
+    """mmcv's ``PolyLrUpdaterHook`` with linear warmup (by iteration), BEiT/MAE's ADE20K schedule.
+
+    ``lr = (base_lr - min_lr) * (1 - step / total_steps) ** power + min_lr``; during warmup it is multiplied by
+    ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` (so it starts at ``warmup_ratio`` x the poly value).
+    """
+    progress = min(step, total_steps) / max(total_steps, 1)
+    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if step < warmup_steps:
+        lr *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+    return lr
+
+
+def iteration_budget(max_iters: int, steps_per_epoch: int) -> int:
+    """Epochs needed to run ``max_iters`` optimizer steps at ``steps_per_epoch`` (the last one may be partial)."""
+    return math.ceil(max_iters / steps_per_epoch)
