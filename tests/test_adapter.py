@@ -429,3 +429,15 @@ def test_main_detect_builds_the_adapter_with_a_raw_dinov2_file_and_trains(tmp_pa
     main_detect.main(_detect_argv(tmp_path / "run"))
     line = json.loads((tmp_path / "run" / "log.txt").read_text().splitlines()[0])
     assert {"val_bbox_AP", "val_segm_AP", "train_loss_mask"} <= set(line) and np.isfinite(line["train_loss"])
+
+
+def test_upernet_takes_the_adapter_as_it_takes_the_pyramid():
+    """The paper's ADE20K setting (UperNet on the adapter's four levels) through models/seg_heads.py as is."""
+    from models.seg_heads import UperNetSegmentor
+    torch.manual_seed(0)
+    model = UperNetSegmentor(ViTAdapter(**TINY), 5, channels=16, aux_channels=8).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["seg"].shape == (2, 5, 16, 16) and out["aux"].shape == (2, 5, 4, 4)
+    (out["seg"].mean() + out["aux"].mean()).backward()
+    assert model.backbone.vit.blocks[0].attn.qkv.weight.grad is not None
+    assert model.layer_id("backbone.vit.blocks.1.norm1.weight") == 2 and model.layer_id("decode_head.x") == 5
