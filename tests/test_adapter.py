@@ -441,3 +441,17 @@ def test_upernet_takes_the_adapter_as_it_takes_the_pyramid():
     (out["seg"].mean() + out["aux"].mean()).backward()
     assert model.backbone.vit.blocks[0].attn.qkv.weight.grad is not None
     assert model.layer_id("backbone.vit.blocks.1.norm1.weight") == 2 and model.layer_id("decode_head.x") == 5
+
+
+def test_main_segment_builds_upernet_on_the_adapter(tmp_path):
+    import main_segment
+    from util.args import parse_args
+    raw = dinov2_original(timm_dinov2("vit_small_patch14_dinov2", img_size=518))
+    torch.save(raw, tmp_path / "dinov2_vits14_pretrain.pth")
+    args = parse_args(main_segment.build_parser(), ["--config", "configs/segment/demo.yaml", "--model",
+                                                     "adapter_dinov2_small", "--output_dir", str(tmp_path)])
+    model = main_segment.build_model(args, finetune=str(tmp_path / "dinov2_vits14_pretrain.pth"))
+    assert torch.equal(model.backbone.vit.blocks[4].ls2.gamma, raw["blocks.4.ls2.gamma"])
+    assert model.depth == 12 and model.layer_id("backbone.spm.fc1.weight") == 13
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 64, 64))["seg"].shape[-2:] == (16, 16)
