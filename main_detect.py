@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from engine.detect import detect_step, evaluate_detection
 from engine.evaluate import eval_shard
 from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
@@ -31,7 +32,7 @@ from util import args as cli
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.distributed import DistInfo, barrier, wrap_ddp
+from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.logging import MetricWriter
 from util.lr_sched import apply_lr, step_lr, training_budget
@@ -60,8 +61,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args, result = parse_or_dispatch(build_parser(), argv, "main_detect")
     if result is not None:
         return result
-    if not args.model.startswith("vit_"):
-        raise ValueError(f"--model {args.model}: the detection backbone is a ViT (vit_base_patch16, ...)")
+    if not args.model.startswith(("vit_", "adapter_")):
+        raise ValueError(f"--model {args.model}: the detection backbone is a ViT (vit_base_patch16, ...) or a "
+                         f"ViT-Adapter ({', '.join(sorted(ADAPTER_MODELS))})")
     info = setup_run(args)
     if args.deterministic:  # mmdet's --deterministic
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -149,6 +151,33 @@ def _step(model: nn.Module, batch, step: int, *, device: torch.device) -> dict:
 
 def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | None) -> nn.Module:
     """Pyramid backbone (with the ``finetune`` checkpoint's ViT, if any) under the ``--detector`` heads."""
+    if args.model.startswith("adapter_"):
+        backbone = build_adapter(args, finetune=finetune)
+    else:
+        backbone = build_pyramid(args, finetune=finetune)
+    if not finetune and not (args.resume or args.auto_resume):
+        logger.warning("no --finetune checkpoint: the ViT starts from random initialisation (a baseline)")
+    return build_detector(args.detector, backbone, num_classes, img_size=args.input_size,
+                          anchor_sizes=args.anchor_sizes, box_fc=args.box_fc, detections_per_img=args.max_dets,
+                          rois_per_image=args.rois_per_image, proposals_per_image=args.proposals_per_image)
+
+
+def build_adapter(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:
+    """ViT-Adapter (``--model adapter_*``, models/adapter.py) + FPN neck to ``--out_channels`` with the stride-64
+    level, as the seed's configs (mmdet FPN, num_outs 5). The checkpoint goes in as loaded, so DINOv2's
+    LayerScale stays a parameter and register tokens / SwiGLU map; its position grid is resampled on the fly."""
+    backbone = create_adapter(args.model, fpn_channels=args.out_channels, drop_path_rate=args.drop_path,
+                              window_size=args.window_size, global_blocks=args.global_blocks,
+                              grad_checkpointing=args.grad_checkpointing)
+    if finetune:
+        backbone.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
+    if rank_and_world()[1] > 1 and torch.cuda.is_available():  # the reference's SyncBN (CUDA only); heads use GN
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    return backbone
+
+
+def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:
+    """The plain-ViT simple feature pyramid (models/pyramid.py) with the ``finetune`` checkpoint's ViT."""
     backbone = ViTFeaturePyramid(args.model, img_size=args.input_size, out_channels=args.out_channels,
                                  extra_pool=True, drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing)
@@ -159,11 +188,7 @@ def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | N
             raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
         logger.info("loaded %s (%s checkpoint) into the pyramid's ViT; ignored: %s", finetune, source,
                     unexpected[:8] or "none")
-    elif not (args.resume or args.auto_resume):
-        logger.warning("no --finetune checkpoint: the ViT starts from random initialisation (a baseline)")
-    return build_detector(args.detector, backbone, num_classes, img_size=args.input_size,
-                          anchor_sizes=args.anchor_sizes, box_fc=args.box_fc, detections_per_img=args.max_dets,
-                          rois_per_image=args.rois_per_image, proposals_per_image=args.proposals_per_image)
+    return backbone
 
 
 def prepare_data(args: argparse.Namespace, info: DistInfo) -> Path:

@@ -25,6 +25,7 @@ import models
 from engine.evaluate import eval_shard
 from engine.segment import evaluate_segmentation, poly_lr, segment_step
 from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from models.adapter import create_adapter
 from models.convert import to_timm_vit
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
@@ -208,6 +209,13 @@ def model_name(name: str) -> str:
 
 def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSegmentor:
     """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
+    if args.model.startswith("adapter_"):  # ViT-Adapter's four levels (its paper's ADE20K setting)
+        adapter = create_adapter(args.model, drop_path_rate=args.drop_path, window_size=args.window_size,
+                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing)
+        if finetune:  # as loaded: LayerScale stays a parameter, registers / SwiGLU map (models/adapter.py)
+            adapter.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
+        return UperNetSegmentor(adapter, args.nb_classes, channels=args.channels or adapter.embed_dim,
+                                aux_channels=args.aux_channels)
     name = model_name(args.model)
     width, depth = _arch(name)
     taps = args.tap_blocks

@@ -36,6 +36,9 @@ add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
 add ade20k_seg        main_segment.py  configs/segment/upernet_vit_base_512_160k_ade20k.yaml
 add cascade_coco_det   main_detect.py   configs/detect/cascade_mask_rcnn_vit_base_1x_coco.yaml
 add mask_rcnn_coco_det main_detect.py   configs/detect/mask_rcnn_vit_base_3x_coco.yaml
+for cfg in configs/detect/mask_rcnn_*_adapter_*.yaml; do  # ViT-Adapter rows of seed 002, one task per recipe
+    add "$(basename "$cfg" .yaml)" main_detect.py "$cfg"
+done
 UNSUPPORTED="ade20kv_seg"
 
 usage() {
@@ -110,6 +113,8 @@ model_name() {  # full name as given, or an architecture completed with the reci
     local task=$1 family
     local arch=${MODEL#vit_}  # dBOT's commands say vit_base / vit_large / base / large
     if ! [[ $arch =~ ^(tiny|small|base|large|huge)$ ]]; then echo "$MODEL"; return; fi
+    local recipe_model; recipe_model=$(sed -n 's/^model: *//p' "${CONFIG[$task]}")
+    if [[ $recipe_model == adapter_* ]]; then echo "${recipe_model%_*}_${arch}"; return; fi  # adapter_[dinov2_]ARCH
     local patch=16; [[ $arch == huge ]] && patch=14
     family=$(sed -n 's/^model: *\([A-Za-z]*_\)\{0,1\}vit_.*/\1/p' "${CONFIG[$task]}")
     echo "${family}vit_${arch}_patch${patch}"

@@ -7,7 +7,9 @@ channels, BEiT neck, taps 3/5/7/11; batch >= 2 per process: the PPM's 1x1 BatchN
 (timm ViT fine-tuning step, 1000 classes, same layer-decay groups), ``cascade_mask_rcnn`` / ``mask_rcnn``
 (``main_detect``'s model: ViT pyramid + torchvision heads, 80 classes, on large-scale-jitter canvases of
 ``--det_size``, ViTDet's 1024 with window attention 14 and global blocks 2/5/8/11, targets from synthetic scenes);
-``all`` runs each in turn. Cascade Mask R-CNN ViT-B 1024 on a GPU: ``--task cascade_mask_rcnn --batch_size 2``;
+``adapter_mask_rcnn`` (the same Mask R-CNN on ``--adapter``, a ViT-Adapter + FPN neck, ``models/adapter.py``,
+next to ``mask_rcnn`` on the plain pyramid at the same ``--det_size``); ``all`` runs upernet, classify and
+cascade_mask_rcnn in turn. Cascade Mask R-CNN ViT-B 1024 on a GPU: ``--task cascade_mask_rcnn --batch_size 2``;
 on CPU at a small size: ``--task cascade_mask_rcnn --det_size 256 --batch_size 1 --steps 1 --warmup 1``. Full size on a GPU: ``python benchmarks/dense_step.py --input_size 512 --batch_size 2``
 (the seed's 2 images per GPU); a small CPU check: ``--input_size 128 --batch_size 1 --steps 2 --warmup 1``.
 Timing discipline: warm-up steps excluded, ``cuda.synchronize()`` before each clock read on GPU.
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 from engine.detect import detect_step  # noqa: E402
 from engine.segment import segment_step  # noqa: E402
+from models.adapter import create_adapter  # noqa: E402
 from models.detectors import build_detector, detector_layer_id  # noqa: E402
 from models.pyramid import ViTFeaturePyramid  # noqa: E402
 from models.seg_heads import UperNetSegmentor  # noqa: E402
@@ -36,7 +39,7 @@ from util.param_groups import param_groups  # noqa: E402
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 TASKS = ("upernet", "classify", "cascade_mask_rcnn")
-DETECTORS = ("cascade_mask_rcnn", "mask_rcnn")
+DETECTORS = ("cascade_mask_rcnn", "mask_rcnn", "adapter_mask_rcnn")
 
 
 def scene_targets(batch_size: int, size: int, device: torch.device) -> tuple[list, list]:
@@ -57,6 +60,14 @@ def scene_targets(batch_size: int, size: int, device: torch.device) -> tuple[lis
 
 def build(task: str, args: argparse.Namespace, device: torch.device):
     """(model, step(images) -> loss) for ``task``."""
+    if task == "adapter_mask_rcnn":  # window attention as the pyramid's, ViT-Adapter's DINOv2 configs
+        window = 14 if args.det_size >= 512 else 0
+        backbone = create_adapter(args.adapter, fpn_channels=256, drop_path_rate=0.1, window_size=window,
+                                  global_blocks=(2, 5, 8, 11), grad_checkpointing=args.grad_checkpointing)
+        model = build_detector("mask_rcnn", backbone, 80, img_size=args.det_size).to(device)
+        batch = scene_targets(args.batch_size, args.det_size, device)
+        model.layer_id = lambda name: detector_layer_id(name, backbone)
+        return model, lambda imgs: detect_step(model, batch, 0, device=device)["loss"]
     if task in DETECTORS:
         window = 14 if args.det_size >= 512 else 0
         backbone = ViTFeaturePyramid(args.model, img_size=args.det_size, extra_pool=True, drop_path_rate=0.1,
@@ -83,7 +94,7 @@ def run(task: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model, loss_of = build(task, args, device)
-    depth = len(model.backbone.vit.blocks) if task != "classify" else len(model.blocks)
+    depth = model.backbone.depth if task != "classify" else len(model.blocks)
     unit_of = lambda n: (lambda i: None if i is None or i > depth else i)(model.layer_id(n))  # noqa: E731
     opt = torch.optim.AdamW(param_groups(model, weight_decay=0.05, unit_of=unit_of, layer_decay=0.65,
                                          num_layers=depth + 1), lr=1e-4)
@@ -112,7 +123,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"benchmark": "dense_step", "task": task, "model": args.model, "batch_size": args.batch_size,
+    name = args.adapter if task == "adapter_mask_rcnn" else args.model
+    return {"benchmark": "dense_step", "task": task, "model": name, "batch_size": args.batch_size,
             "input_size": args.det_size if task in DETECTORS else args.input_size, "amp": args.amp, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "threads": torch.get_num_threads(), "steps": args.steps,
@@ -124,7 +136,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--task", default="all", choices=("all", "mask_rcnn") + TASKS)
+    parser.add_argument("--task", default="all", choices=("all", "mask_rcnn", "adapter_mask_rcnn") + TASKS)
+    parser.add_argument("--adapter", default="adapter_dinov2_small", help="ViT-Adapter of adapter_mask_rcnn")
     parser.add_argument("--model", default="vit_base_patch16")
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--input_size", type=int, default=512)

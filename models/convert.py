@@ -15,23 +15,32 @@ Sources and what they derive from:
 - MoCo v3 (Chen et al., ICCV 2021; github.com/facebookresearch/moco-v3 ``convert_to_deit.py``): keep
   ``module.base_encoder.*`` except the projection head ``head.*``.
 - DINOv2 (Oquab et al., 2023; github.com/facebookresearch/dinov2) and ViT-Adapter (Chen et al., ICLR 2023;
-  github.com/czczup/ViT-Adapter ``detection/convert_14to16.py``): drop ``mask_token``, fold LayerScale into the
-  preceding linear layer (timm's plain ViT has none), resize the 14x14 patch kernel to 16x16.
+  github.com/czczup/ViT-Adapter ``detection/convert_14to16.py``): drop ``mask_token``; LayerScale (``ls1.gamma``,
+  or ``gamma1`` in ViT-Adapter's 14->16 files) is folded into the preceding linear layer for a model without
+  LayerScale (our classification ViT: exact) and kept for a model with it (the ViT-Adapter's DINOv2 models);
+  register tokens (``register_tokens``, *_reg4 models) become timm's ``reg_token`` with the cls position folded
+  into ``cls_token`` (timm's ``_convert_dinov2`` layout, ``no_embed_class``); SwiGLU (ViT-g) ``mlp.w12`` /
+  ``mlp.w3`` become timm ``SwiGLUPacked``'s ``mlp.fc1`` / ``mlp.fc2``; the 14x14 patch kernel is resized to 16x16.
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import GluMlp
 from torch import Tensor
 
 from models.pos_embed import resample_pos_embed
 
 __all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit", "backbone_state",
            "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit", "dinov2_14to16"]
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("vitfreeze", "mae", "localmim", "moco_v3", "dinov2", "timm")
 # Top-level names of timm VisionTransformer parameters/buffers that a converted backbone may carry.
@@ -44,6 +53,7 @@ _MOCO_PREFIX = "base_encoder."
 _STAGE_NORM = re.compile(r"^norm\.(\d+)\.(weight|bias)$")
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")  # DINOv2 block_chunks > 0: blocks.<chunk>.<i>.*
 _SWIGLU = (".mlp.w12.", ".mlp.w3.", ".mlp.fc1_g.", ".mlp.fc1_x.")  # DINOv2 SwiGLUFFN(Fused), timm SwiGLU
+_ADAPTER_GAMMA = re.compile(r"^(blocks\.\d+)\.gamma([12])$")  # ViT-Adapter's 14->16 files: blocks.N.gamma1
 
 
 def _strip_prefixes(key: str) -> str:
@@ -103,9 +113,9 @@ def detect_source(state_dict: Mapping[str, Tensor]) -> str:
 
     Rules, first match wins: ``(module.)base_encoder.*`` -> ``'moco_v3'``; ``decoder_embed`` / ``decoder_blocks``
     -> ``'mae'`` (pretraining checkpoint with decoder, official or ours); ``norm.0.weight``, ``decoder.*`` or
-    ``hog_enc.*`` -> ``'localmim'`` (also ViTFreeze and ours); ``ls1.gamma`` or a top-level ``mask_token`` next to
-    ``blocks`` -> ``'dinov2'``; ``blocks`` + ``patch_embed`` -> ``'timm'`` (also MAE's encoder-only release,
-    DeiT, converted MoCo v3).
+    ``hog_enc.*`` -> ``'localmim'`` (also ViTFreeze and ours); ``ls1.gamma``, ViT-Adapter's ``gamma1``,
+    ``register_tokens`` or a top-level ``mask_token`` next to ``blocks`` -> ``'dinov2'``; ``blocks`` +
+    ``patch_embed`` -> ``'timm'`` (also MAE's encoder-only release, DeiT, converted MoCo v3).
 
     Raises:
         ValueError: the keys match none of the supported layouts.
@@ -118,7 +128,8 @@ def detect_source(state_dict: Mapping[str, Tensor]) -> str:
         return "mae"
     if any(k == "norm.0.weight" or k.startswith(("decoder.", "hog_enc.")) for k in keys):
         return "localmim"
-    if has_blocks and any(".ls1.gamma" in k or k == "mask_token" for k in keys):
+    if has_blocks and any(".ls1.gamma" in k or k in ("mask_token", "register_tokens") or _ADAPTER_GAMMA.match(k)
+                          for k in keys):
         return "dinov2"
     if has_blocks and any(k.startswith("patch_embed.") for k in keys):
         return "timm"
@@ -187,29 +198,43 @@ def fold_layer_scale(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _from_dinov2(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    if any(k in sd for k in ("register_tokens", "reg_token")):
-        raise ValueError("DINOv2 checkpoint with register tokens (*_reg model): our ViT has no register tokens and "
-                         "dropping them changes the features; use a DINOv2 model without registers")
-    swiglu = [k for k in sd if any(s in f".{k}" for s in _SWIGLU)]
-    if swiglu:
-        raise ValueError(f"SwiGLU feed-forward (DINOv2 ViT-g/14) cannot be mapped to a GELU MLP: {_describe(swiglu)}")
-    out = {}
+def _from_dinov2(sd: dict[str, Tensor], *, keep_layer_scale: bool = False,
+                 swiglu: bool = False) -> dict[str, Tensor]:
+    swiglu_keys = [k for k in sd if any(s in f".{k}" for s in _SWIGLU)]
+    if swiglu_keys and not (swiglu and all(".mlp.w12." in f".{k}" or ".mlp.w3." in f".{k}" for k in swiglu_keys)):
+        raise ValueError("SwiGLU feed-forward (DINOv2 ViT-g/14) cannot be mapped to a GELU MLP: "
+                         f"{_describe(swiglu_keys)}; load it into a model with a SwiGLU MLP (the ViT-Adapter's "
+                         "adapter_dinov2_giant) or use DINOv2 ViT-S/B/L")
+    out: dict[str, Tensor] = {}
     for key, value in sd.items():
         if key == "mask_token":
             continue
         m = _CHUNKED_BLOCK.match(key)  # chunk modules hold global block indices: blocks.1.3.* is block 3
-        out[f"blocks.{m.group(1)}.{m.group(2)}" if m else key] = value
-    return fold_layer_scale(out)
+        key = f"blocks.{m.group(1)}.{m.group(2)}" if m else key
+        m = _ADAPTER_GAMMA.match(key)  # ViT-Adapter's convert_14to16 renamed ls1.gamma -> gamma1
+        key = f"{m.group(1)}.ls{m.group(2)}.gamma" if m else key
+        out[key.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")] = value
+    if "register_tokens" in out:
+        # DINOv2 adds pos_embed to [cls, patches], then inserts the registers after cls without a position; timm's
+        # no_embed_class layout ([cls, reg, patches + pos]) is the same computation with cls' position folded in.
+        pos = out.pop("pos_embed")
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
+    return out if keep_layer_scale else fold_layer_scale(out)
 
 
-def to_timm_vit(checkpoint: Mapping[str, Any], *, source: str = "auto") -> tuple[dict[str, Tensor], str]:
+def to_timm_vit(checkpoint: Mapping[str, Any], *, source: str = "auto", keep_layer_scale: bool = False,
+                swiglu: bool = False) -> tuple[dict[str, Tensor], str]:
     """Convert a supported checkpoint into a timm ``VisionTransformer`` state dict.
 
     Args:
         checkpoint: a loaded checkpoint or state dict (see :func:`unwrap_checkpoint`).
         source: one of ``SOURCES`` or ``'auto'`` (:func:`detect_source`). ``'vitfreeze'`` means a pretraining
             checkpoint of ours or of ViTFreeze: LocalMIM rules when it has stage norms ``norm.K``, else MAE's.
+        keep_layer_scale: keep DINOv2's LayerScale as ``blocks.N.ls{1,2}.gamma`` (a model built with timm's
+            ``init_values``) instead of folding it into ``attn.proj`` / ``mlp.fc2``.
+        swiglu: map DINOv2's SwiGLU ``mlp.w12`` / ``mlp.w3`` to timm ``SwiGLUPacked`` keys instead of refusing.
 
     Returns:
         ``(state_dict, source)``: backbone weights under timm keys (``head.*`` / ``fc_norm.*`` kept when the
@@ -217,8 +242,8 @@ def to_timm_vit(checkpoint: Mapping[str, Any], *, source: str = "auto") -> tuple
         their checkpoint shapes; :func:`adapt_to_model` fits them to a model.
 
     Raises:
-        ValueError: unknown source, unrecognised layout, register tokens or SwiGLU (DINOv2), or keys left with
-            no timm counterpart.
+        ValueError: unknown source, unrecognised layout, SwiGLU (DINOv2 ViT-g) without ``swiglu``, or keys left
+            with no timm counterpart.
     """
     if source != "auto" and source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; choose 'auto' or one of {SOURCES}")
@@ -228,8 +253,8 @@ def to_timm_vit(checkpoint: Mapping[str, Any], *, source: str = "auto") -> tuple
     kind = source
     if source == "vitfreeze":
         kind = "localmim" if any(_STAGE_NORM.match(k) for k in sd) else "mae"
-    convert = {"mae": _from_mae, "localmim": _from_localmim, "moco_v3": _from_moco, "dinov2": _from_dinov2,
-               "timm": dict}[kind]
+    convert = {"mae": _from_mae, "localmim": _from_localmim, "moco_v3": _from_moco, "timm": dict,
+               "dinov2": partial(_from_dinov2, keep_layer_scale=keep_layer_scale, swiglu=swiglu)}[kind]
     out = convert(sd)
     _check_timm_keys(out, source)
     return out, source
@@ -285,11 +310,35 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
                    source: str = "auto") -> tuple[dict[str, Tensor], str]:
     """A checkpoint of any supported layout as a state dict for ``model`` (a timm ``VisionTransformer``):
     timm keys (:func:`to_timm_vit`), no classifier head (fine-tuning starts a fresh one, features have none),
-    patch kernel and position grid fitted to the model (:func:`adapt_to_model`). Returns (state dict, source)."""
-    state, source = to_timm_vit(checkpoint, source=source)
+    patch kernel and position grid fitted to the model (:func:`adapt_to_model`). LayerScale is kept when the model
+    has it and folded otherwise; SwiGLU is mapped when the model's MLP is timm's ``GluMlp``. Returns
+    (state dict, source).
+
+    Raises:
+        ValueError: the checkpoint has register tokens the model lacks (or a different number), SwiGLU for a GELU
+            model, or block parameters the model does not have (never ignored: they would change the features).
+    """
+    own = model.state_dict()
+    keep = any(re.search(r"\.ls[12]\.gamma$", k) for k in own)
+    swiglu = isinstance(getattr(model.blocks[0], "mlp", None), GluMlp)
+    state, source = to_timm_vit(checkpoint, source=source, keep_layer_scale=keep, swiglu=swiglu)
+    if source == "dinov2":
+        logger.info("DINOv2 checkpoint: LayerScale %s", "kept as parameters (the model has LayerScale)" if keep
+                    else "folded into attn.proj / mlp.fc2 (exact; the model has no LayerScale)")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    model_regs = getattr(model, "num_reg_tokens", 0)
+    if regs != model_regs:
+        raise ValueError(f"the checkpoint has {regs} register tokens and the model {model_regs}: build the model with "
+                         f"reg_tokens={regs} (e.g. the ViT-Adapter's adapter_dinov2_*_reg4); dropping or inventing "
+                         "register tokens changes the features")
+    extra = [k for k in state if k.startswith("blocks.") and k not in own]
+    if extra:
+        raise ValueError(f"{source} checkpoint has block parameters the model lacks: {_describe(extra)}; "
+                         "they would be ignored and change the features (LayerScale, SwiGLU or another architecture?)")
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     return adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
-                          num_prefix_tokens=model.num_prefix_tokens), source
+                          num_prefix_tokens=prefix), source
 
 
 def moco_to_deit(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
@@ -322,8 +371,8 @@ def dinov2_14to16(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
     Resizes ``patch_embed.proj.weight`` [D, 3, 14, 14] -> [D, 3, 16, 16] (bilinear, align_corners False, no
     rescale), drops every key containing ``mask_token``, renames ``ls1.gamma`` -> ``gamma1`` and ``ls2.gamma`` ->
-    ``gamma2``; ``pos_embed`` and everything else are untouched. For our ViT use :func:`to_timm_vit` (which folds
-    LayerScale) and :func:`adapt_to_model` instead.
+    ``gamma2``; ``pos_embed`` and everything else are untouched. :func:`to_timm_vit` / :func:`backbone_state`
+    read the result (``gamma1`` / ``gamma2`` are DINOv2's LayerScale: folded or kept, never ignored).
 
     Raises:
         ValueError: no ``patch_embed.proj.weight``.

@@ -13,8 +13,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 
 import models
-from models.convert import (SOURCES, adapt_to_model, detect_source, dinov2_14to16, fold_layer_scale, moco_to_deit,
-                            resize_patch_embed, to_timm_vit, unwrap_checkpoint)
+from models.convert import (SOURCES, adapt_to_model, backbone_state, detect_source, dinov2_14to16, fold_layer_scale,
+                            moco_to_deit, resize_patch_embed, to_timm_vit, unwrap_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM = 32
@@ -216,8 +216,9 @@ def test_dinov2_folds_layer_scale_and_drops_mask_token():
 
 
 def test_dinov2_rejects_registers_and_swiglu():
+    # register tokens convert (tests/test_adapter.py) but a model without them refuses them by name
     with pytest.raises(ValueError, match="register tokens"):
-        to_timm_vit(dict(fake_dinov2(), register_tokens=torch.zeros(1, 4, DIM)))
+        backbone_state(dict(fake_dinov2(), register_tokens=torch.zeros(1, 4, DIM)), tiny_vit(patch=14, img=28))
     swiglu = dict(fake_dinov2(), **{"blocks.0.mlp.w12.weight": torch.zeros(8, DIM)})
     with pytest.raises(ValueError, match="SwiGLU"):
         to_timm_vit(swiglu)

@@ -7,12 +7,16 @@ from timm.models.vision_transformer import VisionTransformer
 
 from models import MODELS, create_model, list_models, register_model
 
-# masked image models (mae_*, MIM_*); the classification backbones (vit_*) are tested in test_vit.py
-SMALL_MODELS = [name for name in list_models() if ("tiny" in name or "small" in name) and not name.startswith("vit_")]
+# masked image models (mae_*, MIM_*); the classification backbones (vit_*) are tested in test_vit.py, the
+# ViT-Adapter backbones (adapter_*) in test_adapter.py
+SMALL_MODELS = [name for name in list_models() if ("tiny" in name or "small" in name)
+                and not name.startswith(("vit_", "adapter_"))]
 EXPECTED = {"mae_vit_tiny_patch16", "mae_vit_small_patch16", "mae_vit_base_patch16", "mae_vit_large_patch16",
             "mae_vit_huge_patch14", "MIM_vit_tiny_patch16", "MIM_vit_small_patch16", "MIM_vit_base_patch16",
             "MIM_vit_large_patch16", "vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16",
-            "vit_large_patch16", "vit_huge_patch14"}
+            "vit_large_patch16", "vit_huge_patch14"} | {
+            f"adapter_{s}" for s in ("tiny", "small", "base", "large")} | {
+            f"adapter_dinov2_{s}{r}" for s in ("small", "base", "large", "giant") for r in ("", "_reg4")}
 
 
 def test_registry_lists_the_models():

@@ -5,8 +5,10 @@ Predictions", ICLR 2023; github.com/czczup/ViT-Adapter), SPEC 8.2::
 
     python tools/convert_14to16.py dinov2_vitl14_pretrain.pth   # -> dinov2_vitl14_pretrain_14to16.pth
 
-The result keeps LayerScale as ``gamma1`` / ``gamma2`` for ViT-Adapter's backbone; to load DINOv2 into our ViT use
-``tools/export_timm.py`` (LayerScale folded) instead. Differences from ViT-Adapter's script: a wrapped checkpoint
+The result keeps LayerScale as ``gamma1`` / ``gamma2`` as ViT-Adapter's file does. Both our loaders read it: the
+ViT-Adapter's DINOv2 models (``models/adapter.py``, ``load_backbone``) keep LayerScale as parameters, and
+classification fine-tuning (``--finetune``, a ViT without LayerScale) folds it exactly into ``attn.proj`` /
+``mlp.fc2``; register tokens (*_reg4) and SwiGLU (ViT-g) pass through unchanged and are handled at load time. Differences from ViT-Adapter's script: a wrapped checkpoint
 (``model`` / ``teacher`` / ``module.`` prefixes) is unwrapped first, the output name is derived from the file stem
 (the original's ``str.replace('.pth', ...)`` overwrites its input when the name has no ``.pth``), the write is
 atomic, a kernel that is not 14x14 is refused, and errors are one line with exit status 1.
