@@ -355,12 +355,13 @@ def test_torchvision_mask_rcnn_trains_on_the_adapter_with_fpn():
 def test_finetune_loads_the_14to16_file_with_layer_scale_folded(tmp_path):
     """Issue 11 through main_finetune's --finetune loader: gamma1/gamma2 end up inside attn.proj / mlp.fc2."""
     import models
-    from main_finetune import load_finetune_weights
+    from models.backbone import load_finetune_weights
+    from util.checkpoint import load_checkpoint
     dinov2 = timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4)
     converted = convert_tool().dinov2_14to16(dinov2_original(dinov2))
     torch.save(converted, tmp_path / "dinov2_14to16.pth")
     model = models.create_model("vit_small_patch16", img_size=64, num_classes=5, depth=4, global_pool="avg")
-    load_finetune_weights(model, str(tmp_path / "dinov2_14to16.pth"), global_pool=True)
+    load_finetune_weights(model, load_checkpoint(tmp_path / "dinov2_14to16.pth"), global_pool=True)
     gamma = converted["blocks.3.gamma2"]
     torch.testing.assert_close(model.blocks[3].mlp.fc2.weight, converted["blocks.3.mlp.fc2.weight"] * gamma[:, None])
     torch.testing.assert_close(model.blocks[3].mlp.fc2.bias, converted["blocks.3.mlp.fc2.bias"] * gamma)
