@@ -29,7 +29,7 @@ from util.checkpoint import (NonFiniteStateError, RunCheckpoints, find_latest, l
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter, dumps_json
+from util.logging import MetricWriter, dumps_json, log_prefix
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
@@ -76,8 +76,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     folds = args.fold or (csv_folds(args.data_path, args.split_file) if args.split_file else [None])
     if len(folds) == 1:
         return run(args, info, argv, fold=folds[0], output_dir=Path(args.output_dir), log_dir=args.log_dir)
-    results = [run(args, info, argv, fold=k, output_dir=Path(args.output_dir) / f"fold_{k}",
-                   log_dir=args.log_dir and str(Path(args.log_dir) / f"fold_{k}")) for k in folds]
+    results = []
+    for k in folds:
+        with log_prefix(f"[fold {k}] "):
+            results.append(run(args, info, argv, fold=k, output_dir=Path(args.output_dir) / f"fold_{k}",
+                               log_dir=args.log_dir and str(Path(args.log_dir) / f"fold_{k}")))
     summary = mean_and_std(results)
     logger.info("folds %s: %s", folds, "  ".join(f"{k} {summary[k]:.2f} ± {summary[k + '_std']:.2f}" for k in
                                                     ("acc1", "precision", "recall", "f1", "mcc") if k in summary))

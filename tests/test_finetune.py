@@ -138,6 +138,8 @@ def test_split_file_folds_on_imagenette_report_mean_and_std(tmp_path):
                                  "--output_dir", str(out)])
     record = json.loads((out / "folds.json").read_text())
     assert record["folds"] == [0, 1] and len(record["per_fold"]) == 2
+    progress = [line for line in (out / "cli_logs.txt").read_text().splitlines() if "Epoch: [0] [" in line]
+    assert [line.split(" INFO ")[1].split(" Epoch")[0] for line in progress] == ["[fold 0]", "[fold 1]"]
     for key in ("acc1", "precision", "recall", "f1", "mcc"):
         values = [fold[key] for fold in record["per_fold"]]
         assert result[key] == pytest.approx(statistics.fmean(values))

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -15,7 +16,7 @@ import math
 import sys
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 LOGGER_NAME = "vitfreeze"
 
@@ -39,6 +40,22 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0) -> logging.Logge
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger
+
+
+@contextlib.contextmanager
+def log_prefix(prefix: str) -> Iterator[None]:
+    """Every ``vitfreeze`` log line inside the block starts with ``prefix`` (e.g. ``[fold 2] `` for k-fold runs,
+    so that a grep of ``cli_logs.txt`` tells the folds apart)."""
+    logger = logging.getLogger(LOGGER_NAME)
+
+    def add_prefix(record: logging.LogRecord) -> bool:
+        record.msg = f"{prefix}{record.msg}"
+        return True
+    logger.addFilter(add_prefix)
+    try:
+        yield
+    finally:
+        logger.removeFilter(add_prefix)
 
 
 class SmoothedValue:
