@@ -34,7 +34,7 @@ from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
-from util.logging import MetricWriter
+from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
@@ -226,12 +226,6 @@ def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, devic
     save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
                        dataset.classes)
 
-
-def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[str, float]:
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    return results
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from util.checkpoint import (NonFiniteStateError, RunCheckpoints, find_latest, l
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter, dumps_json, log_prefix
+from util.logging import dumps_json, log_prefix, MetricWriter, write_results
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
 from util.param_groups import param_groups
@@ -272,13 +272,6 @@ def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, nam
             save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
     return out
 
-
-def write_results(output_dir: Path | None, results: dict[str, float]) -> dict[str, float]:
-    """Write ``results.json`` into ``output_dir`` (None: not the main process) and return ``results``."""
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(dumps_json(results, indent=2) + "\n")
-    return results
 
 
 if __name__ == "__main__":

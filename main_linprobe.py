@@ -28,11 +28,12 @@ from models.heads import LinearProbe
 from util import args as cli
 from util.checkpoint import NonFiniteStateError, RunCheckpoints, load_checkpoint, training_state
 from util.data.decode import DeviceInput, collate, use_eval_decode
-from util.data.transfer import labelled_splits
+from util.data.transfer import class_names, labelled_splits
 from util.param_groups import lars_groups
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
-from util.logging import MetricWriter
+from util.metrics import per_class_table
+from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transforms import eval_transform, linprobe_transform
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)
         train_set, val_set, classes = splits(train_transform=eval_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))
+        names = class_names(val_set)
         use_eval_decode(args.decode, args.input_size, train_set, val_set)
         train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
             backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
         train_set, val_set, classes = splits(train_transform=linprobe_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))
+        names = class_names(val_set)
         use_eval_decode(args.decode, args.input_size, val_set)
     workers = 0 if args.cache_features else args.num_workers
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
@@ -156,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             result = {k: v for k, v in heads[h].items() if k != "confusion"}
             result.update({"lr": lrs[h], **{f"acc1_lr{x:g}": m["acc1"] for x, m in zip(lrs, heads)}})
             is_best = result["acc1"] > best["acc1"]
-            best = {**result, "epoch": epoch} if is_best else best
+            if is_best:  # the confusion matrix travels in the checkpoint's "best", for the pictures after a resume
+                best = {**result, "epoch": epoch, "confusion": heads[h]["confusion"]}
             result["best_acc1"] = best["acc1"]
             writer.log_validation(result, epoch)
             logger.info("epoch %d: acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  (lr %.3e; best acc1 %.2f)", epoch,
@@ -167,7 +171,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 barrier()
                 preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
     writer.close()
-    return result
+    if info.is_main and "confusion" in best:  # as fine-tuning: the best epoch's per-class table and picture
+        from util.vis import save_confusion_png  # lazy: pictures are optional
+        (ckpts.output_dir / "per_class_val.txt").write_text(per_class_table(best["confusion"], names) + "\n")
+        logger.info("wrote %s", save_confusion_png(ckpts.output_dir / "confusion_val.png", best["confusion"], names))
+    return write_results(ckpts.output_dir if info.is_main else None,
+                         {**result, "best_acc1": best["acc1"], "best_epoch": best.get("epoch"),
+                          "best_lr": best.get("lr")})
 
 
 if __name__ == "__main__":

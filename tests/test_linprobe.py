@@ -1,5 +1,6 @@
 """main_linprobe.py: LARS = MoCo v3's, frozen backbone, head-only optimizer, cached features, lr grid, resume; and
 end to end on the demo data: the demo pretraining beats a random backbone in k-NN and linear-probe accuracy."""
+import json
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,14 @@ def test_lr_grid_head_equals_a_single_run(small_demo, tmp_path):
     low, high = f"acc1_lr{0.5 * 32 / 256:g}", f"acc1_lr{20 * 32 / 256:g}"  # keys name the actual lr
     assert grid[low] == single["acc1"] and high in grid
     assert grid["acc1"] == max(grid[low], grid[high])
+    # as fine-tuning: results.json (strict JSON), the best epoch's per-class table and confusion picture
+    written = json.loads((tmp_path / "grid" / "results.json").read_text())
+    logged = [json.loads(line) for line in (tmp_path / "grid" / "log.txt").read_text().splitlines()]
+    assert written["acc1"] == grid["acc1"] and written["best_acc1"] == max(e["acc1"] for e in logged)
+    assert logged[written["best_epoch"]]["acc1"] == written["best_acc1"]
+    table = (tmp_path / "grid" / "per_class_val.txt").read_text().splitlines()
+    assert len(table) == 1 + len(DemoDataset(per_class=1, size=32).classes)  # header + one row per class
+    assert (tmp_path / "grid" / "confusion_val.png").stat().st_size > 0
     with pytest.raises(ValueError, match="cache_features"):
         main_linprobe.main([*TINY, "--lr_grid", "0.1", "1", "--output_dir", str(tmp_path / "bad")])
 

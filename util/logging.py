@@ -137,3 +137,12 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def write_results(output_dir: str | Path | None, results: dict[str, Any], name: str = "results.json") -> dict[str, Any]:
+    """Write ``results`` as strict JSON (NaN -> null) to ``output_dir/name`` (None: not the main process, nothing
+    written) and return them."""
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / name).write_text(dumps_json(results, indent=2) + "\n")
+    return results
