@@ -381,8 +381,10 @@ def test_run_sh_runs_the_adapter_recipes_with_the_seeds_overrides(tmp_path):
     import subprocess
     job = f"test_adapter_{tmp_path.name}"
     try:
+        ckpt = tmp_path / "dinov2_vitb14_pretrain_14to16.pth"
+        ckpt.write_bytes(b"")  # --dry_run checks that the checkpoint and the data exist
         res = subprocess.run(["bash", str(ROOT / "run.sh"), job, "mask_rcnn_dinov2_adapter_small_fpn_3x_coco", "base",
-                              "0", "pretrained/dinov2_vitb14_pretrain_14to16.pth",
+                              "0", str(ckpt), f"data_path={tmp_path}",
                               "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run"],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
@@ -390,7 +392,7 @@ def test_run_sh_runs_the_adapter_recipes_with_the_seeds_overrides(tmp_path):
         resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
         assert (resolved["model"], resolved["layer_decay"], resolved["epochs"], resolved["lr_steps"]) == \
             ("adapter_dinov2_base", 0.75, 36, [27, 33])
-        assert resolved["finetune"] == "pretrained/dinov2_vitb14_pretrain_14to16.pth"
+        assert resolved["finetune"] == str(ckpt)
         help_text = subprocess.run(["bash", str(ROOT / "run.sh"), "--help"], capture_output=True, text=True).stdout
         for size in ("small", "base", "large"):
             assert f"mask_rcnn_dinov2_adapter_{size}_fpn_3x_coco" in help_text
