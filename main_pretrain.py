@@ -109,8 +109,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         logger.info("wrote %s", save_schedule_png(Path(args.output_dir) / "freezeout_schedule.png", schedule,
                                                   steps_per_epoch=steps_per_epoch))
 
+    stage_names = [f"x{scale:g}" for scale in getattr(model, "scales", ())]
+    loss_terms: list[str] = []  # the LocalMIM terms train_loss holds now; FreezeOut drops a stage with its block
+
     def before_update(step: int) -> None:
         freezer.before_update(step)
+        if len(stage_names) > 1:
+            now = [stage_names[k] for k in model.active_stages(freezer.num_frozen)]
+            if now != loss_terms:
+                logger.info("train_loss %s the LocalMIM terms %s (loss_%s: per scale, comparable across the run)",
+                            "now sums" if loss_terms else "sums", " + ".join(now), "/loss_".join(stage_names))
+                loss_terms[:] = now
         if step % args.print_freq == 0:  # with or without FreezeOut: one schedule object gives every unit's lr
             writer.log({**{f"lr/unit_{u:02d}": schedule.lr(u, step) for u in range(schedule.num_units)},
                         "train/num_frozen": freezer.num_frozen}, step)
@@ -150,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             skipped = progress.skipped
             vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
             ckpts.end_epoch(epoch, state(epoch, progress, train_stats=stats), log={
-                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen},
+                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen,
+                **({"loss_terms": list(loss_terms)} if loss_terms else {})},
                 extra_outputs=(lambda: save_reconstruction(model, vis_imgs, args, Path(args.output_dir) /
                                                            f"vis-{epoch:04d}.png")) if vis_due else None)
             if epoch + 1 < args.epochs and preemption.requested_anywhere(info.device):

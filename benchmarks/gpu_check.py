@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import models  # noqa: E402
 from engine.pretrain import mim_step  # noqa: E402
-from engine.train import train_one_epoch  # noqa: E402
+from engine.train import EpochProgress, LoopConfig, train_one_epoch  # noqa: E402
 from util.compute import adamw_kwargs, compile_model, non_sdpa_attention  # noqa: E402
 from util.freezeout import FreezeOutSchedule  # noqa: E402
 from util.param_groups import param_groups  # noqa: E402
@@ -87,12 +87,15 @@ def time_steps(model: torch.nn.Module, imgs: torch.Tensor, *, steps: int, warmup
     keys = torch.arange(len(imgs))
     batch = (imgs, torch.zeros(len(imgs), dtype=torch.long), keys)
     step_fn = partial(mim_step, model, mask_ratio=0.75, device=device)
-    run = partial(train_one_epoch, step_fn, optimizer=opt, scaler=scaler, before_update=lambda s: None,
-                  amp_dtype=amp, device=device, model=model, print_freq=10**9)
-    run(loader=[batch] * warmup, start_step=0, num_steps=warmup)
+
+    def run(num_steps: int, first_step: int) -> None:
+        config = LoopConfig(steps_per_epoch=num_steps, amp_dtype=amp, device=device, print_freq=10**9)
+        train_one_epoch(step_fn, [batch] * num_steps, opt, scaler, config, EpochProgress(0, first_step),
+                        before_update=lambda s: None)
+    run(warmup, 0)
     sync(device)
     tic = time.perf_counter()
-    run(loader=[batch] * steps, start_step=warmup, num_steps=steps)
+    run(steps, warmup)
     sync(device)
     return (time.perf_counter() - tic) / steps
 
@@ -203,8 +206,8 @@ def part_e2e(cfg: argparse.Namespace, device: torch.device, rows: list[dict]) ->
         steps = json.loads((Path(tmp) / "fo" / "run_info.json").read_text())["derived"]["steps_per_epoch"]
     analytic = analytic_saving(prefix, epochs=cfg.e2e_epochs, steps_per_epoch=steps, t_0=0.5, how_scale="linear")
     measured = 1 - fo_s / base_s
-    model_only = next((r["images_per_s"] for r in rows if r["part"] == "step" and r["model"] == cfg.e2e_model
-                       and not r["compile"]), None)
+    model_only = next((r["images_per_s"] for r in rows if r["part"] == "step" and r.get("model") == cfg.e2e_model
+                       and not r.get("compile")), None)
     emit({"part": "e2e", "model": cfg.e2e_model, "data": cfg.e2e_data, "decode": cfg.decode,
           "epochs": cfg.e2e_epochs, "steps_per_epoch": steps, "baseline_s": round(base_s, 3),
           "freezeout_s": round(fo_s, 3), "images_per_s": round(images / base_s, 1),

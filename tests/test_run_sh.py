@@ -158,3 +158,19 @@ def test_unknown_mm_override_is_an_error_naming_it(run_sh, checkout, job):
     res = run_sh(job, "cascade_coco_det", "base", "0", "optimizer.momentum=0.9")
     assert res.returncode == 2 and "unknown override 'optimizer.momentum'" in res.stderr
     assert not (checkout / "output" / job).exists()
+
+
+@pytest.mark.parametrize("model, lr, decay, arch", [("large", "3e-5", "0.95", "vit_large_patch16")])  # (base: same path)
+def test_dbot_segmentation_seed_as_written(run_sh, job, tmp_path, model, lr, decay, arch):
+    """dBOT's ADE20K commands (seed 000) as written, paths aside: the mm-style keys become main_segment's flags."""
+    ckpt = tmp_path / f"dbot_{model}_pre" / "checkpoint-1600.pth"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")  # --dry_run checks that it exists
+    res = run_sh(job, "ade20k_seg", model, "8", str(ckpt), "optimizer_config.use_fp16=True", f"optimizer.lr={lr}",
+                 f"optimizer.paramwise_cfg.layer_decay_rate={decay}", "model.backbone.drop_path_rate=0.2",
+                 "--deterministic", f"data_path={tmp_path}", "--dry_run")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
+    assert (resolved["model"], resolved["amp"], resolved["lr"], resolved["layer_decay"], resolved["drop_path"]) == \
+        (arch, "fp16", float(lr), float(decay), 0.2)
+    assert resolved["deterministic"] is True and resolved["finetune"] == str(ckpt)

@@ -33,7 +33,20 @@ def test_unit_lrs_and_frozen_count_are_logged_without_freezeout(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_frozen_count_rises_with_freezeout(tmp_path):
-    main_pretrain.main([*ARGS, "--t_0", "0.5", "--how_scale", "linear", "--output_dir", str(tmp_path / "run")])
+def test_frozen_count_rises_with_freezeout_and_the_log_says_which_terms_the_loss_holds(tmp_path):
+    import json
+
+    import models
+    main_pretrain.main([*ARGS, "--epochs", "3", "--t_0", "0.3", "--how_scale", "linear",
+                        "--output_dir", str(tmp_path / "run")])
     frozen = [value for _, value in scalars(tmp_path / "run")["train/num_frozen"]]
     assert frozen == sorted(frozen) and frozen[-1] > 0
+    model = models.create_model("MIM_vit_tiny_patch16", img_size=32)
+    names = [f"x{s:g}" for s in model.scales]
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    for entry in epochs:  # the terms logged are the stages whose feeding block still trains at the epoch's end
+        assert entry["loss_terms"] == [names[k] for k in model.active_stages(entry["num_frozen"])]
+    assert len(epochs[-1]["loss_terms"]) < len(names)  # a stage was dropped, and the log says so
+    log = (tmp_path / "run" / "cli_logs.txt").read_text()
+    assert f"train_loss sums the LocalMIM terms {' + '.join(names)}" in log
+    assert f"train_loss now sums the LocalMIM terms {' + '.join(epochs[-1]['loss_terms'])}" in log
