@@ -30,6 +30,11 @@ def test_unit_lrs_and_frozen_count_are_logged_without_freezeout(tmp_path):
     for step, value in tags["train/lr"]:  # the loop logs after the update, the hook before it: step - 1
         assert value == pytest.approx(lr_at[step - 1], rel=1e-6)
     assert {"train/loss_x4", "train/loss_x2", "train/loss_x1", "train/loss_x0.5"} <= set(tags)
+    # per epoch, against the epoch: what log.txt holds (epoch time, images/s, mean loss)
+    import json
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    for key in ("train_epoch_time_s", "train_images_per_s", "train_loss"):
+        assert tags[f"epoch/{key}"] == [(e["epoch"], pytest.approx(e[key], rel=1e-6)) for e in logged]
 
 
 @pytest.mark.usefixtures("one_thread")

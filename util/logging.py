@@ -128,10 +128,16 @@ class MetricWriter:
                   **{f"val/{k}": v for k, v in numbers.items()}}, epoch)
 
     def log_epoch(self, stats: dict[str, Any]) -> None:
+        """One ``log.txt`` line; its numbers also go to TensorBoard as ``epoch/<key>`` against the epoch (epoch time,
+        images/s, the epoch's mean loss, validation metrics), when ``stats`` names its ``epoch``."""
         if self.log_file is not None:
             with open(self.log_file, "a") as handle:
                 handle.write(dumps_json(stats) + "\n")
         if self._tb is not None:
+            epoch = stats.get("epoch")
+            if isinstance(epoch, int):
+                self.log({f"epoch/{k}": v for k, v in stats.items() if k != "epoch" and isinstance(v, (int, float))
+                          and not isinstance(v, bool) and math.isfinite(v)}, epoch)
             self._tb.flush()
 
     def close(self) -> None:
