@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader, Dataset
 import models
 from engine.evaluate import eval_shard, evaluate
 from engine.finetune import build_criterion, classify_step
-from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
+from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.backbone import freeze_unit, load_finetune_weights
 from util import args as cli
 from util.checkpoint import (NonFiniteStateError, RunCheckpoints, find_latest, load_checkpoint, load_model_state,
                              training_state)
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
-from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader
 from util.logging import dumps_json, log_prefix, MetricWriter, write_results
 from util.lr_sched import training_budget
 from util.metrics import mean_and_std, per_class_table
@@ -164,11 +164,8 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
     with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank))
-            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
-                                                                                   skipped=skipped)
-            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
-                             start_batch=progress.update * args.accum_iter)
+            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+                                   accum_steps=args.accum_iter, skipped=skipped)
             freezer.train()
             stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress,
                                     before_update=freezer.before_update, no_sync=freezer.no_sync, log_fn=writer.log,

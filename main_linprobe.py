@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import models
 from engine.evaluate import eval_shard, evaluate_heads
 from engine.finetune import classify_step
-from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
+from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from engine.knn import embed
 from models.backbone import build_backbone
 from models.heads import LinearProbe
@@ -31,7 +31,7 @@ from util.data.decode import DeviceInput, collate, use_eval_decode
 from util.data.transfer import class_names, labelled_splits
 from util.param_groups import lars_groups
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
-from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader
 from util.metrics import per_class_table
 from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, cosine_lr, training_budget
@@ -137,11 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
     with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank))
-            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
-                                                                                   skipped=skipped)
-            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
-                             start_batch=progress.update * args.accum_iter)
+            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+                                   accum_steps=args.accum_iter, skipped=skipped)
             probe.train()
             stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress,
                                     before_update=lambda s: apply_lr(optimizer, schedule(s)),

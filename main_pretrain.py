@@ -14,7 +14,7 @@ import torch
 
 import models
 from engine.pretrain import mim_step, reconstruct
-from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, resume_position, train_one_epoch
+from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.masking import check_mask_ratio
 from util import args as cli
 from util.checkpoint import NonFiniteStateError, RunCheckpoints, training_state
@@ -23,7 +23,7 @@ from util.distributed import barrier
 from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.launch import Preemption, add_launch_args, parse_or_dispatch
-from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader
 from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.compute import adamw_kwargs, compile_model
@@ -143,11 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
     with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank))
-            progress = resume_position(checkpoint, epoch, info) or EpochProgress(epoch, epoch * steps_per_epoch,
-                                                                                   skipped=skipped)
-            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank,
-                             start_batch=progress.update * args.accum_iter)
+            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+                                   accum_steps=args.accum_iter, skipped=skipped)
             freezer.train()
             stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
                                     no_sync=freezer.no_sync, log_fn=writer.log, should_stop=preemption.requested,

@@ -22,8 +22,10 @@ from typing import Any, Callable, ContextManager, Iterable, Mapping
 import torch
 
 from util.checkpoint import NonFiniteError, restore_position_rng
+from util.data.loaders import epoch_seed, set_loader_epoch
 from util.distributed import all_reduce_mean
 from util.logging import SmoothedValue, format_eta
+from util.runtime import seed_everything
 
 logger = logging.getLogger("vitfreeze")
 
@@ -115,6 +117,19 @@ def resume_position(checkpoint: Mapping[str, Any] | None, epoch: int, dist: Any)
         return None
     restore_position_rng(dict(checkpoint), dist.rank, dist.world_size)
     return EpochProgress.from_state_dict(position)
+
+
+def begin_epoch(loader: Any, checkpoint: Mapping[str, Any] | None, epoch: int, dist: Any, *, seed: int,
+                steps_per_epoch: int, accum_steps: int, skipped: int) -> EpochProgress:
+    """The start of every training epoch of the entry scripts: this rank's RNGs reseeded for (seed, epoch, rank)
+    (drop path, mixup), then the progress of a checkpoint saved inside this epoch (its random state restored,
+    :func:`resume_position`) or a fresh one, and the loader's order, sample keys and first batch set to match
+    (``util.data.loaders.set_loader_epoch``). ``skipped``: non-finite updates skipped in earlier epochs."""
+    seed_everything(epoch_seed(seed, epoch, dist.rank))
+    progress = resume_position(checkpoint, epoch, dist) or EpochProgress(epoch, epoch * steps_per_epoch,
+                                                                           skipped=skipped)
+    set_loader_epoch(loader, seed=seed, epoch=epoch, rank=dist.rank, start_batch=progress.update * accum_steps)
+    return progress
 
 
 def train_one_epoch(step_fn: StepFn, loader: Iterable, optimizer: torch.optim.Optimizer,
