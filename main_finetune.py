@@ -171,10 +171,8 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                                     before_update=freezer.before_update, no_sync=freezer.no_sync, log_fn=writer.log,
                                     should_stop=preemption.requested,
                                     checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            if progress.stopped:
-                barrier()
-                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {output_dir / 'checkpoint-last.pth'}")
+            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch,
+                                       saved=output_dir / "checkpoint-last.pth")
             skipped = progress.skipped
             result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
             confusion = result.pop("confusion")

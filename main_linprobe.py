@@ -145,10 +145,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                     no_sync=getattr(ddp_probe, "no_sync", None), log_fn=writer.log,
                                     should_stop=preemption.requested,
                                     checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            if progress.stopped:
-                barrier()
-                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
+            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch,
+                                       saved=ckpts.output_dir / "checkpoint-last.pth")
             skipped = progress.skipped
             broadcast_buffers(probe.heads)  # every rank evaluates with rank 0's BatchNorm statistics
             heads = evaluate_heads(probe, val_loader, device=device, num_classes=classes, amp_dtype=amp_dtype)

@@ -149,10 +149,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
                                     no_sync=freezer.no_sync, log_fn=writer.log, should_stop=preemption.requested,
                                     checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            if progress.stopped:
-                barrier()
-                preemption.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch "
-                                f"{epoch}); saved {ckpts.output_dir / 'checkpoint-last.pth'}")
+            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch,
+                                       saved=ckpts.output_dir / "checkpoint-last.pth")
             skipped = progress.skipped
             vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
             ckpts.end_epoch(epoch, state(epoch, progress, train_stats=stats), log={

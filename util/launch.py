@@ -149,6 +149,16 @@ class Preemption:
         from util.distributed import all_reduce_mean
         return all_reduce_mean(torch.tensor(float(self.requested()), device=device)).item() > 0
 
+    def exit_if_stopped(self, progress: Any, *, steps_per_epoch: int, saved: Any) -> None:
+        """After ``train_one_epoch``: when it stopped early (``progress.stopped``, on every rank together), wait for
+        rank 0's checkpoint ``saved`` and :meth:`exit` naming the position inside the epoch."""
+        if not progress.stopped:
+            return
+        from util.distributed import barrier
+        barrier()
+        self.exit(f"at step {progress.step} (update {progress.update} of {steps_per_epoch} in epoch {progress.epoch}); "
+                  f"saved {saved}")
+
     def exit(self, where: str) -> NoReturn:
         """Log where the run stopped and how to resume it, hand SIGUSR2 to submitit, then exit 128 + signal."""
         signum = self.signum or signal.SIGTERM
