@@ -23,6 +23,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: Sequence) -> No
     from util.distributed import cleanup
     try:
         fn(rank, *args)
+        import torch.distributed as dist
+        if dist.is_initialized():  # every rank done before any tears down: gloo can abort a peer that is closing
+            dist.barrier()
     finally:
         cleanup()
 
