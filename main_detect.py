@@ -29,7 +29,8 @@ from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
 from util import args as cli
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
+from util.checkpoint import (find_latest, load_checkpoint, load_model_state, NonFiniteStateError,
+                             resume_training, RunCheckpoints, training_state)
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
@@ -118,29 +119,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                       amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
                       print_freq=args.print_freq, images_per_update=eff_batch,
                       total_steps=args.epochs * steps_per_epoch)
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(epoch_seed(args.seed, epoch, info.rank))
-        set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
-        model.train()
-        stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop,
-                                EpochProgress(epoch, epoch * steps_per_epoch, skipped=skipped),
-                                before_update=lambda step: apply_lr(optimizer, schedule(step)),
-                                no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
-        skipped, evaluated = int(stats["skipped_steps"]), {}
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result = evaluated = report(evaluate(), f"epoch {epoch}")
-            writer.log({f"val/{k}": v for k, v in result.items()}, int(stats["step"]))
-            if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
-                save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "step": int(stats["step"]), "skipped_steps": skipped, "metrics": result,
-                     "classes": val_set.classes, "category_ids": val_set.category_ids, "args": vars(args)}
-            save_checkpoint(output_dir / "checkpoint-last.pth", state)
-            if (epoch + 1) % args.save_every == 0:
-                save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
-        writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()},
-                          **{f"val_{k}": v for k, v in evaluated.items()}, "epoch": epoch})
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    with ckpts:
+        for epoch in range(start_epoch, args.epochs):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank))
+            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
+            model.train()
+            stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop,
+                                    EpochProgress(epoch, epoch * steps_per_epoch, skipped=skipped),
+                                    before_update=lambda step: apply_lr(optimizer, schedule(step)),
+                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
+            skipped, evaluated = int(stats["skipped_steps"]), {}
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                result = evaluated = report(evaluate(), f"epoch {epoch}")
+                writer.log({f"val/{k}": v for k, v in result.items()}, int(stats["step"]))
+                if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
+                    save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
+            state = training_state(model, optimizer, scaler, epoch=epoch, step=int(stats["step"]), skipped=skipped,
+                                   args=vars(args), metrics=result, classes=val_set.classes,
+                                   category_ids=val_set.category_ids)
+            ckpts.end_epoch(epoch, state, log={**{f"train_{k}": v for k, v in stats.items()},
+                                               **{f"val_{k}": v for k, v in evaluated.items()}, "epoch": epoch})
     writer.close()
     return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
 
@@ -229,4 +230,4 @@ def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, devic
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    run_cli(main, NonFiniteLossError, NonFiniteStateError)
