@@ -31,7 +31,8 @@ from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util import args as cli
 from util.args import closed_fraction, non_negative_int, positive_float, positive_int
-from util.checkpoint import find_latest, load_checkpoint, load_model_state, resume_training, save_checkpoint
+from util.checkpoint import (find_latest, load_checkpoint, load_model_state, NonFiniteStateError,
+                             resume_training, RunCheckpoints, training_state)
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader, epoch_seed
 from util.data.scenes import write_ade20k
@@ -165,36 +166,36 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     step_fn = partial(segment_step, ddp, device=device, aux_weight=args.aux_weight)
     writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
     result: dict = {}
-    for epoch in range(start_epoch, epochs):
-        seed_everything(epoch_seed(args.seed, epoch, info.rank))
-        loader.sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        model.train()
-        first = epoch * steps_per_epoch
-        loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
-                          clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
-                          max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
-                          images_per_update=args.batch_size * args.accum_iter * info.world_size,
-                          total_steps=total)
-        stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, EpochProgress(epoch, first, skipped=skipped),
-                                before_update=before_update, no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
-        step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])
-        evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
-        if evaluate_now:
-            broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
-            result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
-            if result["mIoU"] > best["mIoU"]:
-                best = {"mIoU": result["mIoU"], "step": step}
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch, "step": step, "skipped_steps": skipped, "best": best, "args": vars(args)}
-            save_checkpoint(output_dir / "checkpoint-last.pth", state)
-            if evaluate_now and best["step"] == step:
-                save_checkpoint(output_dir / "checkpoint-best.pth", state)
-            if (epoch + 1) % args.save_every == 0:
-                save_checkpoint(output_dir / f"checkpoint-{epoch}.pth", state)
-            writer.log_epoch({**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": step,
-                              **({f"val_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")} if evaluate_now else {})})
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    with ckpts:
+        for epoch in range(start_epoch, epochs):
+            seed_everything(epoch_seed(args.seed, epoch, info.rank))
+            loader.sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            model.train()
+            first = epoch * steps_per_epoch
+            loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
+                              clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
+                              max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
+                              images_per_update=args.batch_size * args.accum_iter * info.world_size,
+                              total_steps=total)
+            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop,
+                                    EpochProgress(epoch, first, skipped=skipped), before_update=before_update,
+                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
+            step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])
+            evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
+            if evaluate_now:
+                broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
+                result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
+                if result["mIoU"] > best["mIoU"]:
+                    best = {"mIoU": result["mIoU"], "step": step}
+            state = training_state(model, optimizer, scaler, epoch=epoch, step=step, skipped=skipped, args=vars(args),
+                                   best=best)
+            ckpts.end_epoch(epoch, state, is_best=evaluate_now and best["step"] == step, log={
+                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": step,
+                **({f"val_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")} if evaluate_now else {})})
     writer.close()
     barrier()
     return {**{k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result}, "best_mIoU": best["mIoU"],
@@ -273,4 +274,4 @@ def report(metrics: dict, output_dir: Path, is_main: bool, *, step: int, vis: bo
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    run_cli(main, NonFiniteLossError, NonFiniteStateError)
