@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from engine.detect import detect_step, evaluate_detection
 from engine.evaluate import eval_shard
-from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.train import begin_epoch, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
@@ -32,7 +32,7 @@ from util import args as cli
 from util.checkpoint import (find_latest, load_checkpoint, load_model_state, NonFiniteStateError,
                              resume_training, RunCheckpoints, training_state)
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
-from util.data.loaders import build_train_loader, epoch_seed, set_loader_epoch
+from util.data.loaders import build_train_loader
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.logging import MetricWriter, write_results
@@ -124,11 +124,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                            log_epoch=writer.log_epoch)
     with ckpts:
         for epoch in range(start_epoch, args.epochs):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank))
-            set_loader_epoch(loader, seed=args.seed, epoch=epoch, rank=info.rank)
+            progress = begin_epoch(loader, None, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+                                   accum_steps=args.accum_iter, skipped=skipped)
             model.train()
-            stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop,
-                                    EpochProgress(epoch, epoch * steps_per_epoch, skipped=skipped),
+            stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop, progress,
                                     before_update=lambda step: apply_lr(optimizer, schedule(step)),
                                     no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
             skipped, evaluated = int(stats["skipped_steps"]), {}

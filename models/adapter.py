@@ -59,6 +59,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
 from models.registry import register_model
+from models.vit import unit_of as vit_unit_of
 
 __all__ = ["ViTAdapter", "PyramidFPN", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock",
            "ADAPTER_MODELS", "create_adapter", "default_interaction_indexes"]
@@ -264,14 +265,8 @@ class ViTAdapter(nn.Module):
         """Layer of a parameter for layer-wise lr decay (ViT-Adapter's ``LayerDecayOptimizerConstructor``): 0 for
         the ViT's patch embedding, position embedding, cls and register tokens; j + 1 for ``vit.blocks.j``;
         ``depth + 1`` (lr scale 1) for everything of the adapter."""
-        parts = name.split(".")
-        if parts[0] != "vit":
-            return self.depth + 1
-        if parts[1] in ("cls_token", "reg_token", "pos_embed", "patch_embed"):
-            return 0
-        if parts[1] == "blocks":
-            return int(parts[2]) + 1
-        return self.depth + 1
+        # the ViT's own rule (MAE's get_layer_id_for_vit, models.vit.unit_of) under "vit."; the rest at scale 1
+        return vit_unit_of(name[4:], depth=self.depth) if name.startswith("vit.") else self.depth + 1
 
     def no_weight_decay(self) -> set[str]:
         """The ViT's position embedding and tokens (timm's ``no_weight_decay``), under ``vit.``."""

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.convert import adapt_to_model, fold_layer_scale
 from models.registry import create_model
+from models.vit import unit_of as vit_unit_of
 
 __all__ = ["ViTFeaturePyramid", "LayerNorm2d", "window_partition", "window_unpartition"]
 
@@ -204,14 +205,8 @@ class ViTFeaturePyramid(nn.Module):
     def layer_id(self, name: str) -> int:
         """Layer id for layer-wise lr decay, names relative to this module: 0 = patch embedding, cls token and
         position embedding; j + 1 = block j; depth + 1 = the pyramid (scale 1, like a classifier head)."""
-        parts = name.split(".")
-        if parts[0] != "vit":
-            return self.depth + 1
-        if parts[1] in ("cls_token", "pos_embed", "patch_embed", "reg_token"):
-            return 0
-        if parts[1] == "blocks":
-            return int(parts[2]) + 1
-        return self.depth + 1
+        # the ViT's own rule (MAE's get_layer_id_for_vit, models.vit.unit_of) under "vit."; the rest at scale 1
+        return vit_unit_of(name[4:], depth=self.depth) if name.startswith("vit.") else self.depth + 1
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) that never decay: tokens and position embedding, as timm's ViT."""
