@@ -23,18 +23,18 @@ from torch.utils.data import DataLoader
 
 from engine.detect import detect_step, evaluate_detection
 from engine.evaluate import eval_shard
-from engine.train import begin_epoch, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
 from util import args as cli
-from util.checkpoint import (find_latest, load_checkpoint, load_model_state, NonFiniteStateError,
-                             resume_training, RunCheckpoints, training_state)
+from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
+                             RunCheckpoints, training_state)
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
-from util.launch import add_launch_args, parse_or_dispatch
+from util.launch import add_launch_args, parse_or_dispatch, Preemption
 from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
 from util.param_groups import param_groups
@@ -103,44 +103,53 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = partial(step_lr, base_lr=lr, milestones=[e * steps_per_epoch for e in args.lr_steps],
                        warmup_steps=args.warmup_iters + args.warmup_epochs * steps_per_epoch)
-    start_epoch, skipped, result = args.start_epoch, 0, {}
-    if resume:
-        checkpoint = resume_training(resume, model, optimizer, scaler, sync=lambda step: None,
-                                     steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch"),
-                                     hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint")
-        start_epoch, skipped = checkpoint["epoch"] + 1, checkpoint.get("skipped_steps", 0)
-        result = checkpoint.get("metrics", {})
+    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
+                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
+                              required=("model", "optimizer", "epoch"),
+                              hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint")
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
+    skipped, result = (checkpoint.get("skipped_steps", 0), checkpoint.get("metrics", {})) if checkpoint else (0, {})
     if info.is_main:
         write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
                          "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     ddp = wrap_ddp(model, info)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
     loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
                       amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch,
+                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
                       total_steps=args.epochs * steps_per_epoch)
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    with ckpts:
+
+    def state(epoch: int, progress: EpochProgress) -> dict:
+        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
+                              args=vars(args), metrics=result, classes=val_set.classes,
+                              category_ids=val_set.category_ids)
+
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, args.epochs):
-            progress = begin_epoch(loader, None, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
                                    accum_steps=args.accum_iter, skipped=skipped)
             model.train()
             stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop, progress,
                                     before_update=lambda step: apply_lr(optimizer, schedule(step)),
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
-            skipped, evaluated = int(stats["skipped_steps"]), {}
+                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
+                                    should_stop=preemption.requested,
+                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
+            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch, saved=output_dir / LAST_NAME)
+            skipped, evaluated = progress.skipped, {}
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 result = evaluated = report(evaluate(), f"epoch {epoch}")
-                writer.log({f"val/{k}": v for k, v in result.items()}, int(stats["step"]))
+                writer.log({f"val/{k}": v for k, v in result.items()}, progress.step)
                 if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
                     save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
-            state = training_state(model, optimizer, scaler, epoch=epoch, step=int(stats["step"]), skipped=skipped,
-                                   args=vars(args), metrics=result, classes=val_set.classes,
-                                   category_ids=val_set.category_ids)
-            ckpts.end_epoch(epoch, state, log={**{f"train_{k}": v for k, v in stats.items()},
-                                               **{f"val_{k}": v for k, v in evaluated.items()}, "epoch": epoch})
+            ckpts.end_epoch(epoch, state(epoch, progress), log={**{f"train_{k}": v for k, v in stats.items()},
+                                                                **{f"val_{k}": v for k, v in evaluated.items()},
+                                                                "epoch": epoch})
+            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
+                barrier()
+                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
     writer.close()
     return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
 

@@ -24,20 +24,20 @@ from torch.utils.data import DataLoader
 import models
 from engine.evaluate import eval_shard
 from engine.segment import evaluate_segmentation, poly_lr, segment_step
-from engine.train import EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.adapter import create_adapter
 from models.convert import to_timm_vit
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util import args as cli
 from util.args import closed_fraction, non_negative_int, positive_float, positive_int
-from util.checkpoint import (find_latest, load_checkpoint, load_model_state, NonFiniteStateError,
-                             resume_training, RunCheckpoints, training_state)
+from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
+                             RunCheckpoints, training_state)
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
-from util.data.loaders import build_train_loader, epoch_seed
+from util.data.loaders import build_train_loader
 from util.data.scenes import write_ade20k
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
-from util.launch import add_launch_args, parse_or_dispatch
+from util.launch import add_launch_args, parse_or_dispatch, Preemption
 from util.logging import MetricWriter
 from util.metrics import segmentation_table
 from util.param_groups import param_groups
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                               num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed)
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
-                                keyed=False)
+                                keyed=False, epoch_indices=True)  # the dataset's own keys, (seed, epoch, index)
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step needs")
@@ -144,13 +144,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
                                                num_layers=depth + 1), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, skipped, best, step = args.start_epoch, 0, {"mIoU": -1.0, "step": -1}, 0
-    if resume:
-        checkpoint = resume_training(resume, model, optimizer, scaler, sync=lambda step: None,
-                                     steps_per_epoch=steps_per_epoch, required=("model", "optimizer", "epoch"),
-                                     hint="a pretrained backbone goes to --finetune")
-        start_epoch, best = checkpoint["epoch"] + 1, checkpoint.get("best", best)
-        skipped, step = checkpoint.get("skipped_steps", 0), checkpoint.get("step", 0)
+    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
+                           log_epoch=writer.log_epoch)
+    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
+                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
+                              required=("model", "optimizer", "epoch"), hint="a pretrained backbone goes to --finetune")
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
+    best = checkpoint.get("best", {"mIoU": -1.0, "step": -1}) if checkpoint else {"mIoU": -1.0, "step": -1}
+    skipped, step = (checkpoint.get("skipped_steps", 0), checkpoint.get("step", 0)) if checkpoint else (0, 0)
     if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = wrap_ddp(model, info)
@@ -164,38 +167,40 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             group["lr"] = value * group["lr_scale"]
 
     step_fn = partial(segment_step, ddp, device=device, aux_weight=args.aux_weight)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
     result: dict = {}
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    with ckpts:
+
+    def state(epoch: int, progress: EpochProgress) -> dict:
+        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
+                              args=vars(args), best=best)
+
+    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
         for epoch in range(start_epoch, epochs):
-            seed_everything(epoch_seed(args.seed, epoch, info.rank))
-            loader.sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)
+            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
+                                   accum_steps=args.accum_iter, skipped=skipped)
             model.train()
             first = epoch * steps_per_epoch
             loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
                               clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
                               max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
-                              images_per_update=args.batch_size * args.accum_iter * info.world_size,
-                              total_steps=total)
-            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop,
-                                    EpochProgress(epoch, first, skipped=skipped), before_update=before_update,
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log)
-            step, last, skipped = int(stats["step"]), epoch == epochs - 1, int(stats["skipped_steps"])
+                              images_per_update=eff_batch, save_every_steps=args.save_every_steps, total_steps=total)
+            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
+                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
+                                    should_stop=preemption.requested,
+                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
+            preemption.exit_if_stopped(progress, steps_per_epoch=loop.steps_per_epoch, saved=output_dir / LAST_NAME)
+            step, last, skipped = progress.step, epoch == epochs - 1, progress.skipped
             evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
             if evaluate_now:
                 broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
                 result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
                 if result["mIoU"] > best["mIoU"]:
                     best = {"mIoU": result["mIoU"], "step": step}
-            state = training_state(model, optimizer, scaler, epoch=epoch, step=step, skipped=skipped, args=vars(args),
-                                   best=best)
-            ckpts.end_epoch(epoch, state, is_best=evaluate_now and best["step"] == step, log={
+            ckpts.end_epoch(epoch, state(epoch, progress), is_best=evaluate_now and best["step"] == step, log={
                 **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": step,
                 **({f"val_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")} if evaluate_now else {})})
+            if not last and preemption.requested_anywhere(device):
+                barrier()
+                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
     writer.close()
     barrier()
     return {**{k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result}, "best_mIoU": best["mIoU"],

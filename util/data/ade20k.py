@@ -149,8 +149,10 @@ class ADE20KDataset(Dataset):
         num_classes: K; a label (after ``reduce_zero_label``) outside [0, K) that is not 255 raises ValueError
             naming the file.
         reduce_zero_label: ADE20K's 0 -> 255, k -> k - 1.
-        seed: augmentation draws come from ``numpy.random.default_rng([seed, epoch, index])`` (``set_epoch``), so a
-            run is reproducible whatever the number of workers.
+        seed: augmentation draws come from ``numpy.random.default_rng([seed, epoch, index])``, so a run is
+            reproducible whatever the number of workers. The epoch is ``set_epoch``'s, or comes with the index
+            (``dataset[(epoch, index)]``, what ``build_train_loader(..., epoch_indices=True)`` hands persistent
+            workers, whose copy of the dataset never sees ``set_epoch``).
 
     Raises:
         FileNotFoundError: a folder is missing or empty.
@@ -203,7 +205,8 @@ class ADE20KDataset(Dataset):
                              f"(nb_classes {self.num_classes}{note}; 255 = ignore)")
         return label.astype(np.uint8)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
         img = load_rgb(self.samples[index][0])
         label = self.load_label(index)
         if (img.height, img.width) != label.shape:
@@ -211,7 +214,7 @@ class ADE20KDataset(Dataset):
                              f"{label.shape[1]}x{label.shape[0]}")
         if self.transform is None:
             return img, torch.from_numpy(label.astype(np.int64)), index
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         image, target = self.transform(img, label, rng)
         return image, target, index
 

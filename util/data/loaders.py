@@ -105,7 +105,8 @@ class ResumableSampler(DistributedSampler):
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, pin_memory: bool, rank: int,
                        world_size: int, seed: int, keyed: bool = True, device: torch.device | None = None,
-                       strict_data: bool = False, collate_fn: Callable | None = None) -> DataLoader | DeviceInput:
+                       strict_data: bool = False, collate_fn: Callable | None = None,
+                       epoch_indices: bool = False) -> DataLoader | DeviceInput:
     """Shuffled, ``drop_last`` training loader sharded over ``world_size`` ranks, of ``KeyedSamples(dataset)``
     (or of ``dataset`` itself with ``keyed=False``: items without randomness, e.g. cached features, where the
     per-item reseeding would cost more than the item).
@@ -113,9 +114,11 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, p
     Workers persist across epochs and keep 4 batches each in flight; batches are pinned on CUDA. With ``device``
     the loader is wrapped in ``util.data.decode.DeviceInput``: images arrive on ``device``, normalized (decoded
     there on the ``--decode device`` path, ``strict_data`` deciding what a file only the device finds corrupt
-    does). ``collate_fn`` replaces the default collate (detection keeps lists of targets)."""
+    does). ``collate_fn`` replaces the default collate (detection keeps lists of targets). ``epoch_indices``: the
+    sampler hands an unkeyed ``dataset`` ``(epoch, index)`` too, for one that draws its own per-epoch randomness
+    (``util.data.ade20k.ADE20KDataset``): persistent workers' copies of it never see ``set_epoch``."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    sampler.with_epoch = keyed
+    sampler.with_epoch = keyed or epoch_indices
     extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
     loader = DataLoader(KeyedSamples(dataset, seed=seed) if keyed else dataset, batch_size=batch_size,
                         sampler=sampler, num_workers=num_workers, pin_memory=pin_memory and torch.cuda.is_available(),
