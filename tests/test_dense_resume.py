@@ -6,7 +6,6 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 
