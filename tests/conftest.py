@@ -10,6 +10,20 @@ import main_pretrain
 from util.data.demo import DemoDataset
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow (minutes each)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (end-to-end checks of measured claims that take minutes) run only with --runslow."""
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models run several times faster so on a shared, loaded CPU."""

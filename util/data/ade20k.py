@@ -18,7 +18,6 @@ are computed there, as mmseg does); the sliding window is ``engine/segment.py``'
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["DEMO_SEEDS", "DemoDataset"]
+__all__ = ["DEMO_SEEDS", "DemoDataset", "render_class"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Demo dataset: one shape per class; position / scale / rotation, colours (from palettes shared by all classes) and
@@ -61,8 +61,10 @@ def _shape_alpha(shape: str, u: np.ndarray, v: np.ndarray, r: np.ndarray, px: fl
     return np.clip(sdf / px + 0.5, 0.0, 1.0)  # ~1 pixel anti-aliased edge
 
 
-def _render_class(label: int, n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` uint8 RGB images [n, size, size, 3] of class ``label``."""
+def render_class(label: int, n: int, size: int, rng: np.random.Generator, *,
+                 return_alpha: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 RGB images [n, size, size, 3] of class ``label``; with ``return_alpha`` also the shape's soft
+    coverage [n, size, size] in [0, 1] (the dense tasks' demo-style scenes threshold it at 0.5 for exact masks)."""
     grid = (np.arange(size, dtype=np.float64) + 0.5) / size * 2.0 - 1.0  # pixel centres in [-1, 1]
     y, x = grid[None, :, None], grid[None, None, :]
     cx, cy = rng.uniform(-0.35, 0.35, (2, n, 1, 1))
@@ -76,7 +78,8 @@ def _render_class(label: int, n: int, size: int, rng: np.random.Generator) -> np
     fg = np.clip(_FG[fg_index][:, None, None] + rng.normal(0.0, 0.08, (n, 1, 1, 3)), 0.0, 1.0)
     bg = np.clip(_BG[bg_index][:, None, None] + rng.normal(0.0, 0.08, (n, 1, 1, 3)), 0.0, 1.0)
     img = bg * (1.0 - alpha) + fg * alpha + rng.normal(0.0, 0.06, (n, size, size, 3))
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    img = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return (img, alpha[..., 0]) if return_alpha else img
 
 
 DEMO_SEEDS = {"train": 0, "val": 1, "test": 1}  # DemoDataset seed of each split (no separate test split)
@@ -107,7 +110,7 @@ class DemoDataset(Dataset):
         if not 1 <= num_classes <= len(_SHAPES):
             raise ValueError(f"num_classes must be in [1, {len(_SHAPES)}], got {num_classes}")
         rng = np.random.default_rng(seed)
-        self.images = np.concatenate([_render_class(c, per_class, size, rng) for c in range(num_classes)])
+        self.images = np.concatenate([render_class(c, per_class, size, rng) for c in range(num_classes)])
         self.classes = list(_SHAPES[:num_classes])
         self.targets = [c for c in range(num_classes) for _ in range(per_class)]
         self.transform = transform

@@ -14,6 +14,10 @@ Writers produce the two on-disk layouts the dense entry scripts read:
 - COCO: ``{train,val}2017/*.jpg`` and ``annotations/instances_{train,val}2017.json`` with category ids 1..K, boxes
   ``[x, y, w, h]``, ``area`` = mask pixels and uncompressed RLE segmentations (column-major run lengths, starting
   with a background run, as ``pycocotools.mask.frPyObjects`` reads them).
+
+``style="demo"`` writes instead one object per scene drawn by the pretraining demo's own renderer
+(:func:`render_demo_scene`): the scenes a demo-pretrained backbone has seen, for measuring what its pretraining
+transfers to the dense tasks (``benchmarks/dense_pretrain_gain.py``).
 """
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["SCENE_CLASSES", "render_scene", "mask_to_rle", "rle_to_mask", "write_ade20k", "write_coco"]
+from util.data.demo import render_class
+
+__all__ = ["SCENE_CLASSES", "render_demo_scene", "render_scene", "mask_to_rle", "rle_to_mask", "write_ade20k", "write_coco"]
 
 SCENE_CLASSES = ("disc", "square", "triangle", "ring", "cross")
 _PALETTE = np.array([[.90, .15, .15], [.15, .70, .20], [.20, .30, .95], [.95, .80, .10], [.85, .20, .85],
@@ -129,6 +135,21 @@ def render_scene(size: int, rng: np.random.Generator, *, num_classes: int = len(
             "instances": instances}
 
 
+def render_demo_scene(size: int, rng: np.random.Generator, label: int) -> dict[str, Any]:
+    """One object of class ``label`` (``SCENE_CLASSES``: the demo's first five shapes, same indices) drawn exactly as
+    the classification demo draws its images (``util/data/demo.py``: flat background and foreground colours from
+    palettes shared by all classes, random position, size and rotation, pixel noise). The mask is the pixels the
+    shape covers at least half (its anti-aliased coverage >= 0.5); the returned dict is :func:`render_scene`'s."""
+    if not 0 <= label < len(SCENE_CLASSES):
+        raise ValueError(f"label must be in [0, {len(SCENE_CLASSES)}), got {label}")
+    image, alpha = render_class(label, 1, size, rng, return_alpha=True)
+    mask = alpha[0] >= 0.5
+    rows, cols = np.nonzero(mask)
+    semantic = np.where(mask, label + 1, 0).astype(np.uint8)
+    box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
+    return {"image": image[0], "semantic": semantic, "instances": [{"label": label, "mask": mask, "box": box}]}
+
+
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO uncompressed RLE of a boolean [H, W] mask: ``{'counts': [runs], 'size': [H, W]}``, column-major runs
     alternating background / foreground, starting with background (possibly 0)."""
@@ -152,16 +173,24 @@ def rle_to_mask(rle: dict[str, Any]) -> np.ndarray:
     return flat.reshape((h, w), order="F")
 
 
-def _scenes(n: int, size: int, seed: int, split: str, **kwargs: Any):
+def _scenes(n: int, size: int, seed: int, split: str, style: str = "scenes", **kwargs: Any):
+    """``(index, scene)`` of a split. ``style``: 'scenes' (:func:`render_scene` with ``kwargs``) or 'demo'
+    (:func:`render_demo_scene`, classes in turn: scene i has class i mod ``num_classes``)."""
+    if style not in ("scenes", "demo"):
+        raise ValueError(f"style must be 'scenes' or 'demo', got {style!r}")
     rng = np.random.default_rng([seed, _SPLITS[split][2]])
     for index in range(n):
-        yield index, render_scene(size, rng, **kwargs)
+        if style == "demo":
+            yield index, render_demo_scene(size, rng, index % kwargs.get("num_classes", len(SCENE_CLASSES)))
+        else:
+            yield index, render_scene(size, rng, **kwargs)
 
 
 def write_ade20k(root: str | Path, n_train: int, n_val: int, size: int, seed: int = 0, **kwargs: Any) -> list[str]:
     """Write scenes in the ADE20K layout under ``root``; returns the class names (label k + 1 in the PNGs).
 
-    ``kwargs`` go to :func:`render_scene` (``num_classes``, ``max_objects``). Images are JPEG (quality 95), labels
+    ``kwargs`` go to :func:`render_scene` (``num_classes``, ``max_objects``), or ``style='demo'`` (``_scenes``).
+    Images are JPEG (quality 95), labels
     8-bit PNG. The same ``seed`` writes the same files.
     """
     root = Path(root)
@@ -179,7 +208,7 @@ def write_ade20k(root: str | Path, n_train: int, n_val: int, size: int, seed: in
 def write_coco(root: str | Path, n_train: int, n_val: int, size: int, seed: int = 0, **kwargs: Any) -> list[str]:
     """Write scenes in the COCO layout under ``root``; returns the category names (ids 1..K).
 
-    ``kwargs`` go to :func:`render_scene`. Every scene gets an ``images`` entry, even one without annotations.
+    ``kwargs`` go to :func:`render_scene`, or ``style='demo'`` (``_scenes``). Every scene gets an ``images`` entry, even one without annotations.
     """
     root = Path(root)
     names = list(SCENE_CLASSES[:kwargs.get("num_classes", len(SCENE_CLASSES))])
