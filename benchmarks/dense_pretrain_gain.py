@@ -97,22 +97,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", required=True, help="work folder (pretraining runs, scenes, task runs)")
     parser.add_argument("extra", nargs="*", help="more flags for both arms of every task run, after --")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # the scripts' own progress lines; warnings and errors still show
+    try:
+        return run(args)
+    finally:  # leave the caller's process as it was (tests call main())
+        logging.disable(logging.NOTSET)
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
     out, records = Path(args.out), []
     for task in args.task:
         data = scenes(out, task, args.per_class, args.val_per_class)
         gains = []
         for pair in args.pairs:
             pretrain_seed, seed = (int(x) for x in pair.split(":"))
-            checkpoint = Path(args.checkpoint) if args.checkpoint else pretrain(out, pretrain_seed, args.pretrain_epochs)
+            checkpoint = (Path(args.checkpoint) if args.checkpoint
+                          else pretrain(out, pretrain_seed, args.pretrain_epochs))
             metrics = run_pair(task, data, out / f"{task}_{pair.replace(':', '_')}", checkpoint, seed, args.extra)
             main_metric = METRICS[task][0]
             gain = round(metrics[f"pretrained_{main_metric}"] - metrics[f"random_{main_metric}"], 2)
             gains.append(gain)
             record = {"record": "pair", "task": task, "pretrain_seed": pretrain_seed, "seed": seed,
                       "pretrain_epochs": None if args.checkpoint else args.pretrain_epochs,
-                      "per_class": args.per_class, "val_per_class": args.val_per_class, **metrics, f"gain_{main_metric}": gain}
+                      "per_class": args.per_class, "val_per_class": args.val_per_class, **metrics,
+                      f"gain_{main_metric}": gain}
             records.append(record)
             print(json.dumps(record), flush=True)
         summary = {"record": "summary", "task": task, "metric": METRICS[task][0], "pairs": len(gains),

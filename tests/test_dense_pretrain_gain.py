@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,8 @@ def test_the_benchmark_pairs_the_arms_and_reports_their_difference(tmp_path, one
                           "--per_class", "1", "--val_per_class", "1", "--out", str(tmp_path / "out"), "--",
                           "--batch_size", "5", "--max_iters", "2", "--warmup_iters", "0"])
     pairs, summary = records[:2], records[2]
+    # the benchmark quiets the scripts' INFO lines while it runs, and gives the process back as it was
+    assert logging.root.manager.disable == logging.NOTSET and torch.get_num_threads() == 1
     for record, seed in zip(pairs, (0, 1)):
         assert record["seed"] == seed
         assert record["gain_mIoU"] == pytest.approx(record["pretrained_mIoU"] - record["random_mIoU"], abs=0.011)
