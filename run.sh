@@ -143,9 +143,13 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
 }
 
 # Resolve every task (recipe, flags, effective batch on this many processes) before starting any, so that a
-# chain does not stop at its third task after two have run.
+# chain does not stop at its third task after two have run. A --dry_run chain starts nothing and is itself that
+# check, so it resolves each task once instead of twice.
 world=$(( NGPUS > 0 ? NGPUS * $NNODES : 1 ))
+dry_run=0
+for arg in "${EXTRA[@]}"; do [[ $arg == --dry_run ]] && dry_run=1; done
 for task in "${TASK_LIST[@]}"; do
+    (( dry_run )) && break
     command_of "$task"
     if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
         printf '%s\n' "$errors" | grep -E '^[^ ].*error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
