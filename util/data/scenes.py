@@ -123,9 +123,7 @@ def render_scene(size: int, rng: np.random.Generator, *, num_classes: int = len(
         if mask.sum() < min_area:
             continue
         semantic[mask] = label + 1
-        rows, cols = np.nonzero(mask)
-        instances.append({"label": label, "mask": mask,
-                          "box": (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)})
+        instances.append({"label": label, "mask": mask, "box": _tight_box(mask)})
     # small visible remnants of occluded objects become background, so that image and labels agree
     leftover = (owner >= 0) & (semantic == 0)
     if leftover.any():
@@ -144,10 +142,15 @@ def render_demo_scene(size: int, rng: np.random.Generator, label: int) -> dict[s
         raise ValueError(f"label must be in [0, {len(SCENE_CLASSES)}), got {label}")
     image, alpha = render_class(label, 1, size, rng, return_alpha=True)
     mask = alpha[0] >= 0.5
-    rows, cols = np.nonzero(mask)
     semantic = np.where(mask, label + 1, 0).astype(np.uint8)
-    box = (int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1)
-    return {"image": image[0], "semantic": semantic, "instances": [{"label": label, "mask": mask, "box": box}]}
+    return {"image": image[0], "semantic": semantic,
+            "instances": [{"label": label, "mask": mask, "box": _tight_box(mask)}]}
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around a non-empty boolean mask, in pixel-edge coordinates (x1 = last column + 1)."""
+    rows, cols = np.nonzero(mask)
+    return int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, Any]:
