@@ -464,24 +464,11 @@ def test_short_training_beats_the_untrained_adapter(tmp_path, monkeypatch):
     """Issue 14: the tiny ViT-Adapter Mask R-CNN (demo_adapter.yaml, from scratch), 80 updates on 40 synthetic
     128-px scenes (one class, one object), ends clearly above the untrained model's box and mask AP (0). About 30 s
     on a shared 2-core CPU; deterministic (box AP 17.4, mask AP 21.0 here), thresholds leave room for rounding."""
-    import main_detect
-    from engine.detect import evaluate_detection
-    from util.args import parse_args
-    from util.data.coco import CocoInstances, collate_detection
-    from util.data.scenes import write_coco
+    from detect_runs import untrained_and_trained
     monkeypatch.chdir(ROOT)
-    root = tmp_path / "coco"
-    write_coco(root, 40, 12, 128, seed=0, num_classes=1, max_objects=1)
-    argv = ["--config", "configs/detect/demo_adapter.yaml", "--data_path", str(root), "--output_dir",
-            str(tmp_path / "run"), "--epochs", "4", "--lr", "1e-3", "--lr_steps", "3", "--warmup_iters", "10",
-            "--batch_size", "2", "--rois_per_image", "64", "--eval_every", "4", "--vis_every", "0"]
-    args = parse_args(main_detect.build_parser(), argv)
-    val = CocoInstances(root, "val")
-    torch.manual_seed(args.seed)  # the same initialisation main() draws
-    untrained = evaluate_detection(main_detect.build_model(args, 1, finetune=None),
-                                   torch.utils.data.DataLoader(val, batch_size=2, collate_fn=collate_detection),
-                                   device=torch.device("cpu"), gt=val.gt, category_ids=val.category_ids)
-    trained = main_detect.main(argv)
+    untrained, trained = untrained_and_trained(tmp_path, [
+        "--config", "configs/detect/demo_adapter.yaml", "--epochs", "4", "--lr", "1e-3", "--lr_steps", "3",
+        "--warmup_iters", "10", "--batch_size", "2", "--rois_per_image", "64", "--eval_every", "4", "--vis_every", "0"])
     assert untrained["bbox_AP"] < 1 and untrained["segm_AP"] < 1
     assert trained["bbox_AP"] > untrained["bbox_AP"] + 5 and trained["segm_AP"] > untrained["segm_AP"] + 5
     assert trained["bbox_AP50"] > 15

@@ -17,6 +17,7 @@ import main_detect  # noqa: E402
 from engine.detect import evaluate_detection  # noqa: E402
 from models.detectors import CASCADE_IOUS, CASCADE_WEIGHTS, CascadeRoIHeads, build_detector  # noqa: E402
 from util.args import parse_args  # noqa: E402
+from detect_runs import untrained_and_trained  # noqa: E402
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter  # noqa: E402
 from util.data.scenes import write_coco  # noqa: E402
 
@@ -272,18 +273,9 @@ def test_short_training_beats_the_untrained_model(tmp_path, monkeypatch):
     box and mask AP end clearly above the untrained model's (0). About 60 s on a shared 2-core CPU; the run is
     deterministic (AP 9.5 box, 11.1 mask here), the thresholds leave room for other CPUs' float rounding."""
     monkeypatch.chdir(main_detect.Path(main_detect.__file__).parent)
-    root = tmp_path / "coco"
-    write_coco(root, 40, 12, 128, seed=0, num_classes=1, max_objects=1)
-    argv = ["--config", "configs/detect/demo.yaml", "--data_path", str(root), "--output_dir", str(tmp_path / "run"),
-            "--epochs", "7", "--lr", "1e-3", "--lr_steps", "5", "--warmup_iters", "10", "--batch_size", "2",
-            "--rois_per_image", "64", "--eval_every", "7", "--vis_every", "0"]
-    args = parse_args(main_detect.build_parser(), argv)
-    val = CocoInstances(root, "val")
-    torch.manual_seed(args.seed)  # the same initialisation main() draws
-    untrained = evaluate_detection(main_detect.build_model(args, 1, finetune=None),
-                                   torch.utils.data.DataLoader(val, batch_size=2, collate_fn=collate_detection),
-                                   device=torch.device("cpu"), gt=val.gt, category_ids=val.category_ids)
-    trained = main_detect.main(argv)
+    untrained, trained = untrained_and_trained(tmp_path, [
+        "--config", "configs/detect/demo.yaml", "--epochs", "7", "--lr", "1e-3", "--lr_steps", "5",
+        "--warmup_iters", "10", "--batch_size", "2", "--rois_per_image", "64", "--eval_every", "7", "--vis_every", "0"])
     assert untrained["bbox_AP"] < 1 and untrained["segm_AP"] < 1
     assert trained["bbox_AP"] > untrained["bbox_AP"] + 4 and trained["segm_AP"] > untrained["segm_AP"] + 4
     assert trained["bbox_AP50"] > 10
