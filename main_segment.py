@@ -228,7 +228,8 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
             raise ValueError(f"--use_rel_pos / --rel_pos_bias / --layer_scale_init_value are options of the plain-ViT "
                              f"pyramid, not of the ViT-Adapter --model {args.model}; drop them")
         adapter = create_adapter(args.model, drop_path_rate=args.drop_path, window_size=args.window_size,
-                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing)
+                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
+                                 vit_feature_per_interaction=True)  # the reference's segmentation backbone
         if finetune:  # as loaded: LayerScale stays a parameter, registers / SwiGLU map (models/adapter.py)
             adapter.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
         return UperNetSegmentor(adapter, args.nb_classes, channels=args.channels or adapter.embed_dim,
