@@ -64,3 +64,31 @@ def test_recipe_values_equal_the_reference(name):
     wrong = [f"{key}: recipe {getattr(args, key)!r}, reference {value!r} ({source})"
              for key, value, source in REFERENCE[name] if getattr(args, key) != value]
     assert not wrong, "\n".join(wrong)
+
+
+def test_recipe_backbone_options_load_a_pretrained_checkpoint_neutrally(tmp_path, caplog):
+    """main_segment with MAE's backbone options: a LocalMIM checkpoint (no relative position bias, no LayerScale)
+    loads, the new tensors stay at zero / one, and the ViT tokens are the checkpoint's own."""
+    import logging
+
+    import torch
+
+    import models
+    torch.manual_seed(1)
+    mim = models.create_model("MIM_vit_tiny_patch16", img_size=64)
+    path = tmp_path / "pre.pth"
+    torch.save({"model": mim.state_dict(), "epoch": 9}, path)
+    argv = ["--config", str(CONFIGS / "demo.yaml"), "--output_dir", str(tmp_path), "--finetune", str(path),
+            "--rel_pos_bias", "--layer_scale_init_value", "1.0"]
+    args = parse_args(main_segment.build_parser(), argv)
+    with caplog.at_level(logging.INFO, logger="models.pyramid"):
+        model = main_segment.build_model(args, finetune=str(path)).eval()
+    vit = model.backbone.vit
+    assert all(not b.attn.relative_position_bias_table.any() and torch.equal(b.ls1.gamma, torch.ones(192))
+               for b in vit.blocks)
+    assert sum("neutral initialisation" in r.getMessage() for r in caplog.records) == 1
+    plain = main_segment.build_model(parse_args(main_segment.build_parser(), argv[:6]), finetune=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model.backbone.forward_tokens(x), plain.backbone.forward_tokens(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
