@@ -2,7 +2,7 @@
 
 After mmsegmentation's ``EncoderDecoder`` (``forward_train``: logits upsampled bilinearly to the label size, cross
 entropy with ignore index 255 averaged over every pixel of the batch, ignored ones included (``CrossEntropyLoss``
-with ``avg_non_ignore=False``, its default and the only behaviour of the mmseg BEiT / MAE ran), auxiliary head loss
+with ``avg_non_ignore=False``, its default and the only behaviour of the mmseg BEiT and MAE ran), auxiliary head loss
 x 0.4; ``slide_inference``: overlapping crops, logits summed and
 divided by the number of windows covering each pixel, then resized to the original label size) and
 ``eval_metrics`` (confusion matrix over labelled pixels). The confusion matrix of a rank's shard is all-reduced as
