@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_detection_args(parser)
+    parser.add_argument("--use_rel_pos", action="store_true",
+                        help="ViTDet's decomposed relative position in every block of the pyramid's ViT (detectron2 "
+                             "use_rel_pos; zero-initialised tables, the pretrained checkpoint has none)")
     cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=4)
@@ -175,6 +178,9 @@ def build_adapter(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
     """ViT-Adapter (``--model adapter_*``, models/adapter.py) + FPN neck to ``--out_channels`` with the stride-64
     level, as the seed's configs (mmdet FPN, num_outs 5). The checkpoint goes in as loaded, so DINOv2's
     LayerScale stays a parameter and register tokens / SwiGLU map; its position grid is resampled on the fly."""
+    if args.use_rel_pos:
+        raise ValueError(f"--use_rel_pos is an option of the plain-ViT pyramid, not of the ViT-Adapter --model "
+                         f"{args.model}; drop it")
     backbone = create_adapter(args.model, fpn_channels=args.out_channels, drop_path_rate=args.drop_path,
                               window_size=args.window_size, global_blocks=args.global_blocks,
                               grad_checkpointing=args.grad_checkpointing)
@@ -189,7 +195,8 @@ def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
     """The plain-ViT simple feature pyramid (models/pyramid.py) with the ``finetune`` checkpoint's ViT."""
     backbone = ViTFeaturePyramid(args.model, img_size=args.input_size, out_channels=args.out_channels,
                                  extra_pool=True, drop_path_rate=args.drop_path, window_size=args.window_size,
-                                 global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing)
+                                 global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing,
+                                 use_rel_pos=args.use_rel_pos)
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone(state)

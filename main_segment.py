@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--window_size", default=0, type=non_negative_int, help="window attention (0: global)")
     g.add_argument("--global_blocks", default=[], type=int, nargs="*")
     g.add_argument("--grad_checkpointing", action="store_true")
+    g.add_argument("--use_rel_pos", action="store_true",
+                   help="ViTDet's decomposed relative position in every block (zero-initialised tables)")
+    g.add_argument("--rel_pos_bias", action="store_true",
+                   help="BEiT's relative position bias in every block, as MAE's / BEiT's ADE20K backbone "
+                        "(use_rel_pos_bias=True; zero-initialised, added to the pretrained absolute embedding)")
+    g.add_argument("--layer_scale_init_value", default=None, type=positive_float,
+                   help="LayerScale in every block starting at this value (MAE's ADE20K backbone: init_values=1.0, "
+                        "which leaves the pretrained function unchanged); default: none")
     g.add_argument("--vis_images", default=4, type=non_negative_int, help="validation pictures per evaluation")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --auto_resume's) checkpoint")
@@ -216,8 +224,12 @@ def model_name(name: str) -> str:
 def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSegmentor:
     """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
     if args.model.startswith("adapter_"):  # ViT-Adapter's four levels (its paper's ADE20K setting)
+        if args.use_rel_pos or args.rel_pos_bias or args.layer_scale_init_value is not None:
+            raise ValueError(f"--use_rel_pos / --rel_pos_bias / --layer_scale_init_value are options of the plain-ViT "
+                             f"pyramid, not of the ViT-Adapter --model {args.model}; drop them")
         adapter = create_adapter(args.model, drop_path_rate=args.drop_path, window_size=args.window_size,
-                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing)
+                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
+                                 vit_feature_per_interaction=True)  # the reference's segmentation backbone
         if finetune:  # as loaded: LayerScale stays a parameter, registers / SwiGLU map (models/adapter.py)
             adapter.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
         return UperNetSegmentor(adapter, args.nb_classes, channels=args.channels or adapter.embed_dim,
@@ -230,7 +242,8 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
     backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels,
                                  drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
-                                 tap_blocks=tuple(taps) or None, neck=args.neck)
+                                 tap_blocks=tuple(taps) or None, neck=args.neck, use_rel_pos=args.use_rel_pos,
+                                 rel_pos_bias=args.rel_pos_bias, layer_scale_init_value=args.layer_scale_init_value)
     if finetune:
         state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
         missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})

@@ -1,7 +1,9 @@
 """Semantic segmentation: the step function for the shared loop and sliding-window evaluation.
 
 After mmsegmentation's ``EncoderDecoder`` (``forward_train``: logits upsampled bilinearly to the label size, cross
-entropy with ignore index 255, auxiliary head loss x 0.4; ``slide_inference``: overlapping crops, logits summed and
+entropy with ignore index 255 averaged over every pixel of the batch, ignored ones included (``CrossEntropyLoss``
+with ``avg_non_ignore=False``, its default and the only behaviour of the mmseg BEiT and MAE ran), auxiliary head loss
+x 0.4; ``slide_inference``: overlapping crops, logits summed and
 divided by the number of windows covering each pixel, then resized to the original label size) and
 ``eval_metrics`` (confusion matrix over labelled pixels). The confusion matrix of a rank's shard is all-reduced as
 int64, so a distributed evaluation gives exactly the single-process numbers.
@@ -27,7 +29,7 @@ def _up(logits: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def segment_step(model: nn.Module, batch: Any, step: int, *, device: torch.device, aux_weight: float = 0.4,
-                 ignore_index: int = IGNORE_INDEX) -> dict[str, Tensor]:
+                 ignore_index: int = IGNORE_INDEX, avg_non_ignore: bool = False) -> dict[str, Tensor]:
     """One micro-batch of segmentation training.
 
     Args:
@@ -35,6 +37,8 @@ def segment_step(model: nn.Module, batch: Any, step: int, *, device: torch.devic
         batch: ``(images [B, 3, H, W], labels int64 [B, H, W], ...)``.
         step: optimizer updates so far (unused; part of the step-function contract).
         aux_weight: weight of the auxiliary head's loss.
+        avg_non_ignore: False (mmseg's default): the summed cross entropy is divided by all B H W pixels, so a batch
+            with many ignored pixels weighs less; True: by the labelled pixels only (mmseg ``avg_non_ignore=True``).
 
     Returns:
         ``{'loss', 'loss_seg'[, 'loss_aux']}``; a batch whose pixels are all ignored gives loss 0 (not NaN).
@@ -46,7 +50,7 @@ def segment_step(model: nn.Module, batch: Any, step: int, *, device: torch.devic
 
     def ce(logits: Tensor) -> Tensor:
         loss = F.cross_entropy(_up(logits, size).float(), labels, ignore_index=ignore_index, reduction="sum")
-        return loss / (labels != ignore_index).sum().clamp(min=1)
+        return loss / ((labels != ignore_index).sum().clamp(min=1) if avg_non_ignore else labels.numel())
 
     loss_seg = ce(out["seg"])
     result = {"loss": loss_seg, "loss_seg": loss_seg.detach()}

@@ -12,9 +12,10 @@ Chen et al., "Vision Transformer Adapter for Dense Predictions", ICLR 2023 (gith
   pretrained ViT starts untouched), the ViT blocks of the range, then an **extractor** (``c`` queries the ViT
   patch tokens with 1-level deformable attention, then a ConvFFN: linear, 3x3 depth-wise conv per level, GELU,
   linear); the last interaction has two extra extractors;
-- outputs: c1 + up(c2), c2, c3, c4, each plus the last ViT tokens resized to that stride (bilinear), then a
-  BatchNorm per level. (The reference's first release added the tokens of interaction i to level i; its current
-  code, which the DINOv2 configs run, adds the last ones everywhere, as here.)
+- outputs: c1 + up(c2), c2, c3, c4, each plus ViT tokens resized to that stride (bilinear), then a BatchNorm per
+  level. Detection (``detection/mmdet_custom/models/backbones/vit_adapter.py``, which the DINOv2 configs run) adds
+  the last interaction's tokens to every level; segmentation (``segmentation/mmseg_custom/models/backbones/
+  vit_adapter.py``) adds interaction i's tokens to level i: ``vit_feature_per_interaction=True``.
 
 Differences from the reference, and why:
 
@@ -24,11 +25,14 @@ Differences from the reference, and why:
   it makes the ViT tokens identical to the pretrained ViT's while the injector gammas are 0 (tested) and uses
   every backbone key of the checkpoint. The ViT's final ``norm`` is not used (as in the reference) and is removed,
   so DDP sees no unused parameter; a checkpoint's ``norm.*`` is reported as unexpected.
-- **LayerScale** stays a module (timm ``init_values``, keys ``blocks.N.ls{1,2}.gamma``) for the DINOv2 models,
-  as the reference keeps ``gamma1``/``gamma2`` as trainable parameters: folding it into ``attn.proj`` /
+- **LayerScale** stays a module (timm ``init_values``, keys ``blocks.N.ls{1,2}.gamma``) in every row, DINOv2 and
+  DeiT alike: the reference's ``TIMMVisionTransformer`` (``backbones/base/vit.py``) defaults to ``layer_scale=True``
+  with ``gamma1``/``gamma2`` initialised to 1 and trained, and the DeiT configs keep that default; folding it into ``attn.proj`` /
   ``mlp.fc2`` is exact at load time but changes fine-tuning (AdamW steps are relative to the weights' scale, and
-  the reference's layer-decay recipe was tuned with gammas as parameters). Models without LayerScale (DeiT rows)
-  get checkpoints with LayerScale folded (``models/convert.backbone_state``).
+  the reference's layer-decay recipe was tuned with gammas as parameters). A model built with
+  ``layer_scale=False`` gets checkpoints with LayerScale folded (``models/convert.backbone_state``).
+- ``level_embed`` does not decay (the reference's DeiT-adapter configs: ``custom_keys={'level_embed':
+  dict(decay_mult=0.)}``, e.g. ``detection/configs/mask_rcnn/mask_rcnn_deit_adapter_base_fpn_3x_coco.py``).
 - Window attention (``window_size`` / ``global_blocks``, the DINOv2 configs' ``window_attn``): non-overlapping
   windows over the patch grid, padded at the bottom/right with the padded keys masked out (the reference lets
   zero-padded keys take part with logit 0); the prefix tokens form their own group in windowed blocks.
@@ -191,7 +195,7 @@ class ViTAdapter(nn.Module):
             the DINOv2 recipes, where the 37x37 grid of a DINOv2 checkpoint is used as is); inputs of any size that
             is a multiple of 32 are accepted and the grid is resampled bicubically on the fly.
         drop_path_rate: stochastic depth of the ViT (linear over depth) and of the extractors' ConvFFN.
-        layer_scale: LayerScale in every block (DINOv2; ``init_values`` 1e-5 until a checkpoint is loaded).
+        layer_scale: LayerScale in every block (the reference's default; gammas initialised to 1 as there).
         reg_tokens: register tokens (DINOv2 *_reg4); their position has no embedding, as in DINOv2.
         swiglu: SwiGLU feed-forward (DINOv2 ViT-g/14; timm ``SwiGLUPacked``, fc1 = DINOv2's w12, fc2 = w3).
         conv_inplane: width of the spatial prior module's stem.
@@ -200,7 +204,9 @@ class ViTAdapter(nn.Module):
         cffn_ratio: ConvFFN hidden width / D.
         init_values: initial injector gamma (0: the pretrained ViT starts untouched).
         interaction_indexes: (first, last) block of each interaction; default four equal ranges.
-        add_vit_feature: add the last ViT tokens, resized, to every output level.
+        add_vit_feature: add ViT tokens, resized, to the output levels.
+        vit_feature_per_interaction: False (detection): the last interaction's tokens go to every level; True
+            (the reference's segmentation backbone): interaction i's tokens go to level i.
         use_extra_extractor: two extra extractors in the last interaction.
         window_size: 0 = global attention everywhere; else window attention in every block not in ``global_blocks``
             (the DINOv2 configs: 14, global blocks 2, 5, 8, 11 for depth 12; ``ViTFeaturePyramid``'s arguments).
@@ -216,9 +222,9 @@ class ViTAdapter(nn.Module):
                  deform_ratio: float = 1.0, cffn_ratio: float = 0.25, init_values: float = 0.0,
                  interaction_indexes: Sequence[Sequence[int]] | None = None, add_vit_feature: bool = True,
                  use_extra_extractor: bool = True, window_size: int = 0, global_blocks: Sequence[int] = (),
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False, vit_feature_per_interaction: bool = False) -> None:
         super().__init__()
-        vit_kwargs: dict[str, Any] = dict(init_values=1e-5 if layer_scale else None, reg_tokens=reg_tokens,
+        vit_kwargs: dict[str, Any] = dict(init_values=1.0 if layer_scale else None, reg_tokens=reg_tokens,
                                           no_embed_class=reg_tokens > 0)
         if swiglu:  # DINOv2 ViT-g: hidden (int(4 D * 2/3) + 7) // 8 * 8, packed gate and value in fc1 (as timm)
             hidden = (int(embed_dim * 4 * 2 / 3) + 7) // 8 * 8
@@ -244,6 +250,7 @@ class ViTAdapter(nn.Module):
         self.window_blocks = frozenset(set(range(depth)) - {i % depth for i in global_blocks}) if window_size else \
             frozenset()
         self.add_vit_feature, self.grad_checkpointing = add_vit_feature, grad_checkpointing
+        self.vit_feature_per_interaction = vit_feature_per_interaction
         self.level_embed = nn.Parameter(torch.zeros(3, embed_dim))
         self.spm = SpatialPriorModule(conv_inplane, embed_dim)
         self.interactions = nn.ModuleList([
@@ -269,8 +276,9 @@ class ViTAdapter(nn.Module):
         return vit_unit_of(name[4:], depth=self.depth) if name.startswith("vit.") else self.depth + 1
 
     def no_weight_decay(self) -> set[str]:
-        """The ViT's position embedding and tokens (timm's ``no_weight_decay``), under ``vit.``."""
-        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"vit.reg_token"}
+        """The ViT's position embedding and tokens (timm's ``no_weight_decay``), under ``vit.``, and ``level_embed``
+        (the reference's DeiT-adapter configs, ``custom_keys={'level_embed': dict(decay_mult=0.)}``)."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"vit.reg_token", "level_embed"}
 
     def load_backbone(self, checkpoint: Mapping[str, Any], *, source: str = "auto",
                       what: str = "checkpoint") -> tuple[list[str], list[str]]:
@@ -278,7 +286,7 @@ class ViTAdapter(nn.Module):
 
         Accepts any layout ``models/convert`` reads, as loaded (DINOv2 raw, *_reg4, ViT-Adapter's 14->16 file,
         DeiT, MAE, ours, timm) or already converted by ``to_timm_vit``. Patch kernel and position grid are fitted to
-        this model. LayerScale is kept when the model has it (DINOv2 models); if the checkpoint has none (DeiT, or
+        this model. LayerScale is kept when the model has it (every factory row); if the checkpoint has none (DeiT, or
         a state already folded by ``to_timm_vit``) the gammas are set to 1 (the same function; the reference
         initialises its gammas to 1 too) and a warning says so. The adapter's own modules stay at their
         initialisation.
@@ -376,9 +384,10 @@ class ViTAdapter(nn.Module):
                       zip(c.split([4 * h * w, h * w, (h // 2) * (w // 2)], dim=1),
                           [(2 * h, 2 * w), (h, w), (h // 2, w // 2)]))
         feats = [self.up(c2) + c1, c2, c3, c4]
-        if self.add_vit_feature:  # the last ViT tokens, resized to every level (the reference's current code)
-            grid = outs[-1][:, prefix:].transpose(1, 2).reshape(b, d, h, w)
+        if self.add_vit_feature:  # detection: the last tokens everywhere; segmentation: interaction i's to level i
             for i, scale in enumerate((4.0, 2.0, 1.0, 0.5)):
+                tokens = outs[i] if self.vit_feature_per_interaction else outs[-1]
+                grid = tokens[:, prefix:].transpose(1, 2).reshape(b, d, h, w)
                 feats[i] = feats[i] + (grid if scale == 1 else F.interpolate(grid, scale_factor=scale,
                                                                              mode="bilinear", align_corners=False))
         return OrderedDict((str(i), norm(f)) for i, (norm, f) in enumerate(zip(self.norms, feats)))
@@ -481,9 +490,10 @@ def _register(name: str, size: str, what: str, **preset: Any) -> Callable[..., V
     return register_model(factory)
 
 
-# DeiT / AugReg rows (no LayerScale, pretrain size 224) and DINOv2 rows (LayerScale, 592 = DINOv2's 37x37 grid x 16)
+# DeiT / AugReg rows (pretrain size 224) and DINOv2 rows (LayerScale, 592 = DINOv2's 37x37 grid x 16)
 ADAPTER_MODELS: dict[str, Callable[..., ViTAdapter]] = {
-    **{f"adapter_{s}": _register(f"adapter_{s}", s, "DeiT / AugReg") for s in ("tiny", "small", "base", "large")},
+    **{f"adapter_{s}": _register(f"adapter_{s}", s, "DeiT / AugReg", layer_scale=True)
+       for s in ("tiny", "small", "base", "large")},
     **{f"adapter_dinov2_{s}": _register(f"adapter_dinov2_{s}", s, "DINOv2", layer_scale=True, img_size=592)
        for s in ("small", "base", "large", "giant")},
     **{f"adapter_dinov2_{s}_reg4": _register(f"adapter_dinov2_{s}_reg4", s, "DINOv2 with 4 registers",

@@ -78,6 +78,14 @@ def reference_points(spatial_shapes: list[tuple[int, int]], device: torch.device
     return torch.cat(refs, 0)[None, :, None]
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """float32 under autocast (ViT-Adapter's op: ``custom_fwd(cast_inputs=torch.float32)``); outside autocast a
+    float64 input stays float64 (the op's double kernel), anything else runs in float32."""
+    if torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float64:
+        return torch.float32
+    return torch.float64
+
+
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention module (Deformable DETR's ``MSDeformAttn``, with ViT-Adapter's ``ratio``).
 
@@ -132,14 +140,15 @@ class MSDeformAttn(nn.Module):
         n, lq, _ = query.shape
         m, lv, k = self.n_heads, self.n_levels, self.n_points
         # fp32 from here on under autocast (as ViT-Adapter's op, custom_fwd(cast_inputs=float32)): a bf16 location
-        # near 1.0 is only good to 1/128, a whole pixel on a 256-wide map
-        offsets = self.sampling_offsets(query).float().view(n, lq, m, lv, k, 2)
-        weights = self.attention_weights(query).float().view(n, lq, m, lv * k).softmax(-1).view(n, lq, m, lv, k)
-        shapes = torch.as_tensor(_shapes(spatial_shapes), dtype=torch.float32, device=query.device)
+        # near 1.0 is only good to 1/128, a whole pixel on a 256-wide map; fp64 stays fp64 outside autocast
+        dtype = _compute_dtype(query)
+        offsets = self.sampling_offsets(query).to(dtype).view(n, lq, m, lv, k, 2)
+        weights = self.attention_weights(query).to(dtype).view(n, lq, m, lv * k).softmax(-1).view(n, lq, m, lv, k)
+        shapes = torch.as_tensor(_shapes(spatial_shapes), dtype=dtype, device=query.device)
         normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)  # (W_l, H_l)
         if ref_points.shape[-1] != 2:
             raise ValueError(f"reference points must be (x, y) pairs, got last dim {ref_points.shape[-1]}")
-        locations = ref_points.float()[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = ref_points.to(dtype)[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return locations, weights
 
     def forward(self, query: Tensor, ref_points: Tensor, input_flatten: Tensor,
@@ -164,6 +173,7 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(n, s, self.n_heads, self.value_dim // self.n_heads)
         locations, weights = self.sampling(query, ref_points, spatial_shapes)
+        dtype = locations.dtype
         with torch.autocast(device_type=value.device.type, enabled=False):
-            out = ms_deform_attn(value.float(), spatial_shapes, locations, weights)
+            out = ms_deform_attn(value.to(dtype), spatial_shapes, locations, weights)
         return self.output_proj(out.to(query.dtype))

@@ -15,13 +15,26 @@ an unused norm would also break DDP). Options:
 - ``tap_blocks``: four block indices whose outputs feed the four levels, as BEiT's / MAE's UperNet configs
   (``out_indices=[3, 5, 7, 11]``); default: every level from the last block (ViTDet).
 - ``window_size`` > 0: window attention (ViTDet) in every block not in ``global_blocks``; the class token is not
-  used then (ViTDet has none). Windows are run as a batch of sequences through the unchanged timm ``Block``, so
-  weights are the global-attention ones; ViTDet's relative position bias is not added (our checkpoints have none),
-  and drop path then drops per window rather than per image.
+  used then (ViTDet has none). As detectron2's ``Block``: ``norm1`` first, then the normalised tokens are
+  zero-padded to whole windows and partitioned (the padded tokens take part in attention as keys of value 0 before
+  ``qkv``), attention per window, unpartition, crop, and drop path / LayerScale per image on the residual.
+- ``use_rel_pos``: ViTDet's decomposed relative position (detectron2 ``modeling/backbone/utils.py``
+  ``add_decomposed_rel_pos`` / ``get_rel_pos``): per block, tables ``attn.rel_pos_h`` / ``attn.rel_pos_w`` of
+  [2 S - 1, head_dim] for the block's attention size S (the window, or the ``img_size`` grid in global blocks),
+  zero-initialised (``rel_pos_zero_init=True``), linearly resized when the attended size differs; the bias
+  ``q . R_h[h_q - h_k] + q . R_w[w_q - w_k]`` (unscaled q) is added to the logits of patch pairs.
+- ``rel_pos_bias``: BEiT's relative position bias (BEiT ``semantic_segmentation/backbone/beit.py`` and MAE's ADE20K
+  backbone, implus/mae_segmentation ``backbone/mae.py``, ``use_rel_pos_bias=True``): per block a zero-initialised
+  table ``attn.relative_position_bias_table`` of [(2 S - 1)^2 + 3, heads] indexed by
+  :func:`relative_position_index` (three extra rows for cls->token, token->cls, cls->cls), for the ``img_size``
+  grid (or the window); the attended grid must be that size.
+- ``layer_scale_init_value``: LayerScale (timm ``init_values``; BEiT's / MAE's ``init_values=1.``) in every block.
+  With zero tables and LayerScale 1 the backbone computes the pretrained function exactly.
 - ``grad_checkpointing``: recompute each block in backward (torch.utils.checkpoint, non-reentrant).
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -36,7 +49,13 @@ from models.convert import adapt_to_model, fold_layer_scale
 from models.registry import create_model
 from models.vit import unit_of as vit_unit_of
 
-__all__ = ["ViTFeaturePyramid", "LayerNorm2d", "window_partition", "window_unpartition"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["ViTFeaturePyramid", "LayerNorm2d", "window_partition", "window_unpartition", "get_rel_pos",
+           "decomposed_rel_pos", "relative_position_index", "NEUTRAL_INIT_KEYS"]
+
+# encoder parameters the dense options add (not in a classification checkpoint); they start neutral
+NEUTRAL_INIT_KEYS = re.compile(r"^blocks\.\d+\.(attn\.(rel_pos_[hw]|relative_position_bias_table)|ls[12]\.gamma)$")
 
 
 class LayerNorm2d(nn.Module):
@@ -71,6 +90,44 @@ def window_unpartition(windows: Tensor, window: int, padded: tuple[int, int], si
     return x.reshape(b, hp, wp, -1)[:, :size[0], :size[1]].contiguous()
 
 
+def get_rel_pos(q_size: int, k_size: int, table: Tensor) -> Tensor:
+    """Relative position embeddings [q_size, k_size, C] of ``table`` [L, C] (detectron2 ``get_rel_pos``): the table
+    is resized linearly to ``2 max(q_size, k_size) - 1`` rows if needed; row ``q * max(k/q, 1) - k * max(q/k, 1) +
+    (k_size - 1) max(q/k, 1)`` for each (q, k)."""
+    rows = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != rows:
+        table = F.interpolate(table.t()[None], size=rows, mode="linear")[0].t()
+    q = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    return table[((q - k) + (k_size - 1) * max(q_size / k_size, 1.0)).long()]
+
+
+def decomposed_rel_pos(q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]) -> Tensor:
+    """ViTDet's decomposed relative position bias (detectron2 ``add_decomposed_rel_pos``, queries and keys on the same
+    grid): q [B, h w, C] (unscaled) -> bias [B, h w, h w] = ``q . Rh[hq, hk] + q . Rw[wq, wk]``."""
+    h, w = size
+    rh, rw = get_rel_pos(h, h, rel_pos_h), get_rel_pos(w, w, rel_pos_w)
+    grid_q = q.reshape(q.shape[0], h, w, -1)
+    bias_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rh.to(q.dtype))
+    bias_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rw.to(q.dtype))
+    return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(q.shape[0], h * w, h * w)
+
+
+def relative_position_index(size: tuple[int, int]) -> Tensor:
+    """BEiT's ``relative_position_index`` [h w + 1, h w + 1] for a grid with a cls token first: patch pairs index
+    ``(dh + h - 1) (2 w - 1) + (dw + w - 1)`` (dh, dw = query - key), row 0 (cls -> token) ``L - 3``, column 0
+    (token -> cls) ``L - 2``, (0, 0) ``L - 1``, with L = (2 h - 1)(2 w - 1) + 3 table rows."""
+    h, w = size
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)  # [2, h w]
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    patches = (rel[..., 0] + h - 1) * (2 * w - 1) + (rel[..., 1] + w - 1)
+    rows = (2 * h - 1) * (2 * w - 1) + 3
+    index = torch.zeros((h * w + 1,) * 2, dtype=torch.long)
+    index[1:, 1:] = patches
+    index[0, :], index[:, 0], index[0, 0] = rows - 3, rows - 2, rows - 1
+    return index
+
+
 def _conv_ln(cin: int, cout: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), LayerNorm2d(cout))
 
@@ -89,6 +146,9 @@ class ViTFeaturePyramid(nn.Module):
         window_size: 0 = global attention everywhere; else window attention outside ``global_blocks``.
         global_blocks: blocks that keep global attention under ``window_size`` (ViTDet: 2, 5, 8, 11 for ViT-B).
         grad_checkpointing: recompute blocks in backward.
+        use_rel_pos: ViTDet's decomposed relative position in every block (zero-initialised tables).
+        rel_pos_bias: BEiT's relative position bias in every block (zero-initialised tables).
+        layer_scale_init_value: None (no LayerScale) or the initial LayerScale gamma (BEiT / MAE ADE20K: 1.0).
         tap_blocks: None (all levels from the last block) or one block index per level (BEiT/MAE UperNet).
         neck: ``'simple'`` (ViTDet's, above) or ``'beit'``: BEiT's / MAE's segmentation neck (``fpn1``..``fpn4``:
             ConvT(D, D) + BatchNorm + GELU + ConvT(D, D) at stride 4, ConvT(D, D) at 8, identity, 2x2 max-pool),
@@ -102,10 +162,13 @@ class ViTFeaturePyramid(nn.Module):
                  strides: Sequence[int] = (4, 8, 16, 32), extra_pool: bool = False, drop_path_rate: float = 0.1,
                  window_size: int = 0,
                  global_blocks: Sequence[int] = (), grad_checkpointing: bool = False,
-                 tap_blocks: Sequence[int] | None = None, neck: str = "simple", **vit_kwargs) -> None:
+                 tap_blocks: Sequence[int] | None = None, neck: str = "simple", use_rel_pos: bool = False,
+                 rel_pos_bias: bool = False, layer_scale_init_value: float | None = None, **vit_kwargs) -> None:
         super().__init__()
         self.window_size = int(window_size)
         use_cls = self.window_size == 0
+        if layer_scale_init_value is not None:
+            vit_kwargs["init_values"] = float(layer_scale_init_value)
         self.vit = create_model(vit_name, img_size=img_size, num_classes=0, global_pool="token" if use_cls else "avg",
                                 drop_path_rate=drop_path_rate, dynamic_img_size=True, class_token=use_cls,
                                 **vit_kwargs)
@@ -115,6 +178,11 @@ class ViTFeaturePyramid(nn.Module):
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.global_blocks = frozenset(int(b) % self.depth for b in global_blocks)
         self.grad_checkpointing = grad_checkpointing
+        self.use_rel_pos, self.rel_pos_bias = bool(use_rel_pos), bool(rel_pos_bias)
+        if self.rel_pos_bias and self.vit.num_prefix_tokens > 1:
+            raise ValueError("rel_pos_bias (BEiT) supports at most one prefix token (cls); this ViT has "
+                             f"{self.vit.num_prefix_tokens}")
+        self._add_relative_positions(self.vit.patch_embed.grid_size)
         strides = tuple(int(s) for s in strides)
         allowed = {self.patch_size // 4: None, self.patch_size // 2: None, self.patch_size: None,
                    self.patch_size * 2: None}
@@ -165,13 +233,64 @@ class ViTFeaturePyramid(nn.Module):
     def num_prefix_tokens(self) -> int:
         return self.vit.num_prefix_tokens
 
+    def _attn_size(self, index: int, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid one attention of block ``index`` sees: the window, or ``grid`` in global blocks."""
+        windowed = self.window_size and index not in self.global_blocks
+        return (self.window_size, self.window_size) if windowed else tuple(grid)
+
+    def _add_relative_positions(self, grid: tuple[int, int]) -> None:
+        """Zero-initialised relative position parameters on each block's ``attn`` (names as detectron2's / BEiT's)."""
+        for index, block in enumerate(self.vit.blocks):
+            attn, (h, w) = block.attn, self._attn_size(index, grid)
+            if self.use_rel_pos:  # detectron2 Attention(use_rel_pos=True, rel_pos_zero_init=True)
+                attn.rel_pos_h = nn.Parameter(torch.zeros(2 * h - 1, attn.head_dim))
+                attn.rel_pos_w = nn.Parameter(torch.zeros(2 * w - 1, attn.head_dim))
+            if self.rel_pos_bias:  # BEiT Attention(window_size=patch_shape): zeros, index buffer (recomputable)
+                attn.relative_position_bias_table = nn.Parameter(
+                    torch.zeros((2 * h - 1) * (2 * w - 1) + 3, attn.num_heads))
+                attn.register_buffer("relative_position_index", relative_position_index((h, w)), persistent=False)
+                attn.bias_grid = (h, w)
+
+    def _attention(self, attn: nn.Module, x: Tensor, size: tuple[int, int]) -> Tensor:
+        """timm ``Attention`` of [B, N, C] tokens (prefix tokens first, then the ``size`` grid) with the relative
+        position terms added to the logits."""
+        b, n, c = x.shape
+        prefix = n - size[0] * size[1]
+        q, k, v = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        bias = None
+        if self.use_rel_pos:
+            patch = decomposed_rel_pos(q[:, :, prefix:].flatten(0, 1), attn.rel_pos_h, attn.rel_pos_w, size)
+            bias = F.pad(patch.view(b, attn.num_heads, *patch.shape[1:]), (prefix, 0, prefix, 0))
+        if self.rel_pos_bias:
+            if tuple(size) != attn.bias_grid:
+                raise ValueError(f"rel_pos_bias was built for a {attn.bias_grid} grid, the input gives {tuple(size)}: "
+                                 "use inputs of img_size (as BEiT's / MAE's sliding-window evaluation)")
+            index = attn.relative_position_index[1 - prefix:, 1 - prefix:]
+            table = attn.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+            bias = table[None].to(q.dtype) if bias is None else bias + table[None].to(q.dtype)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=attn.attn_drop.p if self.training else 0.0)
+        return attn.proj_drop(attn.proj(attn.norm(x.transpose(1, 2).reshape(b, n, -1))))
+
     def _run_block(self, index: int, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """One block as detectron2's ViTDet ``Block``: norm1, (pad + window partition), attention, (unpartition),
+        residual with LayerScale / drop path per image, MLP. Global blocks without relative positions run timm's
+        ``Block`` itself."""
         block = self.vit.blocks[index]
-        if self.window_size and index not in self.global_blocks:
-            b, _, c = x.shape
-            windows, padded = window_partition(x.view(b, grid[0], grid[1], c), self.window_size)
-            return window_unpartition(block(windows), self.window_size, padded, grid).view(b, -1, c)
-        return block(x)
+        windowed = self.window_size and index not in self.global_blocks
+        if not (windowed or self.use_rel_pos or self.rel_pos_bias):
+            return block(x)
+        h = block.norm1(x)
+        if windowed:
+            b, _, c = h.shape
+            windows, padded = window_partition(h.view(b, grid[0], grid[1], c), self.window_size)
+            windows = self._attention(block.attn, windows, (self.window_size, self.window_size))
+            h = window_unpartition(windows, self.window_size, padded, grid).view(b, -1, c)
+        else:
+            h = self._attention(block.attn, h, grid)
+        x = x + block.drop_path1(block.ls1(h))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
     def forward_tokens(self, x: Tensor) -> list[Tensor]:
         """Images [B, 3, H, W] -> the maps that feed the levels, each [B, D, H / p, W / p]."""
@@ -219,10 +338,13 @@ class ViTFeaturePyramid(nn.Module):
         class token (window attention) the checkpoint's cls row of ``pos_embed`` and its ``cls_token`` are dropped.
         LayerScale in ViT-Adapter's format (``blocks.N.gamma1`` / ``gamma2``, written by ``tools/convert_14to16.py``)
         is folded into ``attn.proj`` / ``mlp.fc2`` like DINOv2's ``ls1.gamma`` (``models.convert.fold_layer_scale``).
-        ``head.*``, ``fc_norm.*`` and ``norm.*`` are ignored (reported as unexpected).
+        ``head.*``, ``fc_norm.*`` and ``norm.*`` are ignored (reported as unexpected). Parameters the dense options
+        add (relative position tables, LayerScale gammas: ``NEUTRAL_INIT_KEYS``) that the checkpoint lacks keep
+        their neutral initialisation (zero tables, gammas at ``layer_scale_init_value``); one log line lists them.
 
         Returns:
-            ``(missing, unexpected)`` encoder keys, sorted (keys without the ``vit.`` prefix).
+            ``(missing, unexpected)`` encoder keys, sorted (keys without the ``vit.`` prefix); the neutral-init keys
+            above are not counted as missing.
 
         Raises:
             ValueError: a shape differs after resampling.
@@ -250,4 +372,9 @@ class ViTFeaturePyramid(nn.Module):
         if shapes:
             raise ValueError("backbone shapes differ from the pyramid's ViT:\n  " + "\n  ".join(shapes))
         result = self.vit.load_state_dict(sd, strict=False)
-        return sorted(result.missing_keys), sorted(result.unexpected_keys)
+        neutral = [k for k in result.missing_keys if NEUTRAL_INIT_KEYS.match(k)]
+        if neutral:
+            names = sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", k) for k in neutral})
+            logger.info("not in the checkpoint, kept at their neutral initialisation (%d tensors): %s", len(neutral),
+                        ", ".join(names))
+        return sorted(set(result.missing_keys) - set(neutral)), sorted(result.unexpected_keys)

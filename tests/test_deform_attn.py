@@ -127,3 +127,27 @@ def test_sampling_runs_in_float32_under_autocast():
         out = attn(query, ref, feat, shapes)
     assert locations.dtype == weights.dtype == torch.float32 and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), attn(query, ref, feat, shapes), rtol=0.05, atol=0.05)
+
+
+def test_float64_stays_float64_outside_autocast():
+    # ViT-Adapter's op casts to float32 only under autocast (custom_fwd(cast_inputs=torch.float32)); its double
+    # kernel keeps float64 inputs in float64
+    torch.manual_seed(0)
+    d, shapes = 8, [(3, 4)]
+    attn = MSDeformAttn(d_model=d, n_levels=1, n_heads=2, n_points=2).double()
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_(0, 0.5)
+        attn.attention_weights.weight.normal_(0, 0.5)
+    query, feat = torch.randn(1, 4, d, dtype=torch.float64), torch.randn(1, 12, d, dtype=torch.float64)
+    ref = torch.rand(1, 4, 1, 2, dtype=torch.float64)
+    locations, weights = attn.sampling(query, ref, shapes)
+    assert locations.dtype == weights.dtype == torch.float64
+    # float64 by hand: offsets / (W, H) around the reference point, softmax over the points of each head
+    offsets = (query @ attn.sampling_offsets.weight.T + attn.sampling_offsets.bias).view(1, 4, 2, 1, 2, 2)
+    want_loc = ref[:, :, None, :, None, :] + offsets / torch.tensor([4.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(locations, want_loc, rtol=1e-13, atol=1e-13)
+    value = attn.value_proj(feat).view(1, 12, 2, 4)
+    want = attn.output_proj(loop_reference(value.detach(), shapes, locations.detach(), weights.detach()))
+    got = attn(query, ref, feat, shapes)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

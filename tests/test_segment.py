@@ -155,7 +155,7 @@ def test_layer_decay_groups_of_the_segmentor_cover_every_parameter_once():
 
 
 
-def test_segment_step_loss_is_mean_ce_over_labelled_pixels_plus_weighted_aux():
+def test_segment_step_loss_is_mean_ce_over_all_pixels_plus_weighted_aux():
     import torch.nn.functional as F
     from engine.segment import segment_step
     torch.manual_seed(0)
@@ -169,13 +169,33 @@ def test_segment_step_loss_is_mean_ce_over_labelled_pixels_plus_weighted_aux():
     labels[0, :5] = 255
     out = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), labels), 0, device=torch.device("cpu"), aux_weight=0.4)
     up = lambda x: F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)  # noqa: E731
-    ref_seg = F.cross_entropy(up(seg), labels, ignore_index=255)
-    ref_aux = F.cross_entropy(up(aux), labels, ignore_index=255)
+    # mmseg CrossEntropyLoss(avg_non_ignore=False): per-pixel CE (0 where ignored), mean over all 2 x 16 x 16 pixels
+    ref_seg = F.cross_entropy(up(seg), labels, ignore_index=255, reduction="none").mean()
+    ref_aux = F.cross_entropy(up(aux), labels, ignore_index=255, reduction="none").mean()
     torch.testing.assert_close(out["loss"], ref_seg + 0.4 * ref_aux)
     torch.testing.assert_close(out["loss_aux"], ref_aux)
+    labelled = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), labels), 0, device=torch.device("cpu"),
+                            aux_weight=0.0, avg_non_ignore=True)
+    torch.testing.assert_close(labelled["loss"], F.cross_entropy(up(seg), labels, ignore_index=255))
     empty = segment_step(Fixed(), (torch.zeros(2, 3, 16, 16), torch.full((2, 16, 16), 255)), 0,
                          device=torch.device("cpu"))
     assert float(empty["loss"]) == 0.0  # an all-ignored batch is no signal, not NaN
+
+
+def test_segment_loss_with_ignored_pixels_by_hand():
+    from engine.segment import segment_step
+    # one image of 2 x 2 pixels, 2 classes; logits at the label size (the bilinear resize is the identity)
+    logits = torch.tensor([[[[2.0, 0.0], [1.0, 5.0]], [[0.0, 0.0], [3.0, -5.0]]]])
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return {"seg": logits}
+
+    labels = torch.tensor([[[0, 1], [255, 255]]])  # two labelled pixels, two ignored
+    out = segment_step(Fixed(), (torch.zeros(1, 3, 2, 2), labels), 0, device=torch.device("cpu"))
+    ce_a = -math.log(math.exp(2) / (math.exp(2) + math.exp(0)))  # pixel (0, 0), class 0
+    ce_b = -math.log(0.5)                                        # pixel (0, 1), class 1, equal logits
+    assert float(out["loss"]) == pytest.approx((ce_a + ce_b) / 4, rel=1e-6)  # / all 4 pixels, not / 2
 
 def test_window_starts_follow_mmseg():
     assert window_starts(512, 512, 341) == [0]
