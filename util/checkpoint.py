@@ -330,10 +330,9 @@ class RunCheckpoints:
                  log_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.output_dir, self.epochs, self.save_every = Path(output_dir), epochs, save_every
         self.enabled, self.log_epoch = enabled, log_epoch
-        if enabled and self.output_dir.is_dir():
-            for stale in self.output_dir.glob(".checkpoint-*.tmp"):
-                logger.warning("removing %s, a partial checkpoint left by a killed run", stale)
-                stale.unlink(missing_ok=True)
+        if enabled:
+            from util.outputs import clean_temp_files  # checkpoints', pictures' and logs' temp files alike
+            clean_temp_files(self.output_dir)
 
     def __enter__(self) -> RunCheckpoints:
         return self
@@ -359,9 +358,13 @@ class RunCheckpoints:
             found = load_latest(self.output_dir)
             if found is None:
                 logger.info("--auto_resume: no checkpoint in %s, starting from scratch", self.output_dir)
+                if self.enabled:
+                    self._trim_log(-1)  # a run killed before its first checkpoint logged epochs that start again
                 return None
             resume, checkpoint = found
         if not resume:
+            if self.enabled:
+                self._trim_log(-1)  # a fresh start: no earlier epoch's line stays above this run's
             return None
         checkpoint = resume_training(resume, model, optimizer, scaler, sync=sync, steps_per_epoch=steps_per_epoch,
                                      required=required, hint=hint, checkpoint=checkpoint)
