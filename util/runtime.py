@@ -292,13 +292,14 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     exit status 1 instead of a traceback; the process group is always torn down."""
     from util.distributed import cleanup
 
+    from util.checkpoint import NonFiniteError
     from util.data.folder import CorruptImageError
 
     started = time.time()
     try:
         result = main()
         log_run_summary(time.time() - started, result)
-    except (FileNotFoundError, ValueError, CorruptImageError, *errors) as error:
+    except (FileNotFoundError, ValueError, CorruptImageError, NonFiniteError, *errors) as error:
         message = str(error)
         if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
