@@ -97,6 +97,11 @@ def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tenso
                              f"{tuple(labels.shape)} do not fit ([N, D] and [N], N > 0); {hint}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"--load_features {folder}: {split} labels are {labels.dtype}, not class indices")
+    samples = len(train_labels) + len(test_labels)
+    low, high = int(min(train_labels.min(), test_labels.min())), int(max(train_labels.max(), test_labels.max()))
+    if low < 0 or high >= samples:  # more classes than samples: not class indices (10**12 would allocate TBs)
+        raise ValueError(f"--load_features {folder}: labels range from {low} to {high} over {samples} samples; they "
+                         f"must be class indices 0..C-1 (C at most the number of samples)")
     if train.shape[1] != test.shape[1]:
         raise ValueError(f"--load_features {folder}: train features have {train.shape[1]} dims, test {test.shape[1]}"
                          " (files of two different backbones?)")

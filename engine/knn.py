@@ -132,6 +132,10 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
         raise ValueError(f"every k must be in [1, {train_feats.shape[0]}] (the bank size), got {ks}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for name, labels in (("train", train_labels), ("test", test_labels)):
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"{name} labels range from {int(labels.min())} to {int(labels.max())}, outside the "
+                             f"{num_classes} classes 0..{num_classes - 1} (--nb_classes)")
     _check_normalised(train_feats, "train_feats")
     _check_normalised(test_feats, "test_feats")
     rank, world = rank_and_world() if distributed else (0, 1)

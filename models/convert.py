@@ -297,11 +297,18 @@ def adapt_to_model(state_dict: Mapping[str, Tensor], *, patch_size: int, grid_si
     """
     out = dict(state_dict)
     if "patch_embed.proj.weight" in out:
-        out["patch_embed.proj.weight"] = resize_patch_embed(out["patch_embed.proj.weight"], patch_size)
+        kernel = out["patch_embed.proj.weight"]
+        if kernel.ndim != 4 or not kernel.numel():
+            raise ValueError(f"checkpoint key 'patch_embed.proj.weight' has shape {tuple(kernel.shape)}: a patch kernel "
+                             f"is [D, C, p, p] with no empty dimension (a damaged or foreign checkpoint)")
+        out["patch_embed.proj.weight"] = resize_patch_embed(kernel, patch_size)
     if "pos_embed" in out:
         pos = out["pos_embed"]
         if pos.ndim == 2:  # some checkpoints store [T + G*G, D]
             pos = pos.unsqueeze(0)
+        if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[1] <= num_prefix_tokens or not pos.shape[2]:
+            raise ValueError(f"checkpoint key 'pos_embed' has shape {tuple(out['pos_embed'].shape)}: a position "
+                             f"embedding is [1, tokens, D] or [tokens, D] (a damaged or foreign checkpoint)")
         out["pos_embed"] = resample_pos_embed(pos, grid_size, num_prefix_tokens).to(pos.dtype)
     return out
 

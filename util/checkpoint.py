@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -265,6 +266,18 @@ def non_finite_tensors(tree: Any, prefix: str = "") -> list[str]:
     return bad
 
 
+def non_finite_numbers(tree: Any, prefix: str = "") -> list[str]:
+    """Names of the Python floats in ``tree`` (nested dicts / lists, e.g. a checkpoint's ``metrics``) that are NaN
+    or infinite; tensors are left to :func:`non_finite_tensors`."""
+    if isinstance(tree, float):
+        return [] if math.isfinite(tree) else [prefix]
+    if isinstance(tree, dict):
+        return [n for k, v in tree.items() for n in non_finite_numbers(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(tree, (list, tuple)):
+        return [n for i, v in enumerate(tree) for n in non_finite_numbers(v, f"{prefix}.{i}" if prefix else str(i))]
+    return []
+
+
 def capture_rng() -> dict[str, Any]:
     """This process's random state (torch CPU and current CUDA device, NumPy, Python) as plain data."""
     import random
@@ -330,10 +343,9 @@ class RunCheckpoints:
                  log_epoch: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.output_dir, self.epochs, self.save_every = Path(output_dir), epochs, save_every
         self.enabled, self.log_epoch = enabled, log_epoch
-        if enabled and self.output_dir.is_dir():
-            for stale in self.output_dir.glob(".checkpoint-*.tmp"):
-                logger.warning("removing %s, a partial checkpoint left by a killed run", stale)
-                stale.unlink(missing_ok=True)
+        if enabled:
+            from util.outputs import clean_temp_files  # checkpoints', pictures' and logs' temp files alike
+            clean_temp_files(self.output_dir)
 
     def __enter__(self) -> RunCheckpoints:
         return self
@@ -359,9 +371,13 @@ class RunCheckpoints:
             found = load_latest(self.output_dir)
             if found is None:
                 logger.info("--auto_resume: no checkpoint in %s, starting from scratch", self.output_dir)
+                if self.enabled:
+                    self._trim_log(-1)  # a run killed before its first checkpoint logged epochs that start again
                 return None
             resume, checkpoint = found
         if not resume:
+            if self.enabled:
+                self._trim_log(-1)  # a fresh start: no earlier epoch's line stays above this run's
             return None
         checkpoint = resume_training(resume, model, optimizer, scaler, sync=sync, steps_per_epoch=steps_per_epoch,
                                      required=required, hint=hint, checkpoint=checkpoint)
@@ -398,6 +414,15 @@ class RunCheckpoints:
             raise NonFiniteStateError(
                 f"{where}: {len(bad)} tensor(s) of the weights or optimizer state are NaN or infinite "
                 f"({_short(bad, 4)}); nothing is saved. {self._last_good()}")
+        # weights can blow up to huge finite values (--lr 1e30) whose outputs overflow: the validation metrics
+        # the epoch is judged by are then NaN, and such an epoch is neither saved nor ever the best
+        bad = non_finite_numbers({key: state[key] for key in ("metrics", "best") if key in state})
+        if bad:
+            largest = max((float(v.detach().abs().max()) for v in state["model"].values()
+                           if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()), default=0.0)
+            raise NonFiniteStateError(
+                f"{where}: the validation metric(s) {_short(bad, 4)} are NaN or infinite: the run has blown up "
+                f"(largest weight magnitude {largest:.3g}); nothing is saved. {self._last_good()}")
 
     def end_epoch(self, epoch: int, state: dict[str, Any], *, log: dict[str, Any], is_best: bool = False,
                   extra_outputs: Callable[[], Any] | None = None) -> None:

@@ -36,7 +36,8 @@ def setup_logging(output_dir: str | Path | None, rank: int = 0) -> logging.Logge
     logger.addHandler(console)
     if output_dir is not None and rank == 0:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(Path(output_dir) / "cli_logs.txt", mode="a")
+        from util.outputs import replace_link
+        file_handler = logging.FileHandler(replace_link(Path(output_dir) / "cli_logs.txt"), mode="a")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger
@@ -131,8 +132,8 @@ class MetricWriter:
         """One ``log.txt`` line; its numbers also go to TensorBoard as ``epoch/<key>`` against the epoch (epoch time,
         images/s, the epoch's mean loss, validation metrics), when ``stats`` names its ``epoch``."""
         if self.log_file is not None:
-            with open(self.log_file, "a") as handle:
-                handle.write(dumps_json(stats) + "\n")
+            from util.outputs import append_text
+            append_text(self.log_file, dumps_json(stats) + "\n")
         if self._tb is not None:
             epoch = stats.get("epoch")
             if isinstance(epoch, int):
@@ -150,5 +151,6 @@ def write_results(output_dir: str | Path | None, results: dict[str, Any], name: 
     written) and return them."""
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / name).write_text(dumps_json(results, indent=2) + "\n")
+        from util.outputs import write_text
+        write_text(Path(output_dir) / name, dumps_json(results, indent=2) + "\n")
     return results

@@ -23,6 +23,7 @@ import torch
 
 from util.distributed import DistInfo, init_distributed
 from util.logging import format_eta, setup_logging
+from util.outputs import disk_full_message, replace_link, write_text
 import yaml
 
 try:
@@ -65,8 +66,8 @@ def setup_run(args: argparse.Namespace) -> DistInfo:
     global _run_folder
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     if info.is_main:  # before the first log line goes into the folder: a second run must not append to ours
-        lock_output_dir(args.output_dir)
         _run_folder = Path(args.output_dir)
+        lock_output_dir(args.output_dir)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     if info.is_main:
         refuse_fresh_over_checkpoints(args.output_dir, fresh=not (getattr(args, "resume", "") or
@@ -114,7 +115,8 @@ def lock_output_dir(output_dir: str | Path) -> Path:
         return path
     release_output_lock()
     try:
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        replace_link(path / LOCK_NAME)  # a link would lock (and truncate) a file outside the folder
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as err:  # EACCES, EROFS
         raise ValueError(f"--output_dir {path} is not writable ({err.strerror}); choose a writable folder or fix "
                          "its permissions") from None
@@ -262,9 +264,9 @@ def write_run_record(output_dir: str | Path, resolved_args: dict[str, Any], deri
     """Write ``args.yaml`` (resolved arguments) and ``run_info.json`` (provenance + derived values)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "args.yaml").write_text(yaml.safe_dump(resolved_args, sort_keys=True))
+    write_text(output_dir / "args.yaml", yaml.safe_dump(resolved_args, sort_keys=True))
     record = {**run_record(argv), "derived": derived}
-    (output_dir / "run_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(output_dir / "run_info.json", json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -290,16 +292,23 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     exit status 1 instead of a traceback; the process group is always torn down."""
     from util.distributed import cleanup
 
+    from util.checkpoint import NonFiniteError
     from util.data.folder import CorruptImageError
 
     started = time.time()
     try:
         result = main()
         log_run_summary(time.time() - started, result)
-    except (FileNotFoundError, ValueError, CorruptImageError, *errors) as error:
+    except (FileNotFoundError, ValueError, CorruptImageError, NonFiniteError, *errors) as error:
         message = str(error)
         if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, message)
+        sys.exit(1)
+    except (OSError, RuntimeError) as error:  # a full disk, said in one line; anything else stays a traceback
+        message = disk_full_message(error, _run_folder or "the output folder")
+        if message is None:
+            raise
         logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, message)
         sys.exit(1)
     finally:
