@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from util.args.config import warn_once
 
-# FreezeOut's own flags: giving any of them (command line or recipe) turns FreezeOut on. The seeds' ViTFreeze
+# FreezeOut's own flags: giving any of them (command line or recipe) turns FreezeOut on. The published ViTFreeze
 # commands pass --how_scale/--t_0 and never --freezeout (the reference code freezes whenever it runs).
 FREEZEOUT_FLAGS = ("how_scale", "t_0", "all_stages", "dont_freeze_pe", "not_scale_lr", "non_layerwise_lr")
 

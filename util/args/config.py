@@ -93,15 +93,13 @@ def load_config(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
     return resolved
 
 
-
 def dump_args(args: argparse.Namespace) -> str:
     """Resolved arguments as YAML (the form a recipe takes), for the run record and ``--dry_run``."""
     return yaml.safe_dump(vars(args), sort_keys=True)
 
 
-
 # ---------------------------------------------------------------------------------------------------- DeiT commands
-# DeiT's flags (MoCo v3's transfer seed runs DeiT's main.py) that have no counterpart here: one line says what to
+# DeiT's flags (MoCo v3's transfer commands run DeiT's main.py) that have no counterpart here: one line says what to
 # use instead. Hyphenated spellings of our own flags (--batch-size, --data-set, --drop-path, ...) need no entry.
 FOREIGN_FLAGS = {
     "--model_ema": "no EMA of the weights here; drop the flag",
@@ -134,16 +132,14 @@ IGNORED_FLAGS = {"--no_repeated_aug": (0, ""), "--no_model_ema": (0, ""),
                  "--eval_freq": (1, "evaluation runs after every epoch here (MoCo's --eval-freq only saved time)")}
 
 
-# Spellings only DeiT's main.py uses: a command with one of them is a DeiT command (MoCo v3's transfer seed).
+# Spellings only DeiT's main.py uses: a command with one of them is a DeiT command (MoCo v3's transfer commands).
 DEIT_SPELLINGS = {"--batch-size", "--weight-decay", "--warmup-epochs", "--data-set", "--data-path", "--drop-path",
                   "--eval-freq", "--no-repeated-aug", "--min-lr", "--input-size", "--clip-grad", "--no-pin-mem"}
-
 
 
 def flag_of(token: str) -> str | None:
     """``--name`` of a long option token (``--name=value`` too), else None."""
     return token.split("=", 1)[0] if token.startswith("--") and len(token) > 2 else None
-
 
 
 def deit_lr(argv: list[str]) -> list[str]:

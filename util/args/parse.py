@@ -50,7 +50,6 @@ def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list
     return out
 
 
-
 def explicit_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
     """Destinations of the options that ``argv`` (already normalised) gives explicitly."""
     by_flag = {opt: action.dest for action in parser._actions for opt in action.option_strings}

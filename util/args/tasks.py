@@ -149,7 +149,7 @@ def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--slide_stride", default=None, type=positive_int,
                    help="sliding-window stride at evaluation (default: 2/3 of input_size, mmseg's 341 for 512)")
     g.add_argument("--max_iters", default=None, type=positive_int,
-                   help="training length in optimizer steps (overrides --epochs; the seeds' 160k)")
+                   help="training length in optimizer steps (overrides --epochs; BEiT/MAE's ADE20K recipes: 160k)")
     add_warmup_iters_arg(g, default=None, help="linear warmup steps (mmseg: 1500; default: from --warmup_epochs)")
     g.add_argument("--poly_power", default=1.0, type=positive_float)
     g.add_argument("--eval_interval", default=0, type=non_negative_int,
