@@ -48,9 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_detection_args(parser)
-    parser.add_argument("--use_rel_pos", action="store_true",
-                        help="ViTDet's decomposed relative position in every block of the pyramid's ViT (detectron2 "
-                             "use_rel_pos; zero-initialised tables, the pretrained checkpoint has none)")
     cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=4)

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_freezeout_args(parser)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=20)
-    parser.set_defaults(global_pool=True)  # MAE fine-tunes on the mean patch token (SPEC 5.1); --cls_token: token 0
+    parser.set_defaults(global_pool=True)  # MAE fine-tunes on the mean patch token; --cls_token: token 0
     add_launch_args(parser)
     return parser
 

@@ -30,7 +30,6 @@ from models.convert import to_timm_vit
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util import args as cli
-from util.args import closed_fraction, non_negative_int, positive_float, positive_int
 from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
                              RunCheckpoints, training_state)
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
@@ -55,49 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)
     cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.05, epochs=1, warmup_epochs=0, batch_size=2)
-    g = parser.add_argument_group("segmentation")
-    g.add_argument("--data_path", default="demo", help="ADE20K-layout root, or 'demo' (synthetic scenes)")
-    g.add_argument("--nb_classes", default=150, type=positive_int, help="classes after reduce_zero_label")
-    g.add_argument("--no_reduce_zero_label", action="store_false", dest="reduce_zero_label",
-                   help="label 0 is a class (default: ADE20K's 0 = ignore, k -> k - 1)")
-    g.add_argument("--num_workers", default=4, type=non_negative_int)
-    g.add_argument("--pin_mem", action="store_true", default=True)
-    g.add_argument("--ratio_range", default=[0.5, 2.0], type=positive_float, nargs=2, help="train resize ratios")
-    g.add_argument("--cat_max_ratio", default=0.75, type=closed_fraction, help="random crop: largest class share")
-    g.add_argument("--slide_stride", default=None, type=positive_int,
-                   help="sliding-window stride at evaluation (default: 2/3 of input_size, mmseg's 341 for 512)")
-    g.add_argument("--max_iters", default=None, type=positive_int,
-                   help="training length in optimizer steps (overrides --epochs; the seeds' 160k)")
-    g.add_argument("--warmup_iters", default=None, type=non_negative_int, help="linear warmup steps (1500)")
-    g.add_argument("--poly_power", default=1.0, type=positive_float)
-    g.add_argument("--eval_interval", default=0, type=non_negative_int,
-                   help="evaluate after the epoch in which the step passes a multiple of this (0: every epoch)")
-    g.add_argument("--layer_decay", default=0.65, type=positive_float)
-    g.add_argument("--drop_path", default=0.1, type=closed_fraction)
-    g.add_argument("--neck", default="beit", choices=["beit", "simple"],
-                   help="beit: BEiT/MAE's deconv/pool neck at the ViT width; simple: ViTDet's, + 1x1/3x3 convs")
-    g.add_argument("--out_channels", default=None, type=positive_int,
-                   help="pyramid channels of the simple neck (default 256)")
-    g.add_argument("--channels", default=None, type=positive_int, help="UperNet channels (default: ViT width)")
-    g.add_argument("--aux_channels", default=256, type=non_negative_int, help="auxiliary FCN channels (0: none)")
-    g.add_argument("--aux_weight", default=0.4, type=float)
-    g.add_argument("--tap_blocks", default=None, type=int, nargs="*",
-                   help="blocks feeding the 4 levels (default: BEiT/MAE's 3 5 7 11 for depth 12, 7 11 15 23 for "
-                        "24, else evenly spaced); empty: all from the last block (ViTDet)")
-    g.add_argument("--window_size", default=0, type=non_negative_int, help="window attention (0: global)")
-    g.add_argument("--global_blocks", default=[], type=int, nargs="*")
-    g.add_argument("--grad_checkpointing", action="store_true")
-    g.add_argument("--use_rel_pos", action="store_true",
-                   help="ViTDet's decomposed relative position in every block (zero-initialised tables)")
-    g.add_argument("--rel_pos_bias", action="store_true",
-                   help="BEiT's relative position bias in every block, as MAE's / BEiT's ADE20K backbone "
-                        "(use_rel_pos_bias=True; zero-initialised, added to the pretrained absolute embedding)")
-    g.add_argument("--layer_scale_init_value", default=None, type=positive_float,
-                   help="LayerScale in every block starting at this value (MAE's ADE20K backbone: init_values=1.0, "
-                        "which leaves the pretrained function unchanged); default: none")
-    g.add_argument("--vis_images", default=4, type=non_negative_int, help="validation pictures per evaluation")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
-    g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --auto_resume's) checkpoint")
+    cli.add_segmentation_args(parser)
     cli.add_dist_args(parser)
     cli.add_output_args(parser, save_every=1000)
     add_launch_args(parser)

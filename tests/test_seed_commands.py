@@ -753,12 +753,12 @@ def test_cuda_keeps_torch_threads_unless_asked(monkeypatch, keep_threads):
 
 
 def test_default_loader_workers_are_capped_to_the_cores(monkeypatch):
-    import util.args
+    from util.args import groups
 
-    monkeypatch.setattr(util.args, "available_cores", lambda: 2)
+    monkeypatch.setattr(groups, "available_cores", lambda: 2)
     assert main_knn.build_parser().get_default("num_workers") == 2  # 10 workers on 2 cores: DataLoader warns
     assert main_pretrain.build_parser().get_default("num_workers") == 2
-    monkeypatch.setattr(util.args, "available_cores", lambda: 64)
+    monkeypatch.setattr(groups, "available_cores", lambda: 64)
     assert main_knn.build_parser().get_default("num_workers") == 10
 
 
