@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,7 +79,13 @@ def test_imagenette_few_images_localmim(tmp_path):
                         str(tmp_path / "data"), "--output_dir", str(out), "--vis_every", "1"])
     logged = epochs_logged(out)
     assert len(logged) == 1 and torch.isfinite(torch.tensor(logged[0]["train_loss"]))
-    assert (out / "vis-0000.png").stat().st_size > 0
+    # the picture: the 8 sampled images (30 images, every 4th) as rows of 64 px; columns: original, masked input,
+    # then HOG target and prediction for each of LocalMIM's 4 scales; 2-px gaps, a 24-px header of labels
+    from PIL import Image
+    with Image.open(out / "vis-0000.png") as png:
+        assert png.size == (10 * (64 + 2) - 2, 24 + 8 * (64 + 2) - 2) and png.mode == "RGB"
+        tile = np.asarray(png)[24:24 + 64, :64]  # first image, original: the photo, not a blank tile
+    assert tile.std() > 10
     assert load_checkpoint(out / "checkpoint-last.pth")["step"] == 30 // 8
 
 
