@@ -238,7 +238,8 @@ MAE_MEDICAL = [  # MAE on GastroVision / HyperKvasir (Windows continuations) and
     --weight_decay 0.05 --drop_path 0.2 --reprob 0.25 --mixup 0.8 --cutmix 1.0 \
     --dist_eval --data_path ${IMAGENET_DIR}""",
 ]
-DBOT = [  # dBOT through run.sh, with the number of nodes it names ("on 4 nodes with 8 GPUs each" for ImageNet: NNODES=4)
+# dBOT through run.sh, with the number of nodes each names ("on 4 nodes with 8 GPUs each" for ImageNet: NNODES=4)
+DBOT = [
     (r"""./run.sh dbot_base_finetune \
 imagenet_finetune \
 vit_base_patch16 \
@@ -293,7 +294,8 @@ dbot_base_pre/checkpoint-1600.pth \
 """, 1),
 ]
 
-VIT_ADAPTER_CONVERT = [f"python convert_14to16.py pretrained/dinov2_vit{size}14_pretrain.pth" for size in "sblg"]  # ViT-Adapter
+# ViT-Adapter: its DINOv2 checkpoints (S, B, L, g) from patch 14 to 16
+VIT_ADAPTER_CONVERT = [f"python convert_14to16.py pretrained/dinov2_vit{size}14_pretrain.pth" for size in "sblg"]
 MOCO_V3_CONVERT = r"""python convert_to_deit.py \
   --input [your checkpoint path]/[your checkpoint file].pth.tar \
   --output [target checkpoint file].pth"""

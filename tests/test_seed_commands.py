@@ -20,7 +20,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from seed_commands import DBOT, FREEZEOUT_COMMANDS, MAE_MEDICAL, MOCO_V3, MOCO_V3_CONVERT, VIT_ADAPTER_CONVERT, VITFREEZE
+from seed_commands import (DBOT, FREEZEOUT_COMMANDS, MAE_MEDICAL, MOCO_V3, MOCO_V3_CONVERT, VIT_ADAPTER_CONVERT,
+                           VITFREEZE)
 from test_official_split import hyperkvasir_tree
 
 ROOT = Path(__file__).resolve().parent.parent
