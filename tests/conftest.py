@@ -1,5 +1,6 @@
 """Shared fixtures: one intra-op thread, a small demo dataset for end-to-end runs of the evaluation scripts, and the
 demo pretraining run once per session."""
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """``count`` intra-op threads inside the block, the previous number after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: tiny models run several times faster so on a shared, loaded CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module, its module-scoped fixtures included (``pytest.mark.usefixtures``)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture
@@ -47,11 +64,7 @@ def demo_pretraining(tmp_path_factory) -> tuple[Path, dict]:
     """The demo pretraining recipe, unchanged (configs/pretrain/demo.yaml, seed 0, ~45 s on one thread), run once and
     shared by the tests that compare it with a random backbone. Returns (checkpoint-last.pth, main()'s result)."""
     out = tmp_path_factory.mktemp("demo_pretraining")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        recipe = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "pretrain" / "demo.yaml"
+    with torch_threads(1):
         result = main_pretrain.main(["--config", str(recipe), "--vis_every", "0", "--output_dir", str(out)])
-    finally:
-        torch.set_num_threads(threads)
     return out / "checkpoint-last.pth", result

@@ -461,6 +461,7 @@ def test_main_segment_builds_upernet_on_the_adapter(tmp_path):
         assert model.eval()(torch.randn(1, 3, 64, 64))["seg"].shape[-2:] == (16, 16)
 
 
+@pytest.mark.slow
 def test_short_training_beats_the_untrained_adapter(tmp_path, monkeypatch):
     """Issue 14: the tiny ViT-Adapter Mask R-CNN (demo_adapter.yaml, from scratch), 80 updates on 40 synthetic
     128-px scenes (one class, one object), ends clearly above the untrained model's box and mask AP (0). About 30 s

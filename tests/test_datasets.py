@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +259,8 @@ def test_demo_is_deterministic_across_builds_and_processes() -> None:
     assert res.stdout.strip() == _digest(a)
 
 
-def test_demo_counts_types_and_speed() -> None:
-    start = time.perf_counter()
+def test_demo_counts_and_types() -> None:
     ds = build_pretrain_dataset("demo", None)
-    assert time.perf_counter() - start < 2.0
     assert len(ds) == 512 and len(ds.classes) == 8 and len(set(ds.classes)) == 8
     assert np.bincount(ds.targets).tolist() == [64] * 8
     img, label = ds[100]

@@ -21,13 +21,7 @@ IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" /
 CLASSES = 8  # DemoDataset's default
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py: the module fixtures too
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 import main_finetune
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +35,7 @@ def pretrained_vs_random(tmp: Path, checkpoint: Path, *, finetune_seed: int = 0)
     return top1
 
 
+@pytest.mark.slow
 def test_pretrained_beats_random_init_with_few_labels(demo_pretraining, tmp_path, one_thread):
     checkpoint, _ = demo_pretraining  # configs/pretrain/demo.yaml, seed 0 (tests/conftest.py)
     top1 = pretrained_vs_random(tmp_path, checkpoint)

@@ -11,6 +11,7 @@ import gpu_check  # noqa: E402
 from util.freezeout import FreezeOutSchedule  # noqa: E402
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_part(tmp_path):
     rows = gpu_check.main(["--smoke", "--data", str(tmp_path / "no_imagenette")])  # demo images instead
     by_part = {}

@@ -128,8 +128,14 @@ def test_probe_resumes_to_the_same_heads(small_demo, tmp_path):
     assert full["epoch"] == resumed["epoch"] == 2
     for key in full["model"]:
         assert torch.equal(full["model"][key], resumed["model"][key]), key
+    # the resumed run started after epoch 0 (a run that ignored --resume would train the same heads from epoch 0)
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "log.txt").read_text().splitlines()]
+    assert logged == [1, 2]
+    start = torch.load(tmp_path / "full" / "checkpoint-0.pth", weights_only=True)["model"]
+    assert not torch.equal(start["0.1.weight"], full["model"]["0.1.weight"])  # epochs 1-2 changed the head
 
 
+@pytest.mark.slow
 def test_demo_pretraining_beats_a_random_backbone(demo_pretraining, tmp_path, one_thread):
     """The demo recipes end to end (configs/{pretrain,knn,linprobe}/demo.yaml, ~1 min on one core).
 

@@ -63,7 +63,8 @@ def test_small_models_train_every_parameter(name):
 def test_factory_hyper_parameters(name, dims):
     patch, width, heads, dec_width, dec_heads = dims
     small = dict(img_size=2 * patch, depth=1)
-    model = create_model(name, **small, **({"scales": (1.0,)} if name.startswith("MIM") else {"decoder_depth": 1}))
+    with torch.device("meta"):  # widths and heads only: no weights drawn
+        model = create_model(name, **small, **({"scales": (1.0,)} if name.startswith("MIM") else {"decoder_depth": 1}))
     block = model.decoder[0].blocks[0] if name.startswith("MIM") else model.decoder_blocks[0]
     assert (model.patch_size, model.embed_dim, model.blocks[0].attn.num_heads) == (patch, width, heads)
     assert (block.attn.qkv.in_features, block.attn.num_heads) == (dec_width, dec_heads)
@@ -113,7 +114,8 @@ def test_encoder_state_dict_is_a_timm_vit(name):
 
 
 def test_mae_base_encoder_matches_timm_vit_base_keys():
-    ours = create_model("mae_vit_base_patch16").encoder_state_dict()
-    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    with torch.device("meta"):  # names and shapes only: no ViT-B weights are drawn
+        ours = create_model("mae_vit_base_patch16").encoder_state_dict()
+        vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in vit.state_dict().items()}
-    vit.load_state_dict(ours, strict=True)
+    vit.load_state_dict(ours, strict=True, assign=True)  # strict: every key, every shape
