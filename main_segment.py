@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_reduce_zero_label", action="store_false", dest="reduce_zero_label",
                    help="label 0 is a class (default: ADE20K's 0 = ignore, k -> k - 1)")
     g.add_argument("--num_workers", default=4, type=non_negative_int)
+    g.add_argument("--strict_data", action="store_true", help="an unreadable image or label map is fatal, not skipped")
     g.add_argument("--pin_mem", action="store_true", default=True)
     g.add_argument("--ratio_range", default=[0.5, 2.0], type=positive_float, nargs=2, help="train resize ratios")
     g.add_argument("--cat_max_ratio", default=0.75, type=closed_fraction, help="random crop: largest class share")
@@ -112,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     data_path = demo_data(output_dir, args.input_size, info) if args.data_path == "demo" else args.data_path
     crop, stride = args.input_size, args.slide_stride or max(1, (2 * args.input_size) // 3)
     val_set = ADE20KDataset(data_path, "val", SegEvalTransform(crop), num_classes=args.nb_classes,
-                            reduce_zero_label=args.reduce_zero_label)
+                            reduce_zero_label=args.reduce_zero_label, strict_data=args.strict_data)
     val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size), batch_size=1,
                             collate_fn=collate_eval, num_workers=min(args.num_workers, 2))
     resume = args.resume or (find_latest(output_dir) if args.auto_resume else None)
@@ -126,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return report(evaluate(), output_dir, info.is_main, step=-1)
 
     train_set = ADE20KDataset(data_path, "train", SegTrainTransform(crop, tuple(args.ratio_range), args.cat_max_ratio),
-                              num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed)
+                              num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed,
+                              strict_data=args.strict_data)
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
                                 keyed=False, epoch_indices=True)  # the dataset's own keys, (seed, epoch, index)
