@@ -240,7 +240,7 @@ def test_main_detect_checks_the_val_file_before_training(tmp_path, monkeypatch, 
                           "--input_size", "32", "--output_dir", str(tmp_path / "out")])
 
 
-# ---- ADE20K ------------------------------------------------------------------------------------------------------------
+# ---- ADE20K ---------------------------------------------------------------------------------------------------------
 
 def ade_root(root: Path, n=3, split="training", label_values=(1, 2)) -> Path:
     rng = np.random.default_rng(0)
@@ -334,3 +334,18 @@ def test_a_16_bit_label_beyond_255_is_refused_not_ignored(tmp_path):
     Image.fromarray(wide).save(path)
     expected = torch.from_numpy(wide.astype(np.int64) - 1)  # reduce_zero_label
     assert torch.equal(ds[1][1], expected)
+
+
+@pytest.mark.parametrize("split", ["training", "validation"])
+def test_main_segment_stops_on_an_unreadable_label_map_before_training_with_strict_data(tmp_path, monkeypatch,
+                                                                                         split):
+    import main_segment
+    monkeypatch.setattr(main_segment, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    root = ade_root(tmp_path / "ade")
+    ade_root(tmp_path / "ade", split="validation")
+    bad = root / "annotations" / split / "1.png"
+    bad.write_bytes(b"")
+    with pytest.raises(CorruptImageError) as info:
+        main_segment.main(["--config", "configs/segment/demo.yaml", "--data_path", str(root), "--strict_data",
+                           "--nb_classes", "4", "--batch_size", "2", "--output_dir", str(tmp_path / "out")])
+    assert "\n" not in str(info.value) and str(bad) in str(info.value)
