@@ -88,6 +88,7 @@ def test_a_polygon_coordinate_that_would_take_gigabytes_is_refused_at_build(tmp_
     (_set_ann(iscrowd=1, segmentation={"size": [SIZE, SIZE], "counts": [10, 5]}),
      "annotation 2 of image 2 (002.png): RLE counts cover 15 pixels, not the 32x32 = 1024"),
     (_set_ann(id=1), "annotation ids are not unique"),
+    (_set_ann(image_id=[2]), "annotation 2 needs integer 'id', 'image_id' and 'category_id', got 2, [2], 1"),
     (lambda gt, f: {**gt, "images": gt["images"] + gt["images"][:1]}, "image 1 is listed twice"),
     (lambda gt, f: {**gt, "images": [{**gt["images"][0], "width": 0}] + gt["images"][1:]},
      "image 1 (001.png): width and height must be positive integers, got 0 x 32"),

@@ -114,7 +114,7 @@ class CocoInstances(Dataset):
     def _check_and_index(self, train: bool) -> None:
         where = str(self.ann_file)
         images, cats = check_layout(self.gt, where)
-        names = {c["id"]: c["name"] for c in self.gt["categories"]}
+        names = {c["id"]: str(c.get("name", c["id"])) for c in self.gt["categories"]}
         self.category_ids, self.classes = cats, [names[c] for c in cats]
         on_disk = {p.name for p in self.folder.iterdir()}
         missing = sorted(img["file_name"] for img in images.values() if Path(img["file_name"]).name not in on_disk)
@@ -289,7 +289,13 @@ def check_layout(gt: Any, where: str) -> tuple[dict[int, dict], list[int]]:
         raise ValueError(f"{where}: category ids must be distinct integers, got {cats}")
     if not images or not cats:
         raise ValueError(f"{where}: no images or no categories")
-    seen = Counter(a.get("id") for a in gt["annotations"])
+    odd = next((a for a in gt["annotations"] if not isinstance(a.get("id"), int)
+                or not isinstance(a.get("image_id"), int) or not isinstance(a.get("category_id"), int)), None)
+    if odd is not None:
+        raise ValueError(f"{where}: annotation {odd.get('id')!r:.40} needs integer 'id', 'image_id' and "
+                         f"'category_id', got {odd.get('id')!r:.20}, {odd.get('image_id')!r:.20}, "
+                         f"{odd.get('category_id')!r:.20}")
+    seen = Counter(a["id"] for a in gt["annotations"])
     twice = [i for i, n in seen.items() if n > 1]
     if twice:
         raise ValueError(f"{where}: annotation ids are not unique ({len(twice)} repeated, e.g. {twice[:3]})")
