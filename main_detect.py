@@ -71,9 +71,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     seed_everything(args.seed + info.rank)
     output_dir, device, amp_dtype = Path(args.output_dir), info.device, resolve_amp(args.amp, info.device)
     root = prepare_data(args, info)
-    train_set = CocoInstances(root, "train", train=True, transform=partial(
+    train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=partial(
         large_scale_jitter, size=args.input_size, scale_range=args.scale_range))
-    val_set = CocoInstances(root, "val")
+    val_set = CocoInstances(root, "val", strict_data=args.strict_data)  # validated here, before any training
     if train_set.category_ids != val_set.category_ids:
         raise ValueError(f"train and val categories differ: {train_set.category_ids} vs {val_set.category_ids}")
     resume = args.resume or (find_latest(output_dir) if args.auto_resume else None)

@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     data_path = demo_data(output_dir, args.input_size, info) if args.data_path == "demo" else args.data_path
     crop, stride = args.input_size, args.slide_stride or max(1, (2 * args.input_size) // 3)
     val_set = ADE20KDataset(data_path, "val", SegEvalTransform(crop), num_classes=args.nb_classes,
-                            reduce_zero_label=args.reduce_zero_label)
+                            reduce_zero_label=args.reduce_zero_label, strict_data=args.strict_data)
     val_loader = DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size), batch_size=1,
                             collate_fn=collate_eval, num_workers=min(args.num_workers, 2))
     resume = args.resume or (find_latest(output_dir) if args.auto_resume else None)
@@ -91,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return report(evaluate(), output_dir, info.is_main, step=-1)
 
     train_set = ADE20KDataset(data_path, "train", SegTrainTransform(crop, tuple(args.ratio_range), args.cat_max_ratio),
-                              num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed)
+                              num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed,
+                              strict_data=args.strict_data)
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
                                 keyed=False, epoch_indices=True)  # the dataset's own keys, (seed, epoch, index)

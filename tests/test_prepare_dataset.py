@@ -82,3 +82,52 @@ def test_two_workers_write_the_same_files(tmp_path):
     prepare(src, tmp_path / "one", max_long=120, workers=1, progress=False)
     prepare(src, tmp_path / "two", max_long=120, workers=2, progress=False)
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
+
+
+def test_a_symlinked_class_folder_is_copied_as_training_reads_it(tmp_path):
+    from torchvision.datasets.folder import make_dataset
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere" / "cls_b"
+    tree(src)
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (50, 40), (9, 9, 9)).save(elsewhere / "linked.jpg")
+    (src / "c").symlink_to(elsewhere, target_is_directory=True)
+    # the class folder training's reader (torchvision make_dataset, os.walk followlinks=True) sees
+    assert [Path(p).name for p, _ in make_dataset(str(src), {"c": 0}, extensions=(".jpg",))] == ["linked.jpg"]
+    (src / "c" / "loop").symlink_to(src, target_is_directory=True)  # a link back up the tree is not a loop
+    counts = prepare(src, tmp_path / "dst", max_short=100, progress=False)
+    assert counts == {"written": 3, "copied": 2, "skipped": 0, "unreadable": 1}
+    assert Image.open(tmp_path / "dst" / "c" / "linked.jpg").size == (50, 40)
+    assert sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*.*")) == [
+        "a/big.JPEG", "a/small.jpg", "b/alpha.png.jpg", "b/cmyk.jpg", "c/linked.jpg"]
+
+
+def test_two_sources_that_would_share_an_output_are_refused_before_writing(tmp_path, capsys):
+    src = tmp_path / "src"
+    tree(src)
+    Image.new("RGB", (20, 20)).save(src / "b" / "alpha.png.jpg")  # alpha.png also becomes b/alpha.png.jpg
+    with pytest.raises(SystemExit) as info:
+        main(["--src", str(src), "--dst", str(tmp_path / "dst"), "--max_short", "100", "--no_progress"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "alpha.png and " in err and "alpha.png.jpg would both be written to" in err
+    assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--dst", "{src}/inside", "--max_short", "100"], "must lie outside --src"),
+    (["--src", "{tmp}/missing", "--max_short", "100"], "is not a folder"),
+    (["--max_short", "-5"], "--max_short / --max_long must be a positive number of pixels, got -5"),
+    (["--max_long", "0"], "must be a positive number of pixels, got 0"),
+    (["--max_short", "100", "--quality", "999"], "--quality must be a JPEG quality in 1..100"),
+    (["--max_short", "100", "--quality", "0"], "--quality must be a JPEG quality in 1..100"),
+])
+def test_bad_options_are_one_line_errors(tmp_path, capsys, args, needle):
+    src = tmp_path / "src"
+    tree(src)
+    argv = ["--src", str(src), "--dst", str(tmp_path / "dst"), "--no_progress"]
+    argv += [a.format(src=src, tmp=tmp_path) for a in args]  # later --src / --dst win (argparse)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "dst").exists() and not (src / "inside").exists()

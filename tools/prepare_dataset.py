@@ -2,8 +2,10 @@
 pipelines do before training: decode cost grows with the stored pixels, and ImageNet keeps photos of up to
 several megapixels for 224-pixel crops.
 
-- Every image under ``--src`` goes to the same relative path under ``--dst`` (non-JPEG names get ``.jpg``
-  appended), as RGB JPEG at ``--quality``, its shorter side capped at ``--max_short`` (or its longer side at
+- Every image under ``--src`` (symlinked folders followed, as torchvision's ``make_dataset`` that reads the
+  result follows them) goes to the same relative path under ``--dst`` (non-JPEG names get ``.jpg`` appended; two
+  sources that would share an output, ``a.png`` and ``a.png.jpg``, are refused before anything is written), as
+  RGB JPEG at ``--quality``, its shorter side capped at ``--max_short`` (or its longer side at
   ``--max_long``), aspect ratio kept, never enlarged. A JPEG already within the cap is copied byte for byte (no
   second generation of compression loss). Decoding uses libjpeg's DCT scaling where it shrinks 2x or more
   (``PIL.Image.draft``) and Pillow's antialiased resize for the rest.
@@ -82,21 +84,51 @@ def _job(args: tuple) -> tuple[str, str]:
 
 
 def list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    """Image files under ``root``, through symlinked folders too (``os.walk(followlinks=True)``, as torchvision's
+    ``make_dataset``), each real folder visited once (a link back up the tree is not a loop)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMG_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
+
+
+def check_outputs(jobs: list[tuple]) -> None:
+    """Two sources may not map to one output (``a.png`` -> ``a.png.jpg`` beside a JPEG named ``a.png.jpg``)."""
+    first: dict[Path, Path] = {}
+    for path, out, _ in jobs:
+        if out in first:
+            raise ValueError(f"{first[out]} and {path} would both be written to {out}: rename one of them")
+        first[out] = path
+
+
+def check_options(*, max_short: int | None, max_long: int | None, quality: int) -> None:
+    if (max_short is None) == (max_long is None):
+        raise ValueError("give exactly one of --max_short and --max_long")
+    cap = max_short if max_short is not None else max_long
+    if cap < 1:
+        raise ValueError(f"--max_short / --max_long must be a positive number of pixels, got {cap}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"--quality must be a JPEG quality in 1..100 (PIL advises at most 95), got {quality}")
 
 
 def prepare(src: str | Path, dst: str | Path, *, max_short: int | None = None, max_long: int | None = None,
             quality: int = 90, workers: int = 1, progress: bool = True) -> dict[str, int]:
     """Copy ``src`` to ``dst`` resized (see the module docstring); returns counts per outcome."""
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    if (max_short is None) == (max_long is None):
-        raise ValueError("give exactly one of --max_short and --max_long")
+    check_options(max_short=max_short, max_long=max_long, quality=quality)
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a folder")
     if src == dst or src in dst.parents or dst in src.parents:
         raise ValueError(f"--dst {dst} must lie outside --src {src} (and not contain it): the source is read only")
     kwargs = {"max_short": max_short, "max_long": max_long, "quality": quality}
     jobs = [(p, output_path(src, dst, p), kwargs) for p in list_images(src)]
+    check_outputs(jobs)
     counts = {"written": 0, "copied": 0, "skipped": 0, "unreadable": 0}
     try:
         from tqdm import tqdm
@@ -133,8 +165,11 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
-    counts = prepare(args.src, args.dst, max_short=args.max_short, max_long=args.max_long, quality=args.quality,
-                     workers=args.workers, progress=not args.no_progress)
+    try:
+        counts = prepare(args.src, args.dst, max_short=args.max_short, max_long=args.max_long, quality=args.quality,
+                         workers=args.workers, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:  # a bad option or tree: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(json.dumps({"tool": "prepare_dataset", "src": args.src, "dst": args.dst, **counts}))
     return counts
 

@@ -115,6 +115,11 @@ def add_mim_args(parser: argparse.ArgumentParser) -> None:
                        help="LocalMIM target (default: hog for MIM_* models, pixel for mae_*)")
 
 
+def add_strict_data_arg(group: Container) -> None:
+    group.add_argument("--strict_data", action="store_true",
+                       help="an unreadable image (or label map) is fatal instead of skipped with a warning")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Unlabelled images for pretraining."""
     group = parser.add_argument_group("data")
@@ -122,7 +127,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                       help="ImageFolder root (uses <root>/train if present), a flat image folder, or 'demo' "
                            "(synthetic shapes); required")
     add_loader_args(group, num_workers=4)
-    group.add_argument("--strict_data", action="store_true", help="a corrupt image is fatal instead of skipped")
+    add_strict_data_arg(group)
     group.add_argument("--debug", action="store_true", help="small data subset for a quick end-to-end check")
 
 

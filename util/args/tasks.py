@@ -7,7 +7,8 @@ import argparse
 from typing import Sequence
 
 from util.args.groups import (Container, add_amp_arg, add_batch_size_arg, add_data_path_arg, add_eval_only_arg,
-                              add_loader_args, add_nb_classes_arg, add_pretrained_args, add_tuning_args)
+                              add_loader_args, add_nb_classes_arg, add_pretrained_args, add_strict_data_arg,
+                              add_tuning_args)
 from util.args.types import closed_fraction, non_negative_float, non_negative_int, positive_float, positive_int
 
 
@@ -147,6 +148,7 @@ def add_segmentation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no_reduce_zero_label", action="store_false", dest="reduce_zero_label",
                    help="label 0 is a class (default: ADE20K's 0 = ignore, k -> k - 1)")
     add_loader_args(g, num_workers=4)
+    add_strict_data_arg(g)
     g.add_argument("--ratio_range", default=[0.5, 2.0], type=positive_float, nargs=2, help="train resize ratios")
     g.add_argument("--cat_max_ratio", default=0.75, type=closed_fraction, help="random crop: largest class share")
     g.add_argument("--slide_stride", default=None, type=positive_int,
@@ -211,3 +213,4 @@ def add_detection_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--scene_images", default=[64, 16], type=positive_int, nargs=2,
                       help="train / val images of the synthetic scenes (their side is --input_size)")
     add_loader_args(data, num_workers=4)
+    add_strict_data_arg(data)

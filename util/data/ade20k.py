@@ -18,6 +18,7 @@ are computed there, as mmseg does); the sliding window is ``engine/segment.py``'
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from util.data.folder import load_rgb
+from util.data.folder import _DECODE_ERRORS, CorruptImageError, load_rgb
+
+logger = logging.getLogger("vitfreeze")
 
 __all__ = ["IGNORE_INDEX", "ADE20KDataset", "SegTrainTransform", "SegEvalTransform", "rescale_size",
            "random_crop_box", "photometric_distortion", "collate_eval"]
@@ -38,6 +41,7 @@ IGNORE_INDEX = 255
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1) * 255.0
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) * 255.0
 _SPLITS = {"train": "training", "val": "validation", "training": "training", "validation": "validation"}
+_LABEL_MODES = ("L", "P", "I", "I;16")
 
 
 def rescale_size(w: int, h: int, scale: tuple[float, float]) -> tuple[int, int]:
@@ -148,18 +152,27 @@ class ADE20KDataset(Dataset):
         num_classes: K; a label (after ``reduce_zero_label``) outside [0, K) that is not 255 raises ValueError
             naming the file.
         reduce_zero_label: ADE20K's 0 -> 255, k -> k - 1.
+        strict_data: an unreadable image or label map is a ``CorruptImageError`` instead of a skip with a warning.
         seed: augmentation draws come from ``numpy.random.default_rng([seed, epoch, index])``, so a run is
             reproducible whatever the number of workers. The epoch is ``set_epoch``'s, or comes with the index
             (``dataset[(epoch, index)]``, what ``build_train_loader(..., epoch_indices=True)`` hands persistent
             workers, whose copy of the dataset never sees ``set_epoch``).
 
+    Every pair's headers are read when the dataset is built (cheap): a pair whose image or label map cannot be
+    opened is left out with a counted warning (as the classification folders skip unreadable images), or is a
+    ``CorruptImageError`` with ``strict_data``. A file that opens but cannot be decoded is met when the item is
+    read: training then uses the next pair (with a warning), evaluation (which must see every image) stops with a
+    ``CorruptImageError``.
+
     Raises:
         FileNotFoundError: a folder is missing or empty.
-        ValueError: images and annotations do not pair up one to one (names listed).
+        ValueError: images and annotations do not pair up one to one (names listed); an image or label map of
+            more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``), checked before
+            decoding; a label map that is not single-channel or not the size of its image.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Any = None, *, num_classes: int,
-                 reduce_zero_label: bool = True, seed: int = 0) -> None:
+                 reduce_zero_label: bool = True, seed: int = 0, strict_data: bool = False) -> None:
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         root = Path(root)
@@ -177,9 +190,49 @@ class ADE20KDataset(Dataset):
             raise ValueError(f"{root} ({split}): images and annotations do not match: "
                              f"{len(no_label)} images without a label map {no_label[:5]}, "
                              f"{len(no_image)} label maps without an image {no_image[:5]}")
-        self.samples = [(str(images[k]), str(labels[k])) for k in sorted(images)]
         self.transform, self.num_classes, self.reduce_zero_label = transform, num_classes, reduce_zero_label
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.strict, self.train = seed, 0, strict_data, _SPLITS[split] == "training"
+        self.num_skipped, self.bad_paths = 0, set()
+        pairs = [(str(images[k]), str(labels[k])) for k in sorted(images)]
+        self.samples = [pair for pair in pairs if self._check_headers(*pair)]
+        if len(self.samples) < len(pairs):
+            logger.warning("%s (%s): %d of %d image / label pairs cannot be read and are left out (%s)", root, split,
+                           len(pairs) - len(self.samples), len(pairs), ", ".join(sorted(self.bad_paths)[:3]))
+        if not self.samples:
+            raise ValueError(f"{root} ({split}): no readable image / label pair")
+
+    def _check_headers(self, image: str, label: str) -> bool:
+        """Whether both files of a pair open; refuses (ValueError) what no decode should be tried on."""
+        sizes = []
+        for path in (image, label):
+            try:
+                with Image.open(path) as im:
+                    size, mode = im.size, im.mode
+            except Image.DecompressionBombError as err:
+                raise ValueError(f"{path}: {err} (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}): refused "
+                                 "before decoding") from None
+            except _DECODE_ERRORS as err:
+                self._unreadable(path, err)
+                return False
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and size[0] * size[1] > limit:
+                raise ValueError(f"{path} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than the {limit} "
+                                 "of PIL's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS): refused before "
+                                 "decoding")
+            sizes.append(size)
+        if mode not in _LABEL_MODES:
+            raise ValueError(f"{label}: label map must be a single-channel PNG of class ids, got mode {mode}")
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"{image} is {sizes[0][0]}x{sizes[0][1]} but its label map {label} is "
+                             f"{sizes[1][0]}x{sizes[1][1]}")
+        return True
+
+    def _unreadable(self, path: str, err: BaseException) -> None:
+        if self.strict:
+            raise CorruptImageError(f"cannot read {path}: {err!r}; replace or remove the file (and its image or "
+                                    "label map), or run without --strict_data to skip unreadable pairs with a "
+                                    "warning") from None
+        self.bad_paths.add(path)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -191,9 +244,17 @@ class ADE20KDataset(Dataset):
         """The label map of sample ``index`` as uint8 [H, W] after ``reduce_zero_label`` and the class-id check."""
         path = self.samples[index][1]
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"{path}: label map must be a single-channel PNG of class ids, got mode {im.mode}")
-            label = np.array(im).astype(np.int64)
+            mode, raw = im.mode, np.array(im)
+        return self._class_ids(path, mode, raw)
+
+    def _class_ids(self, path: str, mode: str, raw: np.ndarray) -> np.ndarray:
+        if mode not in _LABEL_MODES:
+            raise ValueError(f"{path}: label map must be a single-channel PNG of class ids, got mode {mode}")
+        label = raw.astype(np.int64)
+        wide = np.unique(label[(label < 0) | (label > 255)])
+        if wide.size:  # a 16-bit map: 256 would become 255 (ignore) under reduce_zero_label
+            raise ValueError(f"{path}: class ids {wide[:10].tolist()} are outside [0, {self.num_classes}) "
+                             f"(nb_classes {self.num_classes}; 255 = ignore): label maps hold 8-bit class ids")
         if self.reduce_zero_label:
             label = np.where(label == 0, 256, label) - 1  # 0 -> 255, k -> k - 1, 255 -> 254 -> 255 below
             label[label == 254] = IGNORE_INDEX
@@ -204,10 +265,35 @@ class ADE20KDataset(Dataset):
                              f"(nb_classes {self.num_classes}{note}; 255 = ignore)")
         return label.astype(np.uint8)
 
+    def _load(self, index: int) -> tuple[int, Image.Image, np.ndarray]:
+        """The first decodable pair from ``index`` on (training; evaluation reads exactly ``index``)."""
+        tries = min(16, len(self.samples)) if self.train else 1
+        for attempt in range(tries):
+            i = (index + attempt) % len(self.samples)
+            if any(p in self.bad_paths for p in self.samples[i]):
+                continue
+            image_path, label_path = self.samples[i]
+            path = image_path
+            try:
+                img = load_rgb(image_path)
+                path = label_path
+                with Image.open(label_path) as im:
+                    mode, raw = im.mode, np.array(im)
+            except _DECODE_ERRORS as err:
+                self._unreadable(path, err)
+                if not self.train:
+                    raise CorruptImageError(f"cannot read {path}: {err!r}; evaluation reads every pair: replace "
+                                            "the file or remove the pair") from None
+                logger.warning("skipping unreadable %s (%r); using the next pair instead", path, err)
+                continue
+            self.num_skipped += attempt
+            return i, img, self._class_ids(label_path, mode, raw)
+        raise CorruptImageError(f"no readable image / label pair in {tries} consecutive samples from index {index}: "
+                                f"{sorted(self.bad_paths)[:5]}")
+
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
-        img = load_rgb(self.samples[index][0])
-        label = self.load_label(index)
+        index, img, label = self._load(index)
         if (img.height, img.width) != label.shape:
             raise ValueError(f"{self.samples[index][0]} is {img.width}x{img.height} but its label map is "
                              f"{label.shape[1]}x{label.shape[0]}")
