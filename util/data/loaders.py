@@ -15,9 +15,10 @@
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.data.decode import DeviceInput, collate
 
-__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "ResumableSampler", "build_train_loader", "set_loader_epoch"]
+__all__ = ["epoch_seed", "sample_key", "keyed_rng", "KeyedSamples", "ResumableSampler", "build_train_loader",
+           "set_loader_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -74,19 +76,27 @@ class KeyedSamples(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # (epoch, index): _EpochSampler
         key = sample_key(self.seed, epoch, index)
-        # The CPU generator alone (torch.manual_seed also seeds every accelerator: ~90 us an item, this ~1 us).
-        generator = torch.default_generator
-        torch_state, python_state, numpy_state = generator.get_state(), random.getstate(), np.random.get_state()
-        generator.manual_seed(key)
-        random.seed(key)
-        np.random.seed([key & 0xFFFFFFFF, key >> 32])  # legacy RandomState: 32-bit words
-        try:
+        with keyed_rng(key):
             item = self.dataset[index]
-        finally:
-            generator.set_state(torch_state)
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
         return item[0], item[1], key
+
+
+@contextlib.contextmanager
+def keyed_rng(key: int) -> Iterator[None]:
+    """The global generators a transform draws from, seeded with a sample's ``key`` inside the block and restored
+    after it: the CPU torch generator, Python's ``random`` and NumPy's legacy global ``RandomState``."""
+    # The CPU generator alone (torch.manual_seed also seeds every accelerator: ~90 us an item, this ~1 us).
+    generator = torch.default_generator
+    torch_state, python_state, numpy_state = generator.get_state(), random.getstate(), np.random.get_state()
+    generator.manual_seed(key)
+    random.seed(key)
+    np.random.seed([key & 0xFFFFFFFF, key >> 32])  # legacy RandomState: 32-bit words
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class ResumableSampler(DistributedSampler):
