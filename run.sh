@@ -58,11 +58,29 @@ JOB=$1; TASKS=$2; MODEL=$3; NGPUS=$4; shift 4
 if ! [[ $NGPUS =~ ^[0-9]+$ ]]; then echo "error: NGPUS must be a number >= 0, got '$NGPUS'" >&2; exit 2; fi
 NNODES=${NNODES:-1}
 if ! [[ $NNODES =~ ^[1-9][0-9]*$ ]]; then echo "error: NNODES must be a number >= 1, got '$NNODES'" >&2; exit 2; fi
+# Bounded before the arithmetic too: 20 digits wrap around in bash's 64-bit integers.
+MAX_NGPUS=64; MAX_NNODES=1024
+digits=${NGPUS#"${NGPUS%%[!0]*}"}  # without leading zeros
+if [[ ${#digits} -gt 4 ]] || (( 10#${digits:-0} > MAX_NGPUS )); then
+    echo "error: NGPUS must be 0..$MAX_NGPUS (processes per node), got '$NGPUS'" >&2; exit 2
+fi
+digits=${NNODES#"${NNODES%%[!0]*}"}
+if [[ ${#digits} -gt 4 ]] || (( 10#$digits > MAX_NNODES )); then
+    echo "error: NNODES must be 1..$MAX_NNODES, got '$NNODES'" >&2; exit 2
+fi
 NGPUS=$((10#$NGPUS)); NNODES=$((10#$NNODES))
-if [[ -z $JOB || $JOB == *..* || $JOB == */* || $JOB == -* ]]; then
-    echo "error: JOB_NAME must be a plain folder name under output/ (no '/', '..' or leading '-'), got '$JOB'" >&2
+if [[ -z $JOB || $JOB == *..* || $JOB == */* || $JOB == -* || $JOB == [[:space:]]* || $JOB == *[[:cntrl:]]* ]]; then
+    printf -v shown '%q' "$JOB"
+    echo "error: JOB_NAME must be a plain folder name under output/ (no '/', '..', leading '-' or space, or control" \
+         "characters), got $shown" >&2
     exit 2
 fi
+for arg in "$TASKS" "$MODEL" "$@"; do  # a newline would cut a value short (lr_config.step=$'8\n11' -> 8)
+    if [[ $arg == *[[:cntrl:]]* ]]; then
+        printf -v shown '%q' "$arg"
+        echo "error: argument $shown holds a newline or another control character; pass plain text" >&2; exit 2
+    fi
+done
 CKPT=""
 if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then CKPT=$1; shift; fi
 mm_override() {  # KEY VALUE of an mm-style override (the seeds' OpenMMLab configs) -> our flags in MAPPED
@@ -97,6 +115,17 @@ LAUNCHER=""  # --launcher slurm|local among the extras
 for i in "${!EXTRA[@]}"; do
     case ${EXTRA[i]} in --launcher) LAUNCHER=${EXTRA[i+1]:-};; --launcher=*) LAUNCHER=${EXTRA[i]#*=};; esac
 done
+
+if [[ $NGPUS -gt 0 && $NNODES -eq 1 && -z $LAUNCHER ]] && command -v nvidia-smi >/dev/null; then  # torchrun here
+    visible=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then  # the processes see only these
+        IFS=',' read -ra listed <<< "$CUDA_VISIBLE_DEVICES"; (( ${#listed[@]} < visible )) && visible=${#listed[@]}
+    fi
+    if [[ $visible -gt 0 && $NGPUS -gt $visible ]]; then
+        echo "error: NGPUS=$NGPUS but this node has $visible visible GPU(s) (nvidia-smi -L, CUDA_VISIBLE_DEVICES);" \
+             "pass at most $visible, or 0 for the CPU" >&2; exit 2
+    fi
+fi
 
 IFS='+' read -ra TASK_LIST <<< "$TASKS"
 for task in "${TASK_LIST[@]}"; do  # check every task before starting any

@@ -20,10 +20,17 @@ Three ways to turn an image file into a normalized training crop (``--decode``):
 Corrupt files keep ``util.data.folder.ImageFileDataset``'s behaviour (error naming the file with
 ``--strict_data``, else a warning and the next readable sample): the worker-side reads go through its retry loop;
 a JPEG that only the device decoder finds broken is decoded by PIL in the main process and, if that fails too,
-raises ``CorruptImageError`` naming the file or (not strict) is replaced by another image of the same batch.
+raises ``CorruptImageError`` naming the file or (not strict) is replaced by the sample the other paths take in its
+place: the next readable file, planned under the sample's key (``DeviceInput``; another image of the same batch
+only where the files are not an ``ImageFileDataset``'s). A file found unreadable gives back the random draws of
+its plan, so the replacing file gets the crop it gets on the ``pil`` path. 16-bit greyscale is scaled by 1/257
+on every path (``util.data.folder.load_rgb``).
 
-Tolerance against the ``pil`` path (tests/test_decode.py), in uint8 levels of the crop before normalization: the
-same box and flip on every path. At full scale the pixels differ only by the resize kernel's arithmetic (torch's
+Tolerance against the ``pil`` path (tests/test_decode.py, tests/test_decode_hostile.py), in uint8 levels of the
+crop before normalization: the same box and flip on every path. On a hostile set (16-bit and bilevel PNGs, CMYK,
+greyscale, EXIF-rotated and progressive JPEGs, a truncated and a corrupt JPEG replaced by the next file) at most
+1 level on the ``cpu`` and the per-image ``device`` path (the device resize rounds between its horizontal and
+vertical pass, as Pillow does). At full scale the pixels differ only by the resize kernel's arithmetic (torch's
 antialiased bicubic vs Pillow's fixed-point one): mean below 0.5 levels, at most 4 on downscaled photo crops
 (up to 7 on upscaled crops and palette images' hard edges). The device path's batched resize on CUDA
 (``roi_align``, an area filter, see ``_cut_batched``) differs more: mean below 2 levels, sharper edges up to ~30.
@@ -36,7 +43,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +53,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from util.data.folder import CorruptImageError, ImageFileDataset, _DECODE_ERRORS
+from util.data.folder import CorruptImageError, ImageFileDataset, _DECODE_ERRORS, _wide_grey_to_rgb
 from util.data.transforms import MEAN, STD
 
 logger = logging.getLogger("vitfreeze")
@@ -149,8 +156,11 @@ def _pil_to_uint8(img: Image.Image) -> torch.Tensor:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB as ``util.data.folder.load_rgb`` makes it (16-bit greyscale scaled by 1/257, not clipped at 255)."""
     if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # as util.data.folder.load_rgb
+        img = img.convert("RGBA")
+    if img.mode.startswith("I"):
+        return _wide_grey_to_rgb(img)
     return img.convert("RGB")
 
 
@@ -224,7 +234,18 @@ class FastInput:
         return Planned(_pil_to_uint8(_to_rgb(img)), plan)
 
     def load(self, path: str) -> torch.Tensor | Planned:
-        """Read one file; decode errors propagate as PIL raises them (``ImageFileDataset`` reports them)."""
+        """Read one file; decode errors propagate as PIL raises them (``ImageFileDataset`` reports them). The plan
+        is drawn before decoding; an unreadable file gives its draws back (the generator is restored), so the
+        sample that replaces it draws the crop it draws on the ``pil`` path, where nothing is drawn before the
+        image has decoded."""
+        state = torch.default_generator.get_state()
+        try:
+            return self._load(path)
+        except _DECODE_ERRORS:
+            torch.default_generator.set_state(state)
+            raise
+
+    def _load(self, path: str) -> torch.Tensor | Planned:
         with open(path, "rb") as f:
             data = f.read()
         img = Image.open(io.BytesIO(data))  # header only
@@ -271,11 +292,18 @@ def _decode_one(data: torch.Tensor, path: str, device: torch.device, strict: boo
 
 
 def _cut(img: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """uint8 [3, H, W] on the device -> float [3, size, size] with values rounded to 0..255 like PIL's output."""
+    """uint8 [3, H, W] on the device -> float [3, size, size] with values rounded to 0..255 like PIL's output.
+
+    Pillow resizes in two passes, horizontal then vertical (``ImagingResample``), and rounds and clips to uint8
+    between them (torch's uint8 CPU kernel does the same); at hard edges (bilevel images) the bicubic overshoot
+    clipped after the first pass changes the second pass by up to ~20 levels, so the float resize here follows
+    the same two passes."""
     x0, y0, x1, y1 = plan.box
     region = img[:, y0:y1, x0:x1].unsqueeze(0).float()
-    if region.shape[-2:] != plan.out:
-        region = F.interpolate(region, size=plan.out, mode="bicubic", antialias=True, align_corners=False)
+    for size in ((region.shape[-2], plan.out[1]), plan.out):  # width, then height
+        if region.shape[-2:] != size:
+            region = F.interpolate(region, size=size, mode="bicubic", antialias=True, align_corners=False)
+            region = region.round_().clamp_(0, 255)
     top, left = plan.offset
     region = region[0, :, top:top + plan.size, left:left + plan.size]
     if plan.flip:
@@ -318,14 +346,16 @@ def _cut_batched(images: list[torch.Tensor], plans: list[Plan]) -> torch.Tensor:
     return torch.where(flip, out.flip(-1), out).round_().clamp_(0, 255)
 
 
-def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = False,
-                 resize: str = "auto") -> torch.Tensor:
+def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = False, resize: str = "auto",
+                 replace: Callable[[int, str], Planned | None] | None = None) -> torch.Tensor:
     """Decode, crop, resize, flip and normalize a ``PlannedBatch`` on ``device``; float32 [B, 3, size, size].
 
     JPEG bytes are decoded together (``decode_jpeg`` on a list: one nvJPEG batch on CUDA); if the batch call
     fails, each file is retried alone, then with PIL on the host (see ``_decode_one``). ``resize``:
     ``'per_image'`` (antialiased bicubic, closest to the PIL path), ``'batched'`` (``roi_align``, a few kernels a
-    batch) or ``'auto'`` (batched on CUDA, per image elsewhere).
+    batch) or ``'auto'`` (batched on CUDA, per image elsewhere). An item no decoder reads is replaced by
+    ``replace(position, path)`` (the sample the other paths take in its place, see ``DeviceInput``), decoded in
+    turn, or, where ``replace`` is None or returns None, by another image of the batch.
     """
     images: list[torch.Tensor | None] = [None] * len(batch)
     encoded = [i for i, d in enumerate(batch.data) if d.ndim == 1]
@@ -340,6 +370,18 @@ def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = Fa
         if d.ndim == 3:
             images[i] = d.to(device, non_blocking=True)
     plans = [Plan.from_tensor(row) for row in batch.plans]
+    for i in [i for i, img in enumerate(images) if img is None] if replace is not None else []:
+        path = batch.paths[i]
+        for _ in range(16):  # ImageFileDataset's max_tries
+            item = replace(i, path)
+            if item is None:
+                break
+            images[i] = (item.data.to(device) if item.data.ndim == 3
+                         else _decode_one(item.data, item.path, device, strict))
+            if images[i] is not None:
+                plans[i] = item.plan
+                break
+            path = item.path
     good = [i for i, img in enumerate(images) if img is not None]
     if not good:
         raise CorruptImageError(f"no readable image in the batch: {batch.paths}")
@@ -349,12 +391,13 @@ def decode_batch(batch: PlannedBatch, device: torch.device, *, strict: bool = Fa
     return _normalize(torch.stack([_cut(img, plan) for img, plan in zip(images, plans)]))
 
 
-def to_model_input(images: Any, device: torch.device, *, strict: bool = False, resize: str = "auto") -> torch.Tensor:
+def to_model_input(images: Any, device: torch.device, *, strict: bool = False, resize: str = "auto",
+                   replace: Callable[[int, str], Planned | None] | None = None) -> torch.Tensor:
     """A loader's image batch -> normalized float32 on ``device``: a ``PlannedBatch`` is decoded there (``resize``
     as in ``decode_batch``), a uint8 batch (``cpu`` path) is copied as uint8 and normalized there, a float batch
     (``pil`` path) is copied."""
     if isinstance(images, PlannedBatch):
-        return decode_batch(images, device, strict=strict, resize=resize)
+        return decode_batch(images, device, strict=strict, resize=resize, replace=replace)
     images = images.to(device, non_blocking=True)
     return normalize_uint8(images) if images.dtype == torch.uint8 else images
 
@@ -381,7 +424,44 @@ class DeviceInput:
         return len(self.loader)
 
     def _convert(self, batch: Any) -> Any:
-        return (to_model_input(batch[0], self.device, strict=self.strict, resize=self.resize), *batch[1:])
+        labels: dict[int, int] = {}
+
+        def replace(position: int, path: str) -> Planned | None:
+            found = self._next_readable(path, int(batch[2][position])) if len(batch) > 2 else None
+            if found is None:
+                return None
+            labels[position] = found[1]
+            return found[0]
+
+        images = to_model_input(batch[0], self.device, strict=self.strict, resize=self.resize, replace=replace)
+        if not labels:
+            return (images, *batch[1:])
+        targets = batch[1].clone()
+        for position, label in labels.items():
+            targets[position] = label
+        return (images, targets, *batch[2:])
+
+    def _next_readable(self, path: str, key: int) -> tuple[Planned, int] | None:
+        """What the worker would have loaded had it found ``path`` unreadable: the files after it, in the dataset's
+        order, the first readable one planned under the sample's ``key`` (``util.data.loaders.keyed_rng``), so
+        that it gets the crop and flip the ``pil`` and ``cpu`` paths give it. None where the files are not an
+        ``ImageFileDataset``'s."""
+        from util.data.loaders import keyed_rng
+
+        base = self.loader.dataset
+        while not isinstance(base, ImageFileDataset) and isinstance(getattr(base, "dataset", None), Dataset):
+            base = base.dataset
+        if not isinstance(base, ImageFileDataset):
+            return None
+        index = next((i for i, (p, _) in enumerate(base.samples) if p == path), None)
+        if index is None:
+            return None
+        base.bad_paths.add(path)
+        logger.warning("skipping unreadable image %s (the device decoder and PIL refuse it); trying sample %d "
+                       "instead", path, (index + 1) % len(base))
+        with keyed_rng(key):
+            item, label = base[index]  # skips ``path``: a bad path of this process
+        return item, int(label)
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.loader)

@@ -5,19 +5,20 @@
   of W processes x batch b sees exactly the samples of step s of 1 process x batch W*b, or of 1 process x
   batch b x ``accum_iter`` W.
 - Randomness: every sample carries a key, a hash of (seed, epoch, index) (``sample_key``). ``KeyedSamples``
-  seeds the augmentation of a sample with its key and returns the key as a third item, from which the MIM
-  step draws the sample's mask (``models.masking.keyed_noise``). A sample's crop, flip and mask are therefore
-  the same whatever the number of processes, the batch size, the number of workers or a resume: changing
-  NGPUS (with ``--eff_batch_size`` keeping the effective batch) does not change the run beyond float
+  seeds the augmentation of a sample (torch, ``random`` and NumPy) with its key and returns the key as a third
+  item, from which the MIM step draws the sample's mask (``models.masking.keyed_noise``). A sample's crop, flip,
+  RandAugment ops, erased box and mask are therefore the same whatever the number of processes, the batch
+  size, the number of workers or a resume: changing NGPUS (with ``--eff_batch_size`` keeping the effective batch) does not change the run beyond float
   rounding. The sampler hands each worker ``(epoch, index)``, so persistent workers (kept across epochs) still
   draw the current epoch's keys. Randomness that is not per sample (drop path, mixup) still comes from the per-rank RNGs
   (``epoch_seed``), reseeded every epoch, so an epoch is reproducible on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from util.data.decode import DeviceInput, collate
 
-__all__ = ["epoch_seed", "sample_key", "KeyedSamples", "ResumableSampler", "build_train_loader", "set_loader_epoch"]
+__all__ = ["epoch_seed", "sample_key", "keyed_rng", "KeyedSamples", "ResumableSampler", "build_train_loader",
+           "set_loader_epoch"]
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -44,9 +46,14 @@ def sample_key(seed: int, epoch: int, index: int) -> int:
 class KeyedSamples(Dataset):
     """``dataset[i]`` augmented under the seed ``sample_key(seed, epoch, i)``; items are ``(image, label, key)``.
 
-    The global CPU torch generator and Python's ``random`` (torchvision and timm transforms draw from them) are
-    seeded with the key for the duration of the item and restored afterwards, so the caller's RNG streams are
-    untouched. Cost: about 30 us an item (``benchmarks/keyed_samples.py``).
+    The global generators a transform draws from are seeded with the key for the duration of the item and
+    restored afterwards, so the caller's RNG streams are untouched: the CPU torch generator (torchvision's
+    crops and flips, timm's random erasing), Python's ``random`` (timm's op probabilities and magnitudes) and
+    NumPy's legacy global ``RandomState`` (timm's ``RandAugment`` picks its ops with ``np.random.choice``). An
+    augmentation is thus a function of the key alone, the same in the main process (``--num_workers 0``) as in
+    any worker, and the main process's NumPy stream (timm's ``Mixup``) does not depend on the worker count.
+    Cost: about 30 us an item with torch and ``random`` alone (``benchmarks/keyed_samples.py``); NumPy's state
+    (a 624-word Mersenne Twister, saved, seeded and restored) adds to it, not re-measured.
     ``classes``/``targets`` pass through; call ``set_epoch`` before each epoch (``set_loader_epoch`` does).
     """
 
@@ -69,17 +76,27 @@ class KeyedSamples(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # (epoch, index): _EpochSampler
         key = sample_key(self.seed, epoch, index)
-        # The CPU generator alone (torch.manual_seed also seeds every accelerator: ~90 us an item, this ~1 us).
-        generator = torch.default_generator
-        torch_state, python_state = generator.get_state(), random.getstate()
-        generator.manual_seed(key)
-        random.seed(key)
-        try:
+        with keyed_rng(key):
             item = self.dataset[index]
-        finally:
-            generator.set_state(torch_state)
-            random.setstate(python_state)
         return item[0], item[1], key
+
+
+@contextlib.contextmanager
+def keyed_rng(key: int) -> Iterator[None]:
+    """The global generators a transform draws from, seeded with a sample's ``key`` inside the block and restored
+    after it: the CPU torch generator, Python's ``random`` and NumPy's legacy global ``RandomState``."""
+    # The CPU generator alone (torch.manual_seed also seeds every accelerator: ~90 us an item, this ~1 us).
+    generator = torch.default_generator
+    torch_state, python_state, numpy_state = generator.get_state(), random.getstate(), np.random.get_state()
+    generator.manual_seed(key)
+    random.seed(key)
+    np.random.seed([key & 0xFFFFFFFF, key >> 32])  # legacy RandomState: 32-bit words
+    try:
+        yield
+    finally:
+        generator.set_state(torch_state)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class ResumableSampler(DistributedSampler):
