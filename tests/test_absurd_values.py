@@ -40,7 +40,7 @@ def tiny_folder(tmp_path_factory) -> Path:
 def test_a_blown_up_fine_tuning_stops_in_one_line_and_keeps_no_best(tiny_folder, tmp_path, one_thread, caplog):
     out = tmp_path / "out"
     argv = ["--model", "vit_tiny_patch16", "--data_path", str(tiny_folder), "--input_size", "32", "--batch_size",
-            "16", "--num_workers", "0", "--print_freq", "100", "--warmup_epochs", "0", "--epochs", "2", "--lr", "1e30",
+            "16", "--num_workers", "0", "--print_freq", "100", "--warmup_epochs", "0", "--epochs", "2", "--lr", "1e20",
             "--output_dir", str(out)]
     with caplog.at_level(logging.ERROR, logger="vitfreeze"), pytest.raises(SystemExit) as exc:
         runtime.run_cli(lambda: main_finetune.main(argv))
@@ -97,3 +97,11 @@ def test_a_damaged_position_embedding_or_patch_kernel_is_named(key, value, match
     state[key] = value
     with pytest.raises(ValueError, match=match):
         adapt_to_model(state, patch_size=16, grid_size=2)
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--blr"])
+def test_a_learning_rate_that_overflows_float32_is_one_line_in_flag_words(flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_finetune.main(["--data_path", "x", flag, "3e38"])
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be below 1e+30" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any, Sequence
 
-from util.args.types import (closed_fraction, half_open_fraction, non_negative_float, non_negative_int, open_fraction,
-                             positive_float, positive_int)
+from util.args.types import (closed_fraction, half_open_fraction, learning_rate, non_negative_float, non_negative_int,
+                             open_fraction, positive_float, positive_int)
 from util.runtime import available_cores  # loader workers beyond the cores only compete
 
 # a parser or one of its argument groups: a shared flag lands in the group of the script that takes it
@@ -160,8 +160,8 @@ def add_optim_args(parser: argparse.ArgumentParser, *, blr: float, weight_decay:
     group.add_argument("--eff_batch_size", default=None, type=positive_int,
                        help="effective batch (batch_size x accum_iter x world size) to keep whatever the number "
                             "of GPUs: accum_iter is derived from it")
-    group.add_argument("--blr", default=blr, type=positive_float, help="lr = blr * effective batch / 256")
-    group.add_argument("--lr", default=None, type=positive_float, help="absolute lr (overrides --blr)")
+    group.add_argument("--blr", default=blr, type=learning_rate, help="lr = blr * effective batch / 256")
+    group.add_argument("--lr", default=None, type=learning_rate, help="absolute lr (overrides --blr)")
     group.add_argument("--min_lr", default=min_lr, type=non_negative_float, help="floor of the cosine schedule")
     group.add_argument("--weight_decay", default=weight_decay, type=non_negative_float)
     group.add_argument("--clip_grad", default=None, type=positive_float, help="clip the gradient 2-norm")

@@ -34,6 +34,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+MAX_LEARNING_RATE = 1e30  # Adam's first step is lr / (1 - beta1) in float32, which overflows near 3.4e38
+
+
+def learning_rate(text: str) -> float:
+    """A positive learning rate below :data:`MAX_LEARNING_RATE` (a larger one fails inside the optimizer with "value
+    cannot be converted to type float without overflow"; anything far below it already blows the weights up, which
+    the epoch end reports in one line)."""
+    value = positive_float(text)
+    if value >= MAX_LEARNING_RATE:
+        raise argparse.ArgumentTypeError(f"must be below {MAX_LEARNING_RATE:g} (the optimizer's float32 arithmetic "
+                                         f"overflows), got {text}")
+    return value
+
+
 def closed_fraction(text: str) -> float:
     """A float in [0, 1] (e.g. a probability)."""
     value = float(text)
