@@ -28,12 +28,14 @@ from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
+from models.registry import list_models
 from util import args as cli
 from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
                              RunCheckpoints, training_state)
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch, Preemption
 from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
@@ -44,7 +46,7 @@ logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_detection_args(parser)
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (``--eval``: evaluate) as ``argv`` says; returns the last evaluation's metrics (``bbox_AP``,
     ``segm_AP``, AP50, AP75, APs/m/l, percent) plus ``epoch``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_detect")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_detect",
+                                     models=[m for m in list_models() if m.startswith(("vit_", "adapter_"))])
     if result is not None:
         return result
     if not args.model.startswith(("vit_", "adapter_")):

@@ -152,7 +152,7 @@ for task in "${TASK_LIST[@]}"; do
     (( dry_run )) && break
     command_of "$task"
     if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
-        printf '%s\n' "$errors" | grep -E '^[^ ].*error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
+        printf '%s\n' "$errors" | grep -E '^([^ ].*)?error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
         echo "error: task '$task' does not resolve on $world process(es); nothing was started" >&2; exit 2
     fi
 done

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from util.distributed import env_rank_and_world
-from util.runtime import available_cores  # loader workers beyond the cores only compete
+from util.runtime import available_cores, command_line_error  # loader workers beyond the cores only compete
 
 
 def _first_process() -> bool:
@@ -386,8 +386,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     """Two-stage parse: ``--config`` sets defaults, the command line overrides them.
 
     Flags are first brought to this parser's spelling (:func:`normalize_argv`). Errors in the recipe are reported
-    like command-line errors (usage + message, exit status 2). Any FreezeOut flag given explicitly (on the command
-    line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
+    in one line without the usage block (exit status 2, as argparse's). Any FreezeOut flag given explicitly (on the
+    command line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
     """
     argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
@@ -396,7 +396,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         try:
             recipe = load_config(pre.config, parser)
         except (FileNotFoundError, ValueError) as err:
-            parser.error(str(err))
+            command_line_error(str(err))
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     given = explicit_dests(parser, argv)
@@ -415,7 +415,7 @@ def check_schedule(args: argparse.Namespace, parser: argparse.ArgumentParser, gi
     """The warmup must fit in the run: ``--warmup_epochs`` at most ``--epochs``, said in the flags' words."""
     if not hasattr(args, "warmup_epochs") or args.warmup_epochs <= args.epochs:
         return
-    parser.error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger than "
+    command_line_error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger than "
                  f"--epochs {args.epochs}{_origin('epochs', given, recipe)}: the lr would still be warming up when "
                  f"the run ends; pass --warmup_epochs {args.epochs} or less (0: no warmup)")
 
@@ -426,8 +426,8 @@ DEMO_RECIPE = "configs/pretrain/demo.yaml"
 
 
 def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_files: bool = True) -> list[str]:
-    """What would stop the run, found before anything starts: no data given, and (``check_files``) a data path,
-    split file or checkpoint that does not exist, or a model name that is not registered (``models``).
+    """What would stop the run, found before anything starts: no data given, a model name that is not registered
+    (``models``), and (``check_files``) a data path, split file or checkpoint that does not exist.
 
     Returns:
         One message per problem, in the flags' words (empty: nothing found).
@@ -440,13 +440,13 @@ def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_
                         f"--data_path demo (synthetic shapes); to try everything end to end: "
                         f"python main_pretrain.py --config {DEMO_RECIPE}" if data_set is None else
                         f"--data_path is required for --data_set {data_set} (or use --data_set demo)")
-    if not check_files:
-        return problems
-    if models and args.model not in models:
+    if models and args.model not in models:  # always: a run must not scan its data first
         close = difflib.get_close_matches(args.model, list(models), n=3, cutoff=0.5)
         problems.append(f"--model {args.model} is not a registered model of this script"
                         f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; choose one of "
                         f"{', '.join(models)}")
+    if not check_files:
+        return problems
     downloading = data_set in _DOWNLOADABLE and getattr(args, "download", False)
     if getattr(args, "data_path", "") not in ("", "demo", None) and data_set != "demo" and not downloading \
             and not Path(args.data_path).expanduser().exists():
@@ -471,7 +471,7 @@ def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, g
     if not named or args.freezeout:
         return
     if recipe.get("freezeout") is False and "freezeout" not in given:
-        parser.error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
+        command_line_error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
     args.freezeout = True
     if _first_process():
         logging.getLogger("vitfreeze").warning(

@@ -20,6 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from models.registry import checkpoint_vs_model
+
 logger = logging.getLogger("vitfreeze")
 
 LAST_NAME = "checkpoint-last.pth"
@@ -179,7 +181,8 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
     """
     problems = state_dict_mismatch(model, state_dict)
     if problems:
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source} does not match the model: "
+                         f"{checkpoint_vs_model(state_dict, model.state_dict(), problems)}")
     model.load_state_dict(state_dict, strict=True)
 
 
