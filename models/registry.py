@@ -67,18 +67,29 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> str:
     width = int(kernel.shape[0]) if kernel is not None else _width_of(state)
     patch = int(kernel.shape[-1]) if kernel is not None else None
     parts = [f"depth {depth}" if depth else "", f"width {width}" if width else "", f"patch {patch}" if patch else ""]
-    pos = state.get("pos_embed")
-    if pos is not None and patch:
-        prefix = sum(1 for k in ("cls_token", "dist_token") if k in state) + (
-            int(state["reg_token"].shape[1]) if "reg_token" in state else 0)
-        grid = math.isqrt(max(int(pos.shape[1]) - prefix, 0))
-        if grid * grid == int(pos.shape[1]) - prefix:
-            parts.append(f"image {grid * patch}")
-        elif math.isqrt(int(pos.shape[1])) ** 2 == int(pos.shape[1]):  # no prefix token in the position table
-            parts.append(f"image {math.isqrt(int(pos.shape[1])) * patch}")
+    img_size = image_size_of(state)
+    if img_size:
+        parts.append(f"image {img_size}")
     fits = [name for name, (d, w, p) in _vit_shapes().items() if (d, w, p) == (depth, width, patch)]
     return f"a ViT of {', '.join(p for p in parts if p)}" + (f" ({', '.join(fits)})" if fits else
                                                              " (no registered vit_* model has this shape)")
+
+
+def image_size_of(state_dict: Mapping[str, Any]) -> int | None:
+    """The square image size a ViT state dict's position table was made for: grid side x patch, the grid from
+    ``pos_embed`` less its prefix tokens (cls, dist, registers) when they are in the table. None when unknown."""
+    state = {_strip_prefix(k): v for k, v in state_dict.items() if hasattr(v, "shape")}
+    pos, kernel = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos is None or kernel is None or pos.dim() != 3:
+        return None
+    tokens, patch = int(pos.shape[1]), int(kernel.shape[-1])
+    prefix = sum(1 for k in ("cls_token", "dist_token") if k in state) + (
+        int(state["reg_token"].shape[1]) if "reg_token" in state else 0)
+    for grid_tokens in (tokens - prefix, tokens):  # with the prefix tokens in the table, or without (timm no_embed_class)
+        side = math.isqrt(max(grid_tokens, 0))
+        if side and side * side == grid_tokens:
+            return side * patch
+    return None
 
 
 def checkpoint_vs_model(state_dict: Mapping[str, Any], model_state: Mapping[str, Any], problems: list[str], *,

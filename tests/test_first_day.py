@@ -114,3 +114,27 @@ def test_help_shows_each_default_once():
     assert "lr = blr * effective batch / 256 (default: 0.00015)" in text
     assert "(default: <output_dir>/tensorboard)" in text and "<output_dir>/tensorboard) (default" not in text
     assert "--auto_resume resume from the latest checkpoint in output_dir " in text  # a switch: nothing added
+
+
+def test_a_64px_export_keeps_the_umask_and_says_its_img_size(tmp_path, capsys):
+    import importlib
+    import os
+
+    import timm
+    from safetensors import safe_open
+
+    export_timm = importlib.import_module("tools.export_timm")  # tools/ is a folder of scripts, not a package
+    model = models.create_model("vit_tiny_patch16", img_size=64, depth=1)
+    torch.save({"model": model.state_dict()}, tmp_path / "ck.pth")
+    old = os.umask(0o027)
+    try:
+        assert export_timm.main(["--input", str(tmp_path / "ck.pth"), "--output", str(tmp_path / "v.safetensors"),
+                                 "--no_head"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "v.safetensors").stat().st_mode & 0o777 == 0o640  # 0o666 less the umask, as other outputs
+    with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as handle:
+        img_size = int(handle.metadata()["img_size"])
+    assert img_size == 64 and "img_size=64" in capsys.readouterr().out
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=img_size)
+    timm.models.load_checkpoint(timm_model, str(tmp_path / "v.safetensors"), strict=True)

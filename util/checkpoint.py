@@ -38,6 +38,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename; honour the umask instead
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # again: a writer that replaces the file (safetensors) made it 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
