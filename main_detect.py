@@ -229,14 +229,14 @@ def report(metrics: dict[str, float], what: str) -> dict[str, float]:
 
 def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, device: torch.device,
                   count: int = 4) -> None:
-    """Predicted boxes and masks (score >= 0.5) over the first ``count`` validation images (one PNG)."""
+    """Ground truth beside the predicted boxes and masks (score >= 0.5) of the first ``count`` validation images."""
     from util.vis import save_detection_png
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     model.eval()
     with torch.inference_mode():
         outputs = model([img.to(device) for img, _ in items])
     save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
-                       dataset.classes)
+                       dataset.classes, targets=[target for _, target in items])
 
 
 

@@ -138,3 +138,11 @@ def test_a_64px_export_keeps_the_umask_and_says_its_img_size(tmp_path, capsys):
     assert img_size == 64 and "img_size=64" in capsys.readouterr().out
     timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1, img_size=img_size)
     timm.models.load_checkpoint(timm_model, str(tmp_path / "v.safetensors"), strict=True)
+
+
+def test_pictures_are_on_by_default_with_the_checkpoints():
+    from util.args import parse_args
+    pretrain = parse_args(main_pretrain.build_parser(), ["--data_path", "demo"])
+    assert pretrain.vis_every == pretrain.save_every == 20  # a reconstruction every 20 epochs (and after the last)
+    import main_detect
+    assert parse_args(main_detect.build_parser(), []).vis_every == 4  # detections with each kept checkpoint

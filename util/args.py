@@ -196,7 +196,8 @@ def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None
     group.add_argument("--save_every", default=save_every, type=positive_int, help="keep checkpoint-<epoch>.pth")
     group.add_argument("--save_every_steps", default=0, type=non_negative_int,
                        help="also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)")
-    group.add_argument("--vis_every", default=0, type=non_negative_int, help="picture every N epochs (0: off)")
+    group.add_argument("--vis_every", default=save_every, type=non_negative_int,  # on by default, as checkpoints
+                       help="picture every N epochs (0: off)")
     group.add_argument("--print_freq", default=20, type=positive_int, help="log every N optimizer steps")
     group.add_argument("--seed", default=0, type=int)
 
@@ -500,6 +501,13 @@ def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
                          f"processes, or change --batch_size or --eff_batch_size")
     derived = eff // per_step
     if args.accum_iter is not None and args.accum_iter != derived:
+        needed, rest = divmod(eff, args.batch_size * args.accum_iter)  # processes that give eff with these flags
+        if not rest and needed % world_size == 0 and needed > world_size:  # a command written for more nodes
+            nodes = needed // world_size
+            raise ValueError(f"effective batch {eff} with --batch_size {args.batch_size} --accum_iter "
+                             f"{args.accum_iter} needs {needed} processes, this job has {world_size}: run on "
+                             f"{nodes} x as many nodes (NNODES={nodes} ./run.sh ... for {world_size}-GPU nodes), "
+                             f"or pass --accum_iter {derived} here")
         raise ValueError(f"--accum_iter {args.accum_iter} gives an effective batch of "
                          f"{args.accum_iter * per_step} (batch_size {args.batch_size} x {world_size} processes), "
                          f"not --eff_batch_size {eff}; pass only one of the two")
