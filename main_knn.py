@@ -36,7 +36,8 @@ FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))

@@ -44,7 +44,8 @@ logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze linear probing", allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("ViTFreeze linear probing", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)

@@ -85,7 +85,7 @@ def image_size_of(state_dict: Mapping[str, Any]) -> int | None:
     tokens, patch = int(pos.shape[1]), int(kernel.shape[-1])
     prefix = sum(1 for k in ("cls_token", "dist_token") if k in state) + (
         int(state["reg_token"].shape[1]) if "reg_token" in state else 0)
-    for grid_tokens in (tokens - prefix, tokens):  # with the prefix tokens in the table, or without (timm no_embed_class)
+    for grid_tokens in (tokens - prefix, tokens):  # prefix tokens in the table, or not (no_embed_class)
         side = math.isqrt(max(grid_tokens, 0))
         if side and side * side == grid_tokens:
             return side * patch
