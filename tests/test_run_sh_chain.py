@@ -88,7 +88,8 @@ def test_a_pretrain_then_probe_chain_runs_end_to_end(checkout, job):
     pretraining wrote."""
     res = subprocess.run(["bash", str(checkout / "run.sh"), job, "pretrain_demo+linprobe", "tiny", "0",
                           "pretrain_demo:epochs=1", "pretrain_demo:--debug", "linprobe:data_set=demo",
-                          "linprobe:epochs=1", "linprobe:warmup_epochs=0", "linprobe:batch_size=64"],
+                          "linprobe:epochs=1", "linprobe:warmup_epochs=0", "linprobe:batch_size=64",
+                          "linprobe:eff_batch_size=64", "linprobe:input_size=64"],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert (checkout / "output" / job / "pretrain_demo" / "checkpoint-last.pth").is_file()
