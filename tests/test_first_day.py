@@ -146,3 +146,14 @@ def test_pictures_are_on_by_default_with_the_checkpoints():
     assert pretrain.vis_every == pretrain.save_every == 20  # a reconstruction every 20 epochs (and after the last)
     import main_detect
     assert parse_args(main_detect.build_parser(), []).vis_every == 4  # detections with each kept checkpoint
+
+
+def test_argparse_errors_are_said_by_rank_0_only(capsys, monkeypatch):
+    from util.args import parse_args
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    said = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        said[rank] = exit_of(lambda: parse_args(main_pretrain.build_parser(), ["--batch_size", "0"]), capsys)
+    assert said["0"][0] == said["1"][0] == 2
+    assert "--batch_size" in said["0"][1][-1] and said["1"][1] == []

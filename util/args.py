@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from util.distributed import env_rank_and_world
-from util.runtime import available_cores, command_line_error  # loader workers beyond the cores only compete
+from util.runtime import (available_cores,  # loader workers beyond the cores only compete
+                          command_line_error, quiet_on_other_ranks)
 
 
 def _first_process() -> bool:
@@ -390,7 +391,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     in one line without the usage block (exit status 2, as argparse's). Any FreezeOut flag given explicitly (on the
     command line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
     """
-    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
+    argv = normalize_argv(quiet_on_other_ranks(parser), sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     recipe: dict[str, Any] = {}
     if pre.config:

@@ -307,6 +307,15 @@ def command_line_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def quiet_on_other_ranks(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's own errors (an unknown flag, a bad value) said once per torchrun job: on ranks other than 0 the
+    parser exits with the same status (2) without printing its usage and message."""
+    if process_rank() != 0:
+        parser.print_usage = lambda file=None: None  # type: ignore[method-assign]
+        parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
+    return parser
+
+
 def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     """Run an entry script's ``main()``: a user error (bad path, bad value, ``errors``) becomes one log line and
     exit status 1 instead of a traceback (:class:`CommandLineError`: status 2); the process group is always torn
