@@ -28,12 +28,14 @@ from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
+from models.registry import list_models
 from util import args as cli
 from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
                              RunCheckpoints, training_state)
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch, Preemption
 from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
@@ -44,7 +46,8 @@ logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_detection_args(parser)
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (``--eval``: evaluate) as ``argv`` says; returns the last evaluation's metrics (``bbox_AP``,
     ``segm_AP``, AP50, AP75, APs/m/l, percent) plus ``epoch``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_detect")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_detect",
+                                     models=[m for m in list_models() if m.startswith(("vit_", "adapter_"))])
     if result is not None:
         return result
     if not args.model.startswith(("vit_", "adapter_")):
@@ -230,14 +234,14 @@ def report(metrics: dict[str, float], what: str) -> dict[str, float]:
 
 def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, device: torch.device,
                   count: int = 4) -> None:
-    """Predicted boxes and masks (score >= 0.5) over the first ``count`` validation images (one PNG)."""
+    """Ground truth beside the predicted boxes and masks (score >= 0.5) of the first ``count`` validation images."""
     from util.vis import save_detection_png
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     model.eval()
     with torch.inference_mode():
         outputs = model([img.to(device) for img, _ in items])
     save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
-                       dataset.classes)
+                       dataset.classes, targets=[target for _, target in items])
 
 
 

@@ -36,6 +36,7 @@ from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transfer import build_splits, csv_folds
 from util.data.transforms import eval_transform, finetune_transform
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import Preemption, add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
@@ -43,7 +44,7 @@ PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze fine-tuning", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze fine-tuning", allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)

@@ -28,6 +28,7 @@ from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write
 from util.data.decode import use_eval_decode
 from util.data.transfer import labelled_splits
 from util.data.transforms import eval_transform
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
@@ -35,7 +36,8 @@ FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))

@@ -37,13 +37,15 @@ from util.logging import MetricWriter, write_results
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.transforms import eval_transform, linprobe_transform
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import Preemption, add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze linear probing", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze linear probing", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)

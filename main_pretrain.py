@@ -22,6 +22,7 @@ from util.data.decode import build_fast_input, use_fast_input
 from util.distributed import barrier
 from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import Preemption, add_launch_args, parse_or_dispatch
 from util.data.loaders import build_train_loader
 from util.logging import MetricWriter
@@ -35,7 +36,8 @@ logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze pretraining (MAE / LocalMIM)", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze pretraining (MAE / LocalMIM)", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="mae_vit_base_patch16")
     cli.add_mim_args(parser)

@@ -36,6 +36,7 @@ from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform,
 from util.data.loaders import build_train_loader
 from util.data.scenes import write_ade20k
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
+from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch, Preemption
 from util.logging import MetricWriter
 from util.metrics import segmentation_table
@@ -49,7 +50,8 @@ ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViTFreeze semantic segmentation (UperNet)", allow_abbrev=False)
+    parser = argparse.ArgumentParser("ViTFreeze semantic segmentation (UperNet)", allow_abbrev=False,
+                                      formatter_class=DefaultsHelpFormatter)
     cli.add_config_args(parser)
     cli.add_model_args(parser, default_model="vit_base_patch16")
     cli.add_backbone_args(parser)
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (or ``--eval``) as ``argv`` says. Returns the last evaluation's ``mIoU``, ``mAcc``, ``aAcc``
     (percent), ``best_mIoU`` / ``best_step`` and the final ``step``; with ``--eval`` the metrics, per-class ``IoU`` /
     ``Acc`` lists and ``num_images``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_segment")
+    args, result = parse_or_dispatch(build_parser(), argv, "main_segment", models=[  # the seeds' short forms too
+        *[m for m in models.list_models() if m.startswith(("vit_", "adapter_"))], *ARCH, *(f"vit_{a}" for a in ARCH)])
     if result is not None:
         return result
     info = setup_run(args)

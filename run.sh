@@ -13,6 +13,12 @@
 #               the seeds' mm-style keys are mapped: data.samples_per_gpu, lr_config.step, runner.max_epochs,
 #               optimizer.lr, optimizer.paramwise_cfg.layer_decay_rate, model.backbone.drop_path_rate,
 #               optimizer_config.use_fp16 (any other dotted key is an error)
+#               TASK:key=value (or TASK:--flag) applies to that task of the chain only (after the common extras,
+#               so it wins):
+#                 ./run.sh j pretrain_demo+linprobe tiny 0 pretrain_demo:data_path=data/train linprobe:data_path=data
+#   a chain     tasks after a pretraining task fine-tune / probe its output/JOB/TASK/checkpoint-last.pth (as
+#               --finetune) unless --finetune (or TASK:finetune=PATH) is given; CHECKPOINT then goes to the
+#               pretraining (--resume) and to the tasks before it
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -101,8 +107,18 @@ mm_override() {  # KEY VALUE of an mm-style override (the seeds' OpenMMLab confi
     esac
 }
 EXTRA=()
+TASK_OF=() TASK_ARG=()  # TASK:key=value overrides, one flag or value per entry, with the task it is for
 for arg in "$@"; do
-    if [[ $arg == *=* && $arg != -* ]]; then
+    prefix=${arg%%:*}
+    if [[ ( $arg == *:*=* || $arg == *:--* ) && $arg != -* && $prefix != *=* && $prefix != */* ]]; then
+        if [[ -z ${SCRIPT[$prefix]:-} ]]; then
+            echo "error: '$arg': '$prefix' is not a task (./run.sh --help lists them)" >&2; exit 2
+        fi
+        override=${arg#*:}; key=${override%%=*}
+        if [[ $override == -* ]]; then MAPPED=("$override")  # TASK:--flag, TASK:--flag=value
+        elif [[ $key == *.* ]]; then mm_override "$key" "${override#*=}"; else MAPPED=("--$key" "${override#*=}"); fi
+        for token in "${MAPPED[@]}"; do TASK_OF+=("$prefix"); TASK_ARG+=("$token"); done
+    elif [[ $arg == *=* && $arg != -* ]]; then
         key=${arg%%=*}
         if [[ $key == *.* ]]; then mm_override "$key" "${arg#*=}"; EXTRA+=("${MAPPED[@]}")
         else EXTRA+=("--$key" "${arg#*=}"); fi
@@ -149,21 +165,46 @@ model_name() {  # full name as given, or an architecture completed with the reci
     echo "${family}vit_${arch}_patch${patch}"
 }
 
+for task in "${TASK_OF[@]}"; do  # an override for a task that is not in this chain would be silently lost
+    if [[ "+$TASKS+" != *"+$task+"* ]]; then
+        echo "error: '$task:...' overrides a task that is not in the chain '$TASKS'" >&2; exit 2
+    fi
+done
+
+declare -A CHAINED  # task -> the checkpoint-last.pth of the pretraining before it in the chain
+produced=""
+for task in "${TASK_LIST[@]}"; do
+    if [[ ${SCRIPT[$task]} == main_pretrain.py ]]; then produced="output/$JOB/$task/checkpoint-last.pth"
+    elif [[ -n $produced ]]; then CHAINED[$task]=$produced; fi
+done
+
+task_extra() {  # the extras of one task: the common ones, then its TASK:key=value overrides
+    local task=$1 i
+    extra=("${EXTRA[@]}")
+    for i in "${!TASK_OF[@]}"; do [[ ${TASK_OF[i]} == "$task" ]] && extra+=("${TASK_ARG[i]}"); done
+    return 0
+}
+
 command_of() {  # sets args (the entry script's arguments) and cmd (how to launch it) for one task
-    local task=$1 script=${SCRIPT[$1]}
+    local task=$1 script=${SCRIPT[$1]} chained=${CHAINED[$1]:-} t
+    task_extra "$task"
+    for t in "${extra[@]}"; do [[ $t == --finetune || $t == --finetune=* ]] && chained=""; done
     args=(--config "${CONFIG[$task]}" --model "$(model_name "$task")" --output_dir "output/$JOB/$task")
     if [[ $script == main_pretrain.py ]]; then
         args+=(--auto_resume); [[ -n $CKPT ]] && args+=(--resume "$CKPT")
+    elif [[ -n $chained ]]; then  # written by the chain's pretraining: checked once it exists, not up front
+        pending=""
+        if [[ -f $chained || ${checking:-0} == 0 ]]; then args+=(--finetune "$chained"); else pending=$chained; fi
     else
         [[ -n $CKPT ]] && args+=(--finetune "$CKPT")
     fi
     if [[ $NNODES -gt 1 || -n $LAUNCHER ]]; then  # submitit: one process here submits the job
         [[ -z $LAUNCHER ]] && args+=(--launcher slurm)
-        args+=(--nodes "$NNODES" --ngpus "$NGPUS" "${EXTRA[@]}")  # the extras may override these
+        args+=(--nodes "$NNODES" --ngpus "$NGPUS" "${extra[@]}")  # the extras may override these
         cmd=(python "$script" "${args[@]}")
         return
     fi
-    args+=("${EXTRA[@]}")
+    args+=("${extra[@]}")
     if [[ $NGPUS -gt 0 ]]; then
         cmd=(torchrun --nproc_per_node="$NGPUS" --master_port="${MASTER_PORT:-29500}" "$script" "${args[@]}")
     else
@@ -177,19 +218,23 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
 world=$(( NGPUS > 0 ? NGPUS * $NNODES : 1 ))
 dry_run=0
 for arg in "${EXTRA[@]}"; do [[ $arg == --dry_run ]] && dry_run=1; done
+checking=1  # a checkpoint the chain writes is not there yet: the check leaves it out
 for task in "${TASK_LIST[@]}"; do
     (( dry_run )) && break
     command_of "$task"
     if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
-        printf '%s\n' "$errors" | grep -E '^[^ ].*error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
+        printf '%s\n' "$errors" | grep -E '^([^ ].*)?error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
         echo "error: task '$task' does not resolve on $world process(es); nothing was started" >&2; exit 2
     fi
 done
 
+checking=$dry_run  # a dry run starts nothing, so the chain's checkpoint never appears: say where it would come from
+
 # Each task runs under record.sh: output/JOB/TASK/records/<time>/ keeps the command line, git state, exit
 # status and everything printed (all ranks, torchrun's own messages too).
 for task in "${TASK_LIST[@]}"; do
-    command_of "$task"; out="output/$JOB/$task"
+    pending=""; command_of "$task"; out="output/$JOB/$task"
+    [[ -n $pending ]] && echo "[run.sh] $task: --finetune $pending once the chain's pretraining has written it"
     mkdir -p "$out"
     line="[run.sh]"; printf -v quoted ' %q' "${cmd[@]}"; line+=$quoted  # shell-quoted, as record.sh does
     echo "$line" | tee -a "$out/run_sh_commands.txt"

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from models.convert import backbone_state
-from models.registry import create_model
+from models.registry import checkpoint_vs_model, create_model
 from models.vit import init_head, unit_of as vit_layer_of
 
 logger = logging.getLogger("vitfreeze")
@@ -101,7 +101,7 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
     shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state_dict.items()
               if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if shapes:
-        raise ValueError(f"{source}: shapes differ from the model:\n  " + "\n  ".join(shapes))
+        raise ValueError(f"{source}: shapes differ from the model: {checkpoint_vs_model(state_dict, own, shapes)}")
     result = model.load_state_dict(state_dict, strict=False)
     missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
     bad = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in expected_missing)]

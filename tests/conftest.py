@@ -68,3 +68,16 @@ def demo_pretraining(tmp_path_factory) -> tuple[Path, dict]:
     with torch_threads(1):
         result = main_pretrain.main(["--config", str(recipe), "--vis_every", "0", "--output_dir", str(out)])
     return out / "checkpoint-last.pth", result
+
+
+@pytest.fixture(autouse=True)
+def _detach_run_log_files():
+    """An in-process run leaves its ``cli_logs.txt`` handler on the ``vitfreeze`` logger (the next run replaces it);
+    pytest deletes a passing test's folder, so a later test's first log line would reopen a file in a folder that no
+    longer exists. Each test starts and ends without one."""
+    yield
+    import logging
+    logger = logging.getLogger("vitfreeze")
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(handler)
+        handler.close()

@@ -24,6 +24,7 @@ PER_SCRIPT_DEFAULTS = {
     "--min_lr": "MAE's fine-tuning floors the cosine at 1e-6",
     "--weight_decay": "each recipe's (0 for MAE's linear probe, 0.1 for ViTDet)",
     "--save_every": "how often each run keeps a numbered checkpoint",
+    "--vis_every": "pictures on by default, as often as the numbered checkpoints (--save_every)",
     "--num_workers": "MAE's 10 loader workers for probing, 4 elsewhere (capped to the cores)",
     "--data_path": "what each task reads (an image folder, ADE20K, COCO, or a built-in demo set)",
     "--nb_classes": "ADE20K's 150 classes for segmentation; from the dataset for classification",

@@ -122,9 +122,10 @@ def test_resume_from_other_model_names_differences(tmp_path):
                             "--resume", str(tmp_path / "nope.pth")])
 
 
-def test_bad_model_and_data_path(tmp_path):
-    with pytest.raises(ValueError, match="mae_vit_base_patch16"):
+def test_bad_model_and_data_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:  # checked before anything starts: one line, exit status 2
         main_pretrain.main(["--model", "mae_vit_bass_patch16", *TINY, "--output_dir", str(tmp_path / "a")])
+    assert exc.value.code == 2 and "did you mean mae_vit_base_patch16" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         main_pretrain.main(["--model", "mae_vit_tiny_patch16", *TINY[:-4], "--data_path", str(tmp_path / "no_such_dir"),
                             "--output_dir", str(tmp_path / "b")])

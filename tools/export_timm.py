@@ -3,7 +3,9 @@
 Keys are those of ``timm.models.vision_transformer.VisionTransformer`` (``models/convert.py`` ``to_timm_vit``:
 decoders dropped, LocalMIM's last stage norm as ``norm``, LayerScale folded). ``.safetensors`` outputs are written
 with ``safetensors.torch.save_file`` (timm's own format; safetensors is a timm dependency), ``.pth`` / ``.pt``
-outputs as ``{'model': state_dict}``; both atomically. Example::
+outputs as ``{'model': state_dict}``; both atomically and with the umask's permissions. The image size of the
+position table (``img_size``, which ``timm.create_model`` needs when it is not 224) goes into the safetensors
+metadata and the log. Example::
 
     python tools/export_timm.py --input output/checkpoint-last.pth --output vit_b16_localmim.safetensors
     model = timm.create_model('vit_base_patch16_224', num_classes=0)
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.convert import SOURCES, to_timm_vit  # noqa: E402
+from models.registry import image_size_of  # noqa: E402
 from util.checkpoint import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
 
 
@@ -61,11 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.no_head:
         state_dict = {k: v for k, v in state_dict.items() if k.split(".")[0] not in ("head", "fc_norm")}
+    img_size = image_size_of(state_dict)  # timm builds 224-px position tables unless told img_size
     if suffix == ".safetensors":
-        out = save_safetensors(args.output, state_dict, {"format": "pt", "source": source})
+        out = save_safetensors(args.output, state_dict, {"format": "pt", "source": source,
+                                                          **({"img_size": str(img_size)} if img_size else {})})
     else:
         out = save_checkpoint(args.output, {"model": state_dict})
     print(f"wrote {out}: {len(state_dict)} tensors in timm VisionTransformer keys (source: {source})")
+    if img_size and img_size != 224:
+        print(f"position table for img_size {img_size}: load it into timm.create_model(..., img_size={img_size})"
+              + (" (img_size is in the file's metadata)" if suffix == ".safetensors" else ""))
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from models.registry import checkpoint_vs_model
+
 logger = logging.getLogger("vitfreeze")
 
 LAST_NAME = "checkpoint-last.pth"
@@ -37,6 +39,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would survive the rename; honour the umask instead
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())  # again: a writer that replaces the file (safetensors) made it 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -180,7 +183,8 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
     """
     problems = state_dict_mismatch(model, state_dict)
     if problems:
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source} does not match the model: "
+                         f"{checkpoint_vs_model(state_dict, model.state_dict(), problems)}")
     model.load_state_dict(state_dict, strict=True)
 
 

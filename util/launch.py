@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from typing import Any, NoReturn, Sequence
 
 from util.args import dump_args, parse_args, positive_int, resolve_accum_iter, run_problems
 from util.distributed import env_rank_and_world
+from util.runtime import CommandLineError, command_line_error
 
 logger = logging.getLogger("vitfreeze")
 
@@ -49,7 +51,7 @@ def check_launch_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
     if args.launcher == "none":
         given = [f"--{name}" for name, default in SLURM_DEFAULTS.items() if getattr(args, name) != default]
         if given:
-            parser.error(f"{', '.join(given)} only apply with --launcher slurm (or local)")
+            command_line_error(f"{', '.join(given)} only apply with --launcher slurm (or local)")
 
 
 def planned_world_size(args: argparse.Namespace) -> int:
@@ -208,6 +210,10 @@ def submit(module: str, argv: Sequence[str], args: argparse.Namespace) -> Any:
         raise ImportError("--launcher slurm needs submitit: pip install submitit") from err
     job_dir = Path(args.job_dir or Path(args.output_dir) / "submitit")
     cluster = "local" if args.launcher == "local" else "slurm"
+    if cluster == "slurm" and shutil.which("sbatch") is None:  # submitit would end in a traceback
+        raise CommandLineError("--launcher slurm: SLURM was not found (no sbatch on PATH); to run on this machine "
+                               "use --launcher local, or plain python (CPU / one GPU) or torchrun --nproc_per_node=N "
+                               "with the same flags")
     executor = submitit.AutoExecutor(folder=job_dir / "%j", cluster=cluster, slurm_max_num_timeout=30)
     params: dict[str, Any] = {"timeout_min": args.timeout, "tasks_per_node": args.ngpus if cluster == "slurm" else 1,
                               "name": Path(args.output_dir).name or module}
@@ -243,10 +249,10 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         try:
             resolve_accum_iter(args, world)
         except ValueError as err:
-            parser.error(str(err))
+            command_line_error(str(err))
     problems = run_problems(args, models=models, check_files=args.dry_run)
     if problems:
-        parser.error("; ".join(problems))
+        command_line_error("; ".join(problems))
     if args.dry_run:
         if (env_rank_and_world() or (0, 1))[0] == 0:  # once per job, not once per rank
             print(dump_args(args), end="")
@@ -255,6 +261,6 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         try:
             importlib.import_module("submitit")  # a dependency, but a trimmed environment may lack it
         except ImportError:
-            parser.error(f"--launcher {args.launcher} needs submitit: pip install submitit")
+            command_line_error(f"--launcher {args.launcher} needs submitit: pip install submitit")
         return args, {"job_id": submit(module, sys.argv[1:] if argv is None else list(argv), args).job_id}
     return args, None

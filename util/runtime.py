@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -287,9 +287,41 @@ def log_run_summary(seconds: float, result: Any) -> None:
     log.info("outputs in %s: %s", _run_folder, ", ".join(names) if names else "(none)")
 
 
+def process_rank() -> int:
+    """This process's rank: the process group's when it is up, else torchrun's ``RANK`` (0 for a plain process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    text = os.environ.get("RANK", "0")
+    return int(text) if text.isdigit() else 0
+
+
+class CommandLineError(Exception):
+    """A command that cannot run, found after the command line was parsed (a missing file, a value that does not
+    fit the job): one line, exit status 2, no usage block."""
+
+
+def command_line_error(message: str) -> NoReturn:
+    """``parser.error`` without the usage block, said once per job: print ``error: message`` on rank 0 (the other
+    ranks of a torchrun job exit silently with the same status), then exit with status 2 (argparse's)."""
+    if process_rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def quiet_on_other_ranks(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's own errors (an unknown flag, a bad value) said once per torchrun job: on ranks other than 0 the
+    parser exits with the same status (2) without printing its usage and message."""
+    if process_rank() != 0:
+        parser.print_usage = lambda file=None: None  # type: ignore[method-assign]
+        parser.exit = lambda status=0, message=None: sys.exit(status)  # type: ignore[method-assign]
+    return parser
+
+
 def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     """Run an entry script's ``main()``: a user error (bad path, bad value, ``errors``) becomes one log line and
-    exit status 1 instead of a traceback; the process group is always torn down."""
+    exit status 1 instead of a traceback (:class:`CommandLineError`: status 2); the process group is always torn
+    down. Under torchrun rank 0 says it; the other ranks exit with the same status and log it at debug level."""
     from util.distributed import cleanup
 
     from util.checkpoint import NonFiniteError
@@ -299,17 +331,23 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     try:
         result = main()
         log_run_summary(time.time() - started, result)
+    except CommandLineError as error:
+        if process_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except (FileNotFoundError, ValueError, CorruptImageError, NonFiniteError, *errors) as error:
         message = str(error)
         if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, message)
+        level = logging.ERROR if process_rank() == 0 else logging.DEBUG  # said once per job, by rank 0
+        logging.getLogger("vitfreeze").log(level, "%s: %s", type(error).__name__, message)
         sys.exit(1)
     except (OSError, RuntimeError) as error:  # a full disk, said in one line; anything else stays a traceback
         message = disk_full_message(error, _run_folder or "the output folder")
         if message is None:
             raise
-        logging.getLogger("vitfreeze").error("%s: %s", type(error).__name__, message)
+        level = logging.ERROR if process_rank() == 0 else logging.DEBUG
+        logging.getLogger("vitfreeze").log(level, "%s: %s", type(error).__name__, message)
         sys.exit(1)
     finally:
         cleanup()

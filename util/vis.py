@@ -22,13 +22,14 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from util.checkpoint import atomic_write
 from util.data.transforms import denormalize
 
 __all__ = ["save_reconstruction_png", "save_schedule_png", "save_confusion_png", "confusion_layout",
-           "save_detection_png"]
+           "save_detection_png", "place_labels", "save_segmentation_png"]
 
 GAP = 2  # pixels between tiles
 HEADER = 24  # rows above the tiles for the column labels (two lines of PIL's default font)
@@ -318,34 +319,87 @@ def save_confusion_png(path: str | Path, confusion: torch.Tensor, class_names: S
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def place_labels(anchors: Sequence[tuple[float, float]], sizes: Sequence[tuple[int, int]], width: int,
+                 height: int) -> list[tuple[int, int, int, int]]:
+    """Boxes (x0, y0, x1, y1) for text labels that do not overlap each other: label k of size ``sizes[k]`` (w, h)
+    goes just above its anchor (a box's top-left corner), inside the ``width x height`` image, and moves down a
+    label's height at a time (then, failing that, up from the anchor) until it overlaps no label placed before it.
+    """
+    placed: list[tuple[int, int, int, int]] = []
+
+    def free(r: tuple[int, int, int, int]) -> bool:
+        return all(r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1] for q in placed)
+    for (ax, ay), (w, h) in zip(anchors, sizes):
+        x0 = int(min(max(ax, 0), max(width - w, 0)))
+        first = int(min(max(ay - h, 0), max(height - h, 0)))
+        tries = [first + k * h for k in range(0, height // max(h, 1) + 1)] + \
+                [first - k * h for k in range(1, height // max(h, 1) + 1)]
+        rect = next(((x0, y, x0 + w, y + h) for y in tries if 0 <= y <= max(height - h, 0) and
+                     free((x0, y, x0 + w, y + h))), (x0, first, x0 + w, first + h))
+        placed.append(rect)
+    return placed
+
+
+def _detection_tile(img: torch.Tensor, boxes: torch.Tensor, labels: list[str], masks: torch.Tensor | None,
+                    colour: str) -> Any:
+    """One image with its masks, boxes and non-overlapping labels (PIL image)."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    tile = _to_uint8(img.clamp(0, 1)).permute(2, 0, 1).contiguous()  # torchvision draws on [3, H, W]
+    if masks is not None and len(masks):
+        tile = draw_segmentation_masks(tile, masks.bool(), alpha=0.45)
+    if len(boxes):
+        tile = draw_bounding_boxes(tile, boxes, colors=colour, width=2)
+    image = Image.fromarray(tile.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    sizes = [(int(draw.textlength(t)) + 4, 12) for t in labels]
+    for (x0, y0, x1, y1), text in zip(place_labels([(float(b[0]), float(b[1])) for b in boxes], sizes,
+                                                   image.width, image.height), labels):
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
+        draw.text((x0 + 2, y0 + 1), text, fill="black")
+    return image
+
+
 def save_detection_png(path: str | Path, images: Sequence[torch.Tensor], outputs: Sequence[dict[str, torch.Tensor]],
-                       class_names: Sequence[str], *, score_thresh: float = 0.5) -> Path:
-    """Predicted masks and boxes over images, side by side (torchvision's drawing utilities).
+                       class_names: Sequence[str], *, score_thresh: float = 0.5,
+                       targets: Sequence[dict[str, torch.Tensor]] | None = None) -> Path:
+    """One row per image: ground truth (``targets``, green) | predictions (yellow), columns labelled on top; boxes
+    with masks (torchvision's drawing utilities) and class labels placed so that they do not overlap
+    (:func:`place_labels`).
 
     Args:
-        images: [3, H, W] floats in [0, 1] (any sizes; the row is as high as the highest).
+        images: [3, H, W] floats in [0, 1] (any sizes; a row is as high as its image).
         outputs: torchvision detection outputs (``boxes`` xyxy, ``labels`` 1..K, ``scores``, optional ``masks``
             [N, 1, H, W] probabilities); detections below ``score_thresh`` are not drawn.
         class_names: name of label k at index k - 1.
+        targets: the ground truth (``boxes``, ``labels``, optional ``masks`` [N, H, W]); None: predictions only.
     """
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-    tiles = []
-    for img, out in zip(images, outputs):
-        tile = _to_uint8(img.clamp(0, 1)).permute(2, 0, 1).contiguous()  # torchvision draws on [3, H, W]
+    rows = []
+    for k, (img, out) in enumerate(zip(images, outputs)):
         keep = out["scores"] >= score_thresh
-        if "masks" in out and keep.any():
-            tile = draw_segmentation_masks(tile, out["masks"][keep, 0] > 0.5, alpha=0.45)
-        labels = [f"{class_names[int(k) - 1]} {float(s):.2f}" for k, s in zip(out["labels"][keep], out["scores"][keep])]
-        if keep.any():
-            tile = draw_bounding_boxes(tile, out["boxes"][keep], labels=labels, colors="yellow", width=2)
-        tiles.append(tile)
-    height = max(t.shape[1] for t in tiles)
-    canvas = torch.full((3, height, sum(t.shape[2] for t in tiles) + GAP * (len(tiles) - 1)), 255, dtype=torch.uint8)
-    x = 0
-    for t in tiles:
-        canvas[:, :t.shape[1], x:x + t.shape[2]] = t
-        x += t.shape[2] + GAP
-    return _write_png(Path(path), canvas.permute(1, 2, 0).contiguous())
+        masks = out["masks"][keep, 0] > 0.5 if "masks" in out else None
+        labels = [f"{class_names[int(c) - 1]} {float(s):.2f}" for c, s in zip(out["labels"][keep], out["scores"][keep])]
+        tiles = [_detection_tile(img, out["boxes"][keep], labels, masks, "yellow")]
+        if targets is not None:
+            truth = targets[k]
+            tiles.insert(0, _detection_tile(img, truth["boxes"], [class_names[int(c) - 1] for c in truth["labels"]],
+                                            truth.get("masks"), "lime"))
+        rows.append([torch.from_numpy(np.array(t)) for t in tiles])
+    columns = max(len(r) for r in rows)
+    col_width = [max(r[c].shape[1] for r in rows if c < len(r)) for c in range(columns)]
+    height = HEADER + sum(max(t.shape[0] for t in r) for r in rows) + GAP * (len(rows) - 1)
+    canvas = torch.full((height, sum(col_width) + GAP * (columns - 1), 3), 255, dtype=torch.uint8)
+    y = HEADER
+    for r in rows:
+        x = 0
+        for c, t in enumerate(r):
+            canvas[y:y + t.shape[0], x:x + t.shape[1]] = t
+            x += col_width[c] + GAP
+        y += max(t.shape[0] for t in r) + GAP
+    names = ([(("ground truth", "truth"), ("", ""))] if targets is not None else []) + \
+        [((f"predictions (score >= {score_thresh:g})", "predictions"), ("", ""))]
+    xs = [sum(col_width[:c]) + GAP * c for c in range(columns)]
+    return _write_png(Path(path), canvas, [(xs[c], col_width[c], names[c]) for c in range(columns)])
 
 
 def segmentation_palette(num_classes: int) -> torch.Tensor:
@@ -356,27 +410,54 @@ def segmentation_palette(num_classes: int) -> torch.Tensor:
 
 
 def save_segmentation_png(path: str | Path, samples: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
-                          num_classes: int, ignore_index: int = 255, alpha: float = 0.6) -> Path:
-    """One row per validation image: image | ground truth over the image | prediction over the image.
+                          num_classes: int, ignore_index: int = 255, alpha: float = 0.6,
+                          class_names: Sequence[str] | None = None, min_side: int = 192,
+                          max_legend: int = 24) -> Path:
+    """One row per validation image: image | ground truth over the image | prediction over the image, columns
+    labelled on top (image, truth, prediction), tiles enlarged (nearest, a whole factor) to at least ``min_side``
+    pixels, and below them a legend: a swatch and the name (or number) of each class present in the truth or the
+    prediction, the most frequent ``max_legend`` of them.
 
     Args:
         samples: ``(image [3, h, w] normalised, label int64 [H, W], prediction int64 [H, W])``; the image is
             resized (nearest) to the label size; ignored pixels are left uncoloured.
+        class_names: name of class k at index k (None: the class numbers).
     """
+    from PIL import Image, ImageDraw
     palette = segmentation_palette(num_classes).float()
-    rows = []
+    rows, counts = [], torch.zeros(num_classes, dtype=torch.long)
     for image, label, pred in samples:
         h, w = label.shape
+        scale = max(1, math.ceil(min_side / min(h, w)))
         img = torch.nn.functional.interpolate(denormalize(image[None]).clamp(0, 1), size=(h, w), mode="nearest")[0]
         base = img.permute(1, 2, 0) * 255.0
         tiles = [base]
         for mask in (label, pred):
             valid = (mask != ignore_index) & (mask >= 0) & (mask < num_classes)
+            counts += torch.bincount(mask[valid].flatten(), minlength=num_classes)[:num_classes]
             colour = palette[mask.clamp(0, num_classes - 1)]
             tiles.append(torch.where(valid[..., None], (1 - alpha) * base + alpha * colour, base))
-        gap = torch.full((h, GAP, 3), 255.0)
+        tiles = [t.repeat_interleave(scale, 0).repeat_interleave(scale, 1) for t in tiles]
+        gap = torch.full((h * scale, GAP, 3), 255.0)
         rows.append(torch.cat([t for tile in tiles for t in (tile, gap)][:-1], dim=1))
     width = max(r.shape[1] for r in rows)
     rows = [torch.cat([r, torch.full((r.shape[0], width - r.shape[1], 3), 255.0)], dim=1) for r in rows]
-    canvas = torch.cat([t for r in rows for t in (r, torch.full((GAP, width, 3), 255.0))][:-1], dim=0)
-    return _write_png(Path(path), (canvas + 0.5).floor().clamp(0, 255).to(torch.uint8))
+    grid = torch.cat([t for r in rows for t in (r, torch.full((GAP, width, 3), 255.0))][:-1], dim=0)
+    present = [int(k) for k in counts.argsort(descending=True) if counts[k] > 0][:max_legend]
+    names = [class_names[k] if class_names is not None and k < len(class_names) else str(k) for k in present]
+    entry_w = 16 + max([len(n) * 6 + 8 for n in names] or [0])  # swatch + text (PIL's default font: ~6 px/char)
+    per_line = max(1, width // max(entry_w, 1))
+    legend_h = 4 + 14 * math.ceil(len(present) / per_line) if present else 0
+    canvas = torch.full((HEADER + grid.shape[0] + legend_h, width, 3), 255.0)
+    canvas[HEADER:HEADER + grid.shape[0]] = grid
+    image = Image.fromarray((canvas + 0.5).floor().clamp(0, 255).to(torch.uint8).numpy())
+    draw = ImageDraw.Draw(image)
+    top = HEADER + grid.shape[0] + 4
+    for i, (k, name) in enumerate(zip(present, names)):
+        x, y = (i % per_line) * entry_w, top + (i // per_line) * 14
+        draw.rectangle((x + 2, y, x + 12, y + 10), fill=tuple(int(c) for c in palette[k]), outline="black")
+        draw.text((x + 16, y), name, fill="black")
+    tile_w = (rows[0].shape[1] - 2 * GAP) // 3
+    labels = [(c * (tile_w + GAP), tile_w, ((text, text), ("", ""))) for c, text in
+              enumerate(("image", "truth", "prediction"))]
+    return _write_png(Path(path), torch.from_numpy(np.array(image)), labels)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from util.args.config import warn_once
+from util.runtime import command_line_error
 
 # FreezeOut's own flags: giving any of them (command line or recipe) turns FreezeOut on. The published ViTFreeze
 # commands pass --how_scale/--t_0 and never --freezeout (the reference code freezes whenever it runs).
@@ -24,9 +25,9 @@ def check_schedule(args: argparse.Namespace, parser: argparse.ArgumentParser, gi
     """The warmup must fit in the run: ``--warmup_epochs`` at most ``--epochs``, said in the flags' words."""
     if not hasattr(args, "warmup_epochs") or args.warmup_epochs <= args.epochs:
         return
-    parser.error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger than "
-                 f"--epochs {args.epochs}{_origin('epochs', given, recipe)}: the lr would still be warming up when "
-                 f"the run ends; pass --warmup_epochs {args.epochs} or less (0: no warmup)")
+    command_line_error(f"--warmup_epochs {args.warmup_epochs}{_origin('warmup_epochs', given, recipe)} is larger "
+                       f"than --epochs {args.epochs}{_origin('epochs', given, recipe)}: the lr would still be warming "
+                       f"up when the run ends; pass --warmup_epochs {args.epochs} or less (0: no warmup)")
 
 
 # data sets whose files torchvision can fetch (``--download``); 'demo' is generated in memory
@@ -35,8 +36,8 @@ DEMO_RECIPE = "configs/pretrain/demo.yaml"
 
 
 def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_files: bool = True) -> list[str]:
-    """What would stop the run, found before anything starts: no data given, and (``check_files``) a data path,
-    split file or checkpoint that does not exist, or a model name that is not registered (``models``).
+    """What would stop the run, found before anything starts: no data given, a model name that is not registered
+    (``models``), and (``check_files``) a data path, split file or checkpoint that does not exist.
 
     Returns:
         One message per problem, in the flags' words (empty: nothing found).
@@ -49,13 +50,13 @@ def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_
                         f"--data_path demo (synthetic shapes); to try everything end to end: "
                         f"python main_pretrain.py --config {DEMO_RECIPE}" if data_set is None else
                         f"--data_path is required for --data_set {data_set} (or use --data_set demo)")
-    if not check_files:
-        return problems
-    if models and args.model not in models:
+    if models and args.model not in models:  # always: a run must not scan its data first
         close = difflib.get_close_matches(args.model, list(models), n=3, cutoff=0.5)
         problems.append(f"--model {args.model} is not a registered model of this script"
                         f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; choose one of "
                         f"{', '.join(models)}")
+    if not check_files:
+        return problems
     downloading = data_set in _DOWNLOADABLE and getattr(args, "download", False)
     if getattr(args, "data_path", "") not in ("", "demo", None) and data_set != "demo" and not downloading \
             and not Path(args.data_path).expanduser().exists():
@@ -80,7 +81,7 @@ def imply_freezeout(args: argparse.Namespace, parser: argparse.ArgumentParser, g
     if not named or args.freezeout:
         return
     if recipe.get("freezeout") is False and "freezeout" not in given:
-        parser.error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
+        command_line_error(f"the recipe says freezeout: false but gives FreezeOut setting(s) {', '.join(named)}")
     args.freezeout = True
     warn_once("FreezeOut on: %s given (any FreezeOut flag turns it on, as in the ViTFreeze commands)", ", ".join(named))
 
@@ -107,6 +108,13 @@ def resolve_accum_iter(args: argparse.Namespace, world_size: int) -> int:
                          f"processes, or change --batch_size or --eff_batch_size")
     derived = eff // per_step
     if args.accum_iter is not None and args.accum_iter != derived:
+        needed, rest = divmod(eff, args.batch_size * args.accum_iter)  # processes that give eff with these flags
+        if not rest and needed % world_size == 0 and needed > world_size:  # a command written for more nodes
+            nodes = needed // world_size
+            raise ValueError(f"effective batch {eff} with --batch_size {args.batch_size} --accum_iter "
+                             f"{args.accum_iter} needs {needed} processes, this job has {world_size}: run on "
+                             f"{nodes} x as many nodes (NNODES={nodes} ./run.sh ... for {world_size}-GPU nodes), "
+                             f"or pass --accum_iter {derived} here")
         raise ValueError(f"--accum_iter {args.accum_iter} gives an effective batch of "
                          f"{args.accum_iter * per_step} (batch_size {args.batch_size} x {world_size} processes), "
                          f"not --eff_batch_size {eff}; pass only one of the two")

@@ -207,7 +207,8 @@ def add_output_args(parser: argparse.ArgumentParser, *, save_every: int) -> None
     group.add_argument("--save_every", default=save_every, type=positive_int, help="keep checkpoint-<epoch>.pth")
     group.add_argument("--save_every_steps", default=0, type=non_negative_int,
                        help="also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)")
-    group.add_argument("--vis_every", default=0, type=non_negative_int, help="picture every N epochs (0: off)")
+    group.add_argument("--vis_every", default=save_every, type=non_negative_int,  # on by default, as checkpoints
+                       help="picture every N epochs (0: off)")
     group.add_argument("--print_freq", default=20, type=positive_int, help="log every N optimizer steps")
     add_seed_arg(group)
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 from util.args.checks import check_schedule, imply_freezeout
 from util.args.config import (DEIT_SPELLINGS, FOREIGN_FLAGS, IGNORED_FLAGS, deit_lr, flag_of, load_config,
                               warn_once)
+from util.runtime import command_line_error, quiet_on_other_ranks
 
 
 def normalize_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -60,17 +61,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     """Two-stage parse: ``--config`` sets defaults, the command line overrides them.
 
     Flags are first brought to this parser's spelling (:func:`normalize_argv`). Errors in the recipe are reported
-    like command-line errors (usage + message, exit status 2). Any FreezeOut flag given explicitly (on the command
-    line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
+    in one line without the usage block (exit status 2, as argparse's). Any FreezeOut flag given explicitly (on the
+    command line or in the recipe, whatever its value) turns ``--freezeout`` on, with one line that says so.
     """
-    argv = normalize_argv(parser, sys.argv[1:] if argv is None else argv)
+    argv = normalize_argv(quiet_on_other_ranks(parser), sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
     recipe: dict[str, Any] = {}
     if pre.config:
         try:
             recipe = load_config(pre.config, parser)
         except (FileNotFoundError, ValueError) as err:
-            parser.error(str(err))
+            command_line_error(str(err))
         parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     given = explicit_dests(parser, argv)
