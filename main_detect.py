@@ -23,34 +23,34 @@ from torch.utils.data import DataLoader
 
 from engine.detect import detect_step, evaluate_detection
 from engine.evaluate import eval_shard
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
-from util import args as cli
-from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
-                             RunCheckpoints, training_state)
+from util import args as cli_args
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
 from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
-from util.launch import add_launch_args, parse_or_dispatch, Preemption
-from util.logging import MetricWriter, write_results
+from util.launch import add_launch_args, parse_or_dispatch
+from util.logging import write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 
 logger = logging.getLogger("vitfreeze")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_detection_args(parser)
-    cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=4)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_detection_args(parser)
+    cli_args.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=4)
     parser.set_defaults(input_size=1024)  # ViTDet's LSJ canvas
     add_launch_args(parser)
     return parser
@@ -103,55 +103,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = partial(step_lr, base_lr=lr, milestones=[e * steps_per_epoch for e in args.lr_steps],
                        warmup_steps=args.warmup_iters + args.warmup_epochs * steps_per_epoch)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
-                              required=("model", "optimizer", "epoch"),
-                              hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    skipped, result = (checkpoint.get("skipped_steps", 0), checkpoint.get("metrics", {})) if checkpoint else (0, {})
-    if info.is_main:
-        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
-                         "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     ddp = wrap_ddp(model, info)
-    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
-                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
-                      total_steps=args.epochs * steps_per_epoch)
+    writer = metric_writer(args, info)
 
-    def state(epoch: int, progress: EpochProgress) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), metrics=result, classes=val_set.classes,
-                              category_ids=val_set.category_ids)
+    def evaluate_due(epoch: int, progress) -> dict | None:
+        if (epoch + 1) % args.eval_every and epoch + 1 != args.epochs:
+            return None
+        metrics = report(evaluate(), f"epoch {epoch}")
+        writer.log({f"val/{k}": v for k, v in metrics.items()}, progress.step)
+        return metrics
 
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, args.epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            model.train()
-            stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop, progress,
-                                    before_update=lambda step: apply_lr(optimizer, schedule(step)),
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
-                                    should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch, saved=output_dir / LAST_NAME)
-            skipped, evaluated = progress.skipped, {}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                result = evaluated = report(evaluate(), f"epoch {epoch}")
-                writer.log({f"val/{k}": v for k, v in result.items()}, progress.step)
-                if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
-                    save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
-            ckpts.end_epoch(epoch, state(epoch, progress), log={**{f"train_{k}": v for k, v in stats.items()},
-                                                                **{f"val_{k}": v for k, v in evaluated.items()},
-                                                                "epoch": epoch})
-            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
-    writer.close()
-    return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
+    def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
+        pictures = metrics is not None and args.vis_every and (epoch + 1) % args.vis_every == 0
+        path = output_dir / f"detections_{epoch:03d}.png"
+        return EpochEnd(log={f"val_{k}": v for k, v in (metrics or {}).items()},
+                        pictures=partial(save_pictures, model, val_set, path, device=device) if pictures else None)
+
+    task = Task(step=partial(_step, ddp, device=device), before_update=lambda step: apply_lr(optimizer, schedule(step)),
+                train=model.train, no_sync=getattr(ddp, "no_sync", None), evaluate=evaluate_due, end_epoch=end_epoch,
+                state=lambda run: {"metrics": run.metrics, "classes": val_set.classes,
+                                   "category_ids": val_set.category_ids})
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    run = fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+              steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype,
+              hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint",
+              record={"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
+                      "steps_per_epoch": steps_per_epoch, "world_size": info.world_size},
+              script=Path(__file__).name, argv=argv)
+    return write_results(output_dir if info.is_main else None, {**run.metrics, "epoch": args.epochs - 1})
 
 
 def _step(model: nn.Module, batch, step: int, *, device: torch.device) -> dict:
@@ -237,5 +216,10 @@ def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, devic
 
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_detect.py``): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
+
+
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()

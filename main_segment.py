@@ -24,24 +24,24 @@ from torch.utils.data import DataLoader
 import models
 from engine.evaluate import eval_shard
 from engine.segment import evaluate_segmentation, poly_lr, segment_step
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.adapter import create_adapter
 from models.convert import to_timm_vit
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
-from util import args as cli
+from util import args as cli_args
 from util.args import closed_fraction, non_negative_int, positive_float, positive_int
-from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
-                             RunCheckpoints, training_state)
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader
 from util.data.scenes import write_ade20k
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
-from util.launch import add_launch_args, parse_or_dispatch, Preemption
-from util.logging import MetricWriter
+from util.launch import add_launch_args, parse_or_dispatch
 from util.metrics import segmentation_table
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.lr_sched import apply_lr, training_budget
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 
 logger = logging.getLogger("vitfreeze")
 TAPS = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}  # BEiT's / MAE's out_indices for ViT-B and ViT-L
@@ -51,10 +51,10 @@ ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_b
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze semantic segmentation (UperNet)", allow_abbrev=False)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_backbone_args(parser)
-    cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.05, epochs=1, warmup_epochs=0, batch_size=2)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_backbone_args(parser)
+    cli_args.add_optim_args(parser, blr=1.6e-3, weight_decay=0.05, epochs=1, warmup_epochs=0, batch_size=2)
     g = parser.add_argument_group("segmentation")
     g.add_argument("--data_path", default="demo", help="ADE20K-layout root, or 'demo' (synthetic scenes)")
     g.add_argument("--nb_classes", default=150, type=positive_int, help="classes after reduce_zero_label")
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_images", default=4, type=non_negative_int, help="validation pictures per evaluation")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--eval", action="store_true", help="only evaluate --resume (or --auto_resume's) checkpoint")
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=1000)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=1000)
     add_launch_args(parser)
     return parser
 
@@ -130,81 +130,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
                                 keyed=False, epoch_indices=True)  # the dataset's own keys, (seed, epoch, index)
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step needs")
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
     total = args.max_iters or args.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
     warmup = args.warmup_iters if args.warmup_iters is not None else args.warmup_epochs * steps_per_epoch
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     depth = model.depth
     unit_of = lambda name: (lambda i: None if i > depth else i)(model.layer_id(name))  # noqa: E731
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,
                                                no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
                                                num_layers=depth + 1), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
-                              required=("model", "optimizer", "epoch"), hint="a pretrained backbone goes to --finetune")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    best = checkpoint.get("best", {"mIoU": -1.0, "step": -1}) if checkpoint else {"mIoU": -1.0, "step": -1}
-    skipped, step = (checkpoint.get("skipped_steps", 0), checkpoint.get("step", 0)) if checkpoint else (0, 0)
+    schedule = partial(poly_lr, base_lr=lr, total_steps=total, warmup_steps=warmup, power=args.poly_power)
     if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = wrap_ddp(model, info)
-    if info.is_main:
-        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "total_steps": total,
-                         "epochs": epochs, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
+    writer = metric_writer(args, info)
 
-    def before_update(step: int) -> None:
-        value = poly_lr(step, base_lr=lr, total_steps=total, warmup_steps=warmup, power=args.poly_power)
-        for group in optimizer.param_groups:
-            group["lr"] = value * group["lr_scale"]
+    def evaluate_due(epoch: int, progress) -> dict | None:
+        """mmseg's evaluation by iteration: after the epoch in which the step passes a multiple of
+        ``--eval_interval`` (every epoch when 0), and after the last."""
+        step, first = progress.step, epoch * steps_per_epoch
+        if epoch < epochs - 1 and args.eval_interval and step // args.eval_interval <= first // args.eval_interval:
+            return None
+        broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
+        return report(evaluate(), output_dir, info.is_main, step=step, vis=True)
 
-    step_fn = partial(segment_step, ddp, device=device, aux_weight=args.aux_weight)
-    result: dict = {}
+    def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
+        return EpochEnd(log={"epoch": epoch, "step": run.step, **({f"val_{k}": metrics[k] for k in
+                                                                  ("mIoU", "mAcc", "aAcc")} if metrics else {})})
 
-    def state(epoch: int, progress: EpochProgress) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), best=best)
-
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            model.train()
-            first = epoch * steps_per_epoch
-            loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
-                              clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
-                              max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
-                              images_per_update=eff_batch, save_every_steps=args.save_every_steps, total_steps=total)
-            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
-                                    should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=loop.steps_per_epoch, saved=output_dir / LAST_NAME)
-            step, last, skipped = progress.step, epoch == epochs - 1, progress.skipped
-            evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
-            if evaluate_now:
-                broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
-                result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
-                if result["mIoU"] > best["mIoU"]:
-                    best = {"mIoU": result["mIoU"], "step": step}
-            ckpts.end_epoch(epoch, state(epoch, progress), is_best=evaluate_now and best["step"] == step, log={
-                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": step,
-                **({f"val_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")} if evaluate_now else {})})
-            if not last and preemption.requested_anywhere(device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
-    writer.close()
+    task = Task(step=partial(segment_step, ddp, device=device, aux_weight=args.aux_weight),
+                before_update=lambda step: apply_lr(optimizer, schedule(step)), train=model.train,
+                no_sync=getattr(ddp, "no_sync", None), evaluate=evaluate_due, end_epoch=end_epoch,
+                best=Best("mIoU", {"mIoU": -1.0, "step": -1},
+                          lambda m, epoch, progress: {"mIoU": m["mIoU"], "step": progress.step}))
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    run = fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+              steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype, epochs=epochs,
+              total_steps=total, hint="a pretrained backbone goes to --finetune",
+              record={"lr": lr, "effective_batch": eff_batch, "total_steps": total, "epochs": epochs,
+                      "steps_per_epoch": steps_per_epoch, "world_size": info.world_size},
+              script=Path(__file__).name, argv=argv)
     barrier()
-    return {**{k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result}, "best_mIoU": best["mIoU"],
-            "best_step": best["step"], "step": step}
+    return {**{k: run.metrics[k] for k in ("mIoU", "mAcc", "aAcc") if k in run.metrics},
+            "best_mIoU": run.best["mIoU"], "best_step": run.best["step"], "step": run.step}
 
 
 def model_name(name: str) -> str:
@@ -278,5 +249,10 @@ def report(metrics: dict, output_dir: Path, is_main: bool, *, step: int, vis: bo
     return out
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_segment.py``): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
+
+
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()
