@@ -26,7 +26,7 @@ from engine.evaluate import eval_shard
 from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.adapter import ADAPTER_MODELS, create_adapter
-from models.convert import to_timm_vit
+from models.backbone import load_pyramid_backbone
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
 from util import args as cli_args
@@ -170,12 +170,7 @@ def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
                                  extra_pool=True, drop_path_rate=args.drop_path, window_size=args.window_size,
                                  global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing)
     if finetune:
-        state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
-        missing, unexpected = backbone.load_backbone(state)
-        if missing:
-            raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
-        logger.info("loaded %s (%s checkpoint) into the pyramid's ViT; ignored: %s", finetune, source,
-                    unexpected[:8] or "none")
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
     return backbone
 
 

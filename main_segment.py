@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -23,11 +22,11 @@ from torch.utils.data import DataLoader
 
 import models
 from engine.evaluate import eval_shard
-from engine.segment import evaluate_segmentation, poly_lr, segment_step
+from engine.segment import evaluate_segmentation, iteration_budget, segment_step
 from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.adapter import create_adapter
-from models.convert import to_timm_vit
+from models.backbone import load_pyramid_backbone
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util import args as cli_args
@@ -40,7 +39,7 @@ from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.metrics import segmentation_table
 from util.param_groups import param_groups
-from util.lr_sched import apply_lr, training_budget
+from util.lr_sched import apply_lr, poly_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 
 logger = logging.getLogger("vitfreeze")
@@ -134,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)
     total = args.max_iters or args.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
+    epochs = iteration_budget(total, steps_per_epoch)
     warmup = args.warmup_iters if args.warmup_iters is not None else args.warmup_epochs * steps_per_epoch
     depth = model.depth
     unit_of = lambda name: (lambda i: None if i > depth else i)(model.layer_id(name))  # noqa: E731
@@ -203,13 +202,7 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
                                  global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
                                  tap_blocks=tuple(taps) or None, neck=args.neck)
     if finetune:
-        state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
-        missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
-        harmless = {"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"}
-        if missing or set(unexpected) - harmless:
-            raise ValueError(f"{finetune} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
-                             f"{sorted(set(unexpected) - harmless)[:8]}")
-        logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", finetune, source, unexpected or "none")
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")
     return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels or width,

@@ -126,20 +126,6 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, *, device: torch.d
     return {**metrics, "confusion": confusion.cpu(), "num_images": int(total.item()), "samples": samples}
 
 
-def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
-            min_lr: float = 0.0, warmup_ratio: float = 1e-6) -> float:
-    """mmcv's ``PolyLrUpdaterHook`` with linear warmup (by iteration), BEiT/MAE's ADE20K schedule.
-
-    ``lr = (base_lr - min_lr) * (1 - step / total_steps) ** power + min_lr``; during warmup it is multiplied by
-    ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` (so it starts at ``warmup_ratio`` x the poly value).
-    """
-    progress = min(step, total_steps) / max(total_steps, 1)
-    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
-    if step < warmup_steps:
-        lr *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
-    return lr
-
-
 def iteration_budget(max_iters: int, steps_per_epoch: int) -> int:
     """Epochs needed to run ``max_iters`` optimizer steps at ``steps_per_epoch`` (the last one may be partial)."""
     return math.ceil(max_iters / steps_per_epoch)
