@@ -11,7 +11,6 @@ Example: ``python main_detect.py --config configs/detect/demo.yaml --output_dir 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from engine.detect import detect_step, evaluate_detection
+from engine.detect import demo_coco, detect_step, evaluate_detection, report_detection, save_detections_png
 from engine.evaluate import eval_shard
 from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
@@ -33,7 +32,7 @@ from util import args as cli_args
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
-from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
+from util.distributed import rank_and_world, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
 from util.logging import write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
@@ -70,7 +69,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     seed_everything(args.seed + info.rank)
     output_dir, device, amp_dtype = Path(args.output_dir), info.device, resolve_amp(args.amp, info.device)
-    root = prepare_data(args, info)
+    root = Path(args.data_path) if args.data_path != "scenes" else demo_coco(
+        Path(args.output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
+        size=args.input_size, seed=args.seed, is_main=info.is_main)
     train_set = CocoInstances(root, "train", train=True, transform=partial(
         large_scale_jitter, size=args.input_size, scale_range=args.scale_range))
     val_set = CocoInstances(root, "val")
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                        max_dets=(1, 10, args.max_dets))
     if args.eval:
         load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
-        return write_results(output_dir if info.is_main else None, report(evaluate(), "eval"))
+        return write_results(output_dir if info.is_main else None, report_detection(evaluate(), "eval"))
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
@@ -109,15 +110,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     def evaluate_due(epoch: int, progress) -> dict | None:
         if (epoch + 1) % args.eval_every and epoch + 1 != args.epochs:
             return None
-        metrics = report(evaluate(), f"epoch {epoch}")
+        metrics = report_detection(evaluate(), f"epoch {epoch}")
         writer.log({f"val/{k}": v for k, v in metrics.items()}, progress.step)
         return metrics
 
     def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
         pictures = metrics is not None and args.vis_every and (epoch + 1) % args.vis_every == 0
-        path = output_dir / f"detections_{epoch:03d}.png"
-        return EpochEnd(log={f"val_{k}": v for k, v in (metrics or {}).items()},
-                        pictures=partial(save_pictures, model, val_set, path, device=device) if pictures else None)
+        draw = partial(save_detections_png, model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
+        return EpochEnd(log={f"val_{k}": v for k, v in (metrics or {}).items()}, pictures=draw if pictures else None)
 
     task = Task(step=partial(_step, ddp, device=device), before_update=lambda step: apply_lr(optimizer, schedule(step)),
                 train=model.train, no_sync=getattr(ddp, "no_sync", None), evaluate=evaluate_due, end_epoch=end_epoch,
@@ -172,43 +172,6 @@ def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
     if finetune:
         load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
     return backbone
-
-
-def prepare_data(args: argparse.Namespace, info: DistInfo) -> Path:
-    """The COCO root: ``--data_path``, or synthetic scenes written once into ``<output_dir>/scenes`` (5 classes,
-    colour-coded as the segmentation demo's, so that a CPU demo learns in minutes)."""
-    if args.data_path != "scenes":
-        return Path(args.data_path)
-    from util.data.scenes import write_coco
-    root = Path(args.output_dir) / "scenes"
-    spec = {"n_train": args.scene_images[0], "n_val": args.scene_images[1], "size": args.input_size,
-            "seed": args.seed, "class_colours": True}
-    marker = root / "scenes.json"
-    if info.is_main and not (marker.exists() and json.loads(marker.read_text()) == spec):
-        write_coco(root, **spec)
-        marker.write_text(json.dumps(spec))
-    barrier()
-    return root
-
-
-def report(metrics: dict[str, float], what: str) -> dict[str, float]:
-    logger.info("%s: box AP %.2f (AP50 %.2f, AP75 %.2f)  mask AP %.2f (AP50 %.2f, AP75 %.2f)", what,
-                *(metrics.get(k, float("nan")) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
-                                                         "segm_AP50", "segm_AP75")))
-    return metrics
-
-
-def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, device: torch.device,
-                  count: int = 4) -> None:
-    """Predicted boxes and masks (score >= 0.5) over the first ``count`` validation images (one PNG)."""
-    from util.vis import save_detection_png
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    model.eval()
-    with torch.inference_mode():
-        outputs = model([img.to(device) for img, _ in items])
-    save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
-                       dataset.classes)
-
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,6 @@ Example: ``python main_segment.py --config configs/segment/demo.yaml [--finetune
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,8 @@ from torch.utils.data import DataLoader
 
 import models
 from engine.evaluate import eval_shard
-from engine.segment import evaluate_segmentation, iteration_budget, segment_step
+from engine.segment import (demo_scenes, evaluate_segmentation, iteration_budget, report_segmentation,
+                            segment_step)
 from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.adapter import create_adapter
@@ -34,10 +34,8 @@ from util.args import closed_fraction, non_negative_int, positive_float, positiv
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader
-from util.data.scenes import write_ade20k
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.launch import add_launch_args, parse_or_dispatch
-from util.metrics import segmentation_table
 from util.param_groups import param_groups
 from util.lr_sched import apply_lr, poly_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
@@ -108,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.benchmark = False
     seed_everything(args.seed + info.rank)
     device, amp_dtype, output_dir = info.device, resolve_amp(args.amp, info.device), Path(args.output_dir)
-    data_path = demo_data(output_dir, args.input_size, info) if args.data_path == "demo" else args.data_path
+    data_path = args.data_path if args.data_path != "demo" else demo_scenes(output_dir, args.input_size,
+                                                                            is_main=info.is_main)
     crop, stride = args.input_size, args.slide_stride or max(1, (2 * args.input_size) // 3)
     val_set = ADE20KDataset(data_path, "val", SegEvalTransform(crop), num_classes=args.nb_classes,
                             reduce_zero_label=args.reduce_zero_label)
@@ -122,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if not resume:
             raise ValueError("--eval needs --resume CKPT (or --auto_resume with a checkpoint in --output_dir)")
         load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
-        return report(evaluate(), output_dir, info.is_main, step=-1)
+        return report_segmentation(evaluate(), output_dir, info.is_main, step=-1)
 
     train_set = ADE20KDataset(data_path, "train", SegTrainTransform(crop, tuple(args.ratio_range), args.cat_max_ratio),
                               num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed)
@@ -154,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         if epoch < epochs - 1 and args.eval_interval and step // args.eval_interval <= first // args.eval_interval:
             return None
         broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
-        return report(evaluate(), output_dir, info.is_main, step=step, vis=True)
+        return report_segmentation(evaluate(), output_dir, info.is_main, step=step, vis=True)
 
     def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
         return EpochEnd(log={"epoch": epoch, "step": run.step, **({f"val_{k}": metrics[k] for k in
@@ -214,32 +213,6 @@ def _arch(name: str) -> tuple[int, int]:
     with torch.device("meta"):
         vit = models.create_model(name, num_classes=0)
     return vit.embed_dim, len(vit.blocks)
-
-
-def demo_data(output_dir: Path, size: int, info) -> str:
-    """Synthetic scenes in the ADE20K layout under ``<output_dir>/demo_scenes`` (written once, by rank 0): 320
-    training and 64 validation scenes of 5 classes, colour-coded (``class_colours``) so that a CPU demo learns."""
-    root = output_dir / "demo_scenes"
-    if info.is_main and not (root / "annotations" / "validation").is_dir():
-        write_ade20k(root, n_train=320, n_val=64, size=size, seed=0, class_colours=True)
-    barrier()
-    return str(root)
-
-
-def report(metrics: dict, output_dir: Path, is_main: bool, *, step: int, vis: bool = False) -> dict:
-    """Log the metrics and the per-class table; rank 0 writes ``results.json`` and the pictures."""
-    logger.info("step %d: mIoU %.2f  mAcc %.2f  aAcc %.2f  (%d images)", step, metrics["mIoU"], metrics["mAcc"],
-                metrics["aAcc"], metrics["num_images"])
-    logger.info("per-class results:\n%s", segmentation_table(metrics))
-    out = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images")}
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-        if metrics["samples"]:
-            from util.vis import save_segmentation_png  # lazy: pictures are optional
-            save_segmentation_png(output_dir / (f"val_step{step}.png" if vis else "val_eval.png"), metrics["samples"],
-                                  num_classes=len(metrics["IoU"]))
-    return out
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
