@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import models
-from engine.evaluate import eval_shard, evaluate
+from engine.evaluate import eval_shard, evaluate, evaluate_and_report
 from engine.finetune import build_criterion, classify_step
 from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
@@ -31,7 +31,7 @@ from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader
 from util.logging import dumps_json, log_prefix, write_results
 from util.lr_sched import training_budget
-from util.metrics import mean_and_std, per_class_table
+from util.metrics import mean_and_std
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 from util.data.transfer import build_splits, csv_folds
@@ -213,35 +213,6 @@ def build_model(args: argparse.Namespace, classes: int, *, finetune: str | None)
 
 def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
-def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, names: list[str], device: torch.device,
-                        amp_dtype: torch.dtype | None, output_dir: Path | None, best: dict | None = None
-                        ) -> dict[str, float]:
-    """Evaluate on every split and write ``per_class_<split>.txt`` and ``confusion_<split>.png`` (rank 0).
-
-    ``best`` (from training) supplies the validation confusion matrix, so only the other splits are evaluated.
-    Returns the ``val`` metrics under their names and the others as ``<split>_<name>``.
-    """
-    from util.vis import save_confusion_png  # lazy: pictures are optional
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    out: dict[str, float] = {}
-    for split, loader in loaders.items():
-        if split == "val" and best is not None and "confusion" in best:
-            metrics, confusion = {}, best["confusion"]
-        else:
-            metrics = evaluate(model, loader, device=device, num_classes=len(names), amp_dtype=amp_dtype)
-            confusion = metrics.pop("confusion")
-            logger.info("%s: %s", split, "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "num_samples"))
-        out.update(metrics if split == "val" else {f"{split}_{k}": v for k, v in metrics.items()})
-        if output_dir is not None:
-            table = per_class_table(confusion, names)
-            logger.info("%s per-class results:\n%s", split, table)
-            (output_dir / f"per_class_{split}.txt").write_text(table + "\n")
-            save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
-    return out
-
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
