@@ -49,7 +49,7 @@ def make_run(tmp_path, *, epochs=3, metrics=None, best=None, stop_at=None, auto_
 
     def evaluate(epoch, progress):
         calls["evaluate"].append((epoch, progress.step))
-        return dict(metrics[epoch])
+        return None if metrics[epoch] is None else dict(metrics[epoch])
 
     def end_epoch(epoch, stats, m, run):
         calls["best_seen"].append(dict(run.best) if run.best else None)
@@ -99,6 +99,17 @@ def test_all_nan_metrics_write_no_best_checkpoint(tmp_path):
     outcome, _, _ = make_run(tmp_path, epochs=2, metrics=[{"acc": float("nan")}] * 2, best=ACC_BEST)
     assert outcome.best == {"acc": -1.0, "epoch": -1}
     assert not (tmp_path / "checkpoint-best.pth").exists()
+
+
+def test_an_epoch_without_evaluation_keeps_the_last_metrics_and_best(tmp_path):
+    """An evaluation hook that returns None (not due this epoch, as segmentation's --eval_interval) leaves the
+    metrics and the best record as they were and marks no best."""
+    outcome, _, calls = make_run(tmp_path, metrics=[None, {"acc": 1.0}, None], best=ACC_BEST)
+    assert [e for e, _ in calls["evaluate"]] == [0, 1, 2]
+    assert outcome.metrics == {"acc": 1.0} and outcome.best == {"acc": 1.0, "epoch": 1, "step": 8}
+    assert calls["best_seen"][0] == {"acc": -1.0, "epoch": -1}
+    assert load_checkpoint(tmp_path / "checkpoint-best.pth")["epoch"] == 1
+    assert ['"seen": null' in line for line in (tmp_path / "log.txt").read_text().splitlines()] == [True, False, True]
 
 
 def test_mid_epoch_state_names_the_last_finished_epoch():
