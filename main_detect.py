@@ -11,7 +11,6 @@ Example: ``python main_detect.py --config configs/detect/demo.yaml --output_dir 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -21,26 +20,26 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from engine.detect import detect_step, evaluate_detection
+from engine.detect import demo_coco, detect_step, evaluate_detection, report_detection, save_detections_png
 from engine.evaluate import eval_shard
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.adapter import ADAPTER_MODELS, create_adapter
-from models.convert import to_timm_vit
+from models.backbone import load_pyramid_backbone
 from models.detectors import build_detector, detector_layer_id
 from models.pyramid import ViTFeaturePyramid
-from models.registry import list_models
-from util import args as cli
-from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
-                             RunCheckpoints, training_state)
+from models.registry import checkpoint_vs_model, list_models
+from util import args as cli_args
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
 from util.data.loaders import build_train_loader
-from util.distributed import DistInfo, barrier, rank_and_world, wrap_ddp
+from util.distributed import rank_and_world, wrap_ddp
 from util.cli_help import DefaultsHelpFormatter
-from util.launch import add_launch_args, parse_or_dispatch, Preemption
-from util.logging import MetricWriter, write_results
+from util.launch import add_launch_args, parse_or_dispatch
+from util.logging import write_results
 from util.lr_sched import apply_lr, step_lr, training_budget
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 
 logger = logging.getLogger("vitfreeze")
 
@@ -48,12 +47,12 @@ logger = logging.getLogger("vitfreeze")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze detection / instance segmentation", allow_abbrev=False,
                                       formatter_class=DefaultsHelpFormatter)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_detection_args(parser)
-    cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=4)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_detection_args(parser)
+    cli_args.add_optim_args(parser, blr=1.6e-3, weight_decay=0.1, epochs=12, warmup_epochs=0, batch_size=2)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=4)
     parser.set_defaults(input_size=1024)  # ViTDet's LSJ canvas
     add_launch_args(parser)
     return parser
@@ -74,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     seed_everything(args.seed + info.rank)
     output_dir, device, amp_dtype = Path(args.output_dir), info.device, resolve_amp(args.amp, info.device)
-    root = prepare_data(args, info)
+    root = Path(args.data_path) if args.data_path != "scenes" else demo_coco(
+        Path(args.output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
+        size=args.input_size, seed=args.seed, is_main=info.is_main)
     train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=partial(
         large_scale_jitter, size=args.input_size, scale_range=args.scale_range))
     val_set = CocoInstances(root, "val", strict_data=args.strict_data)  # validated here, before any training
@@ -90,8 +91,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                        category_ids=val_set.category_ids, image_ids=val_set.image_ids, amp_dtype=amp_dtype,
                        max_dets=(1, 10, args.max_dets))
     if args.eval:
-        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
-        return write_results(output_dir if info.is_main else None, report(evaluate(), "eval"))
+        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
+                         describe=checkpoint_vs_model)
+        return write_results(output_dir if info.is_main else None, report_detection(evaluate(), "eval"))
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
@@ -107,55 +109,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = partial(step_lr, base_lr=lr, milestones=[e * steps_per_epoch for e in args.lr_steps],
                        warmup_steps=args.warmup_iters + args.warmup_epochs * steps_per_epoch)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
-                              required=("model", "optimizer", "epoch"),
-                              hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    skipped, result = (checkpoint.get("skipped_steps", 0), checkpoint.get("metrics", {})) if checkpoint else (0, {})
-    if info.is_main:
-        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
-                         "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
     ddp = wrap_ddp(model, info)
-    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
-                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
-                      total_steps=args.epochs * steps_per_epoch)
+    writer = metric_writer(args, info)
 
-    def state(epoch: int, progress: EpochProgress) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), metrics=result, classes=val_set.classes,
-                              category_ids=val_set.category_ids)
+    def evaluate_due(epoch: int, progress) -> dict | None:
+        if (epoch + 1) % args.eval_every and epoch + 1 != args.epochs:
+            return None
+        metrics = report_detection(evaluate(), f"epoch {epoch}")
+        writer.log({f"val/{k}": v for k, v in metrics.items()}, progress.step)
+        return metrics
 
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, args.epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            model.train()
-            stats = train_one_epoch(partial(_step, ddp, device=device), loader, optimizer, scaler, loop, progress,
-                                    before_update=lambda step: apply_lr(optimizer, schedule(step)),
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
-                                    should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch, saved=output_dir / LAST_NAME)
-            skipped, evaluated = progress.skipped, {}
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-                result = evaluated = report(evaluate(), f"epoch {epoch}")
-                writer.log({f"val/{k}": v for k, v in result.items()}, progress.step)
-                if info.is_main and args.vis_every and (epoch + 1) % args.vis_every == 0:
-                    save_pictures(model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
-            ckpts.end_epoch(epoch, state(epoch, progress), log={**{f"train_{k}": v for k, v in stats.items()},
-                                                                **{f"val_{k}": v for k, v in evaluated.items()},
-                                                                "epoch": epoch})
-            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
-    writer.close()
-    return write_results(output_dir if info.is_main else None, {**result, "epoch": args.epochs - 1})
+    def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
+        pictures = metrics is not None and args.vis_every and (epoch + 1) % args.vis_every == 0
+        draw = partial(save_detections_png, model, val_set, output_dir / f"detections_{epoch:03d}.png", device=device)
+        return EpochEnd(log={f"val_{k}": v for k, v in (metrics or {}).items()}, pictures=draw if pictures else None)
+
+    task = Task(step=partial(_step, ddp, device=device), before_update=lambda step: apply_lr(optimizer, schedule(step)),
+                train=model.train, no_sync=getattr(ddp, "no_sync", None), evaluate=evaluate_due, end_epoch=end_epoch,
+                state=lambda run: {"metrics": run.metrics, "classes": val_set.classes,
+                                   "category_ids": val_set.category_ids})
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    run = fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+              steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype,
+              hint="a pretrained backbone goes to --finetune; --eval evaluates a checkpoint",
+              record={"lr": lr, "effective_batch": eff_batch, "classes": val_set.classes,
+                      "steps_per_epoch": steps_per_epoch, "world_size": info.world_size},
+              script=Path(__file__).name, argv=argv)
+    return write_results(output_dir if info.is_main else None, {**run.metrics, "epoch": args.epochs - 1})
 
 
 def _step(model: nn.Module, batch, step: int, *, device: torch.device) -> dict:
@@ -199,51 +179,14 @@ def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Modul
                                  global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing,
                                  use_rel_pos=args.use_rel_pos)
     if finetune:
-        state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
-        missing, unexpected = backbone.load_backbone(state)
-        if missing:
-            raise ValueError(f"{finetune} ({source}) did not load the backbone: missing {missing[:8]}")
-        logger.info("loaded %s (%s checkpoint) into the pyramid's ViT; ignored: %s", finetune, source,
-                    unexpected[:8] or "none")
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
     return backbone
 
 
-def prepare_data(args: argparse.Namespace, info: DistInfo) -> Path:
-    """The COCO root: ``--data_path``, or synthetic scenes written once into ``<output_dir>/scenes`` (5 classes,
-    colour-coded as the segmentation demo's, so that a CPU demo learns in minutes)."""
-    if args.data_path != "scenes":
-        return Path(args.data_path)
-    from util.data.scenes import write_coco
-    root = Path(args.output_dir) / "scenes"
-    spec = {"n_train": args.scene_images[0], "n_val": args.scene_images[1], "size": args.input_size,
-            "seed": args.seed, "class_colours": True}
-    marker = root / "scenes.json"
-    if info.is_main and not (marker.exists() and json.loads(marker.read_text()) == spec):
-        write_coco(root, **spec)
-        marker.write_text(json.dumps(spec))
-    barrier()
-    return root
-
-
-def report(metrics: dict[str, float], what: str) -> dict[str, float]:
-    logger.info("%s: box AP %.2f (AP50 %.2f, AP75 %.2f)  mask AP %.2f (AP50 %.2f, AP75 %.2f)", what,
-                *(metrics.get(k, float("nan")) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
-                                                         "segm_AP50", "segm_AP75")))
-    return metrics
-
-
-def save_pictures(model: nn.Module, dataset: CocoInstances, path: Path, *, device: torch.device,
-                  count: int = 4) -> None:
-    """Ground truth beside the predicted boxes and masks (score >= 0.5) of the first ``count`` validation images."""
-    from util.vis import save_detection_png
-    items = [dataset[i] for i in range(min(count, len(dataset)))]
-    model.eval()
-    with torch.inference_mode():
-        outputs = model([img.to(device) for img, _ in items])
-    save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
-                       dataset.classes, targets=[target for _, target in items])
-
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_detect.py``): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()

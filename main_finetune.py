@@ -19,25 +19,26 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import models
-from engine.evaluate import eval_shard, evaluate
+from engine.evaluate import eval_shard, evaluate, evaluate_and_report
 from engine.finetune import build_criterion, classify_step
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.backbone import freeze_unit, load_finetune_weights
-from util import args as cli
-from util.checkpoint import (NonFiniteStateError, RunCheckpoints, find_latest, load_checkpoint, load_model_state,
-                             training_state)
+from models.registry import checkpoint_vs_model
+from util import args as cli_args
+from util.checkpoint import NonFiniteStateError, find_latest, load_checkpoint, load_model_state
 from util.distributed import DistInfo, barrier
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader
-from util.logging import dumps_json, log_prefix, MetricWriter, write_results
+from util.logging import dumps_json, log_prefix, write_results
 from util.lr_sched import training_budget
-from util.metrics import mean_and_std, per_class_table
+from util.metrics import mean_and_std
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 from util.data.transfer import build_splits, csv_folds
 from util.data.transforms import eval_transform, finetune_transform
 from util.cli_help import DefaultsHelpFormatter
-from util.launch import Preemption, add_launch_args, parse_or_dispatch
+from util.launch import add_launch_args, parse_or_dispatch
 
 logger = logging.getLogger("vitfreeze")
 PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOut flags of the MIM models
@@ -45,16 +46,16 @@ PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOu
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze fine-tuning", allow_abbrev=False, formatter_class=DefaultsHelpFormatter)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_backbone_args(parser)
-    cli.add_finetune_args(parser)
-    cli.add_labelled_data_args(parser)
-    cli.add_transfer_data_args(parser)
-    cli.add_optim_args(parser, blr=1e-3, weight_decay=0.05, epochs=50, warmup_epochs=5, batch_size=64, min_lr=1e-6)
-    cli.add_freezeout_args(parser)
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=20)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_backbone_args(parser)
+    cli_args.add_finetune_args(parser)
+    cli_args.add_labelled_data_args(parser)
+    cli_args.add_transfer_data_args(parser)
+    cli_args.add_optim_args(parser, blr=1e-3, weight_decay=0.05, epochs=50, warmup_epochs=5, batch_size=64, min_lr=1e-6)
+    cli_args.add_freezeout_args(parser)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=20)
     parser.set_defaults(global_pool=True)  # MAE fine-tunes on the mean patch token; --cls_token: token 0
     add_launch_args(parser)
     return parser
@@ -108,7 +109,8 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
     report = partial(evaluate_and_report, model, eval_loaders, names=names, device=device, amp_dtype=amp_dtype,
                      output_dir=output_dir if info.is_main else None)
     if args.eval:
-        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
+        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
+                         describe=checkpoint_vs_model)
         return write_results(output_dir if info.is_main else None, report())
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -129,70 +131,46 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                                  scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
     freezer = Freezer(model, optimizer, schedule, unit_of=unit_of, dist=info,
                       describe_unit=lambda u: f"blocks.{u - 1} (unit {u})" if u else "patch embedding + tokens")
-    writer = MetricWriter(output_dir, log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    ckpts = RunCheckpoints(output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=freezer.sync, steps_per_epoch=steps_per_epoch,
-                              required=("model", "optimizer", "epoch", "best"),
-                              hint="a pretrained or foreign checkpoint goes to --finetune; --eval evaluates one")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    best = checkpoint["best"] if checkpoint else {"acc1": -1.0, "epoch": -1}
-    if info.is_main:
-        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "classes": len(names),
-                         "fold": fold, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
-        if args.freezeout:
-            from util.vis import save_schedule_png  # lazy: pictures are optional
-            logger.info("wrote %s", save_schedule_png(output_dir / "freezeout_schedule.png", schedule,
-                                                      steps_per_epoch=steps_per_epoch))
+    if info.is_main and args.freezeout:
+        from util.vis import save_schedule_png  # lazy: pictures are optional
+        logger.info("wrote %s", save_schedule_png(output_dir / "freezeout_schedule.png", schedule,
+                                                  steps_per_epoch=steps_per_epoch))
     mixup_fn, criterion = build_criterion(num_classes=len(names), smoothing=args.smoothing, mixup=args.mixup,
                                           cutmix=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                                           mixup_prob=args.mixup_prob, mixup_switch_prob=args.mixup_switch_prob,
                                           mixup_mode=args.mixup_mode)
+    writer = metric_writer(args, info, output_dir, log_dir)
 
     def step_fn(batch, step: int) -> dict:
         return classify_step(freezer.module, batch, step, criterion=criterion, device=device, mixup_fn=mixup_fn)
-    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
-                      amp_dtype=amp_dtype, device=device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
-                      total_steps=args.epochs * steps_per_epoch)
 
-    def state(epoch: int, progress: EpochProgress, **extra) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), best=best, classes=names, **extra)
+    def end_epoch(epoch: int, stats: dict, metrics: dict, run: Outcome) -> EpochEnd:
+        result = {k: v for k, v in metrics.items() if k != "confusion"}  # the matrix stays with the best record
+        writer.log_validation(result, epoch)
+        logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",
+                    epoch, result["acc1"], result["acc5"], result["f1"], result["mcc"], result["loss"],
+                    run.best["acc1"], run.best["epoch"])
+        return EpochEnd(log={**{f"val_{k}": v for k, v in result.items()}, "epoch": epoch,
+                             "num_frozen": freezer.num_frozen}, state={"metrics": result}, metrics=result)
 
-    result: dict[str, float] = checkpoint.get("metrics", {}) if checkpoint else {}
-    skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, args.epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            freezer.train()
-            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress,
-                                    before_update=freezer.before_update, no_sync=freezer.no_sync, log_fn=writer.log,
-                                    should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch,
-                                       saved=output_dir / "checkpoint-last.pth")
-            skipped = progress.skipped
-            result = evaluate(model, eval_loaders["val"], device=device, num_classes=len(names), amp_dtype=amp_dtype)
-            confusion = result.pop("confusion")
-            writer.log_validation(result, epoch)
-            if result["acc1"] > best["acc1"]:
-                best = {"acc1": result["acc1"], "epoch": epoch, "confusion": confusion}
-            logger.info("epoch %d: val acc1 %.2f  acc5 %.2f  f1 %.2f  mcc %.2f  loss %.4f  (best acc1 %.2f, epoch %d)",
-                        epoch, result["acc1"], result["acc5"], result["f1"], result["mcc"], result["loss"],
-                        best["acc1"], best["epoch"])
-            ckpts.end_epoch(epoch, state(epoch, progress, metrics=result), is_best=best["epoch"] == epoch, log={
-                **{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in result.items()},
-                "epoch": epoch, "num_frozen": freezer.num_frozen})
-            if epoch + 1 < args.epochs and preemption.requested_anywhere(device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / 'checkpoint-last.pth'}")
-    writer.close()
+    task = Task(step=step_fn, before_update=freezer.before_update, train=freezer.train, no_sync=freezer.no_sync,
+                evaluate=lambda epoch, progress: evaluate(model, eval_loaders["val"], device=device,
+                                                          num_classes=len(names), amp_dtype=amp_dtype),
+                best=Best("acc1", {"acc1": -1.0, "epoch": -1}, lambda m, epoch, progress: {
+                    "acc1": m["acc1"], "epoch": epoch, "confusion": m["confusion"]}),
+                end_epoch=end_epoch, state=lambda run: {"classes": names})
+    run = fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+              steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype, output_dir=output_dir,
+              sync=freezer.sync, required=("model", "optimizer", "epoch", "best"),
+              hint="a pretrained or foreign checkpoint goes to --finetune; --eval evaluates one",
+              record={"lr": lr, "effective_batch": eff_batch, "classes": len(names), "fold": fold,
+                      "steps_per_epoch": steps_per_epoch, "world_size": info.world_size},
+              script=Path(__file__).name, argv=argv)
+    result, best = run.metrics, run.best
     if "test" in eval_loaders and best["epoch"] != args.epochs - 1:  # test the model selected on val
         barrier()  # rank 0 has written checkpoint-best.pth
-        load_model_state(model, load_checkpoint(output_dir / "checkpoint-best.pth")["model"], source="best checkpoint")
+        load_model_state(model, load_checkpoint(output_dir / "checkpoint-best.pth")["model"], source="best checkpoint",
+                         describe=checkpoint_vs_model)
     tested = {k: v for k, v in report(best=best).items() if k.startswith("test_")}
     return write_results(output_dir if info.is_main else None,
                          {**result, "best_acc1": best["acc1"], "best_epoch": best["epoch"], **tested})
@@ -241,34 +219,10 @@ def mixup_active(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, names: list[str], device: torch.device,
-                        amp_dtype: torch.dtype | None, output_dir: Path | None, best: dict | None = None
-                        ) -> dict[str, float]:
-    """Evaluate on every split and write ``per_class_<split>.txt`` and ``confusion_<split>.png`` (rank 0).
-
-    ``best`` (from training) supplies the validation confusion matrix, so only the other splits are evaluated.
-    Returns the ``val`` metrics under their names and the others as ``<split>_<name>``.
-    """
-    from util.vis import save_confusion_png  # lazy: pictures are optional
-    if output_dir is not None:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    out: dict[str, float] = {}
-    for split, loader in loaders.items():
-        if split == "val" and best is not None and "confusion" in best:
-            metrics, confusion = {}, best["confusion"]
-        else:
-            metrics = evaluate(model, loader, device=device, num_classes=len(names), amp_dtype=amp_dtype)
-            confusion = metrics.pop("confusion")
-            logger.info("%s: %s", split, "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "num_samples"))
-        out.update(metrics if split == "val" else {f"{split}_{k}": v for k, v in metrics.items()})
-        if output_dir is not None:
-            table = per_class_table(confusion, names)
-            logger.info("%s per-class results:\n%s", split, table)
-            (output_dir / f"per_class_{split}.txt").write_text(table + "\n")
-            save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
-    return out
-
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_finetune.py`` and its aliases): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()

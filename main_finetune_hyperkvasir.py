@@ -9,9 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from engine.train import NonFiniteLossError
-from main_finetune import main as finetune_main
-from util.runtime import run_cli
+from main_finetune import cli, main as finetune_main
 
 OFFICIAL_SPLIT = Path("official_splits") / "2_fold_split.csv"
 
@@ -29,14 +27,18 @@ def official_split(argv: list[str]) -> Path | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def with_official_split(argv: list[str]) -> list[str]:
+    """``argv`` plus ``--split_file`` of :func:`official_split`, when there is one (and says so in the log)."""
     split = official_split(argv)
-    if split is not None:
-        logging.getLogger("vitfreeze").warning("HyperKvasir: using the official split %s (both folds)", split)
-        argv += ["--split_file", str(split)]
-    return finetune_main(argv)
+    if split is None:
+        return list(argv)
+    logging.getLogger("vitfreeze").warning("HyperKvasir: using the official split %s (both folds)", split)
+    return [*argv, "--split_file", str(split)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return finetune_main(with_official_split(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    cli(with_official_split(sys.argv[1:]))

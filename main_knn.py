@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import models
 from engine.knn import embed, knn_classify
 from models.backbone import build_backbone
-from util import args as cli
+from util import args as cli_args
 from util.checkpoint import load_checkpoint, unreadable_reason
 from util.data.subsets import few_shot_indices
 from util.logging import MetricWriter
@@ -38,15 +38,15 @@ FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze weighted k-NN evaluation", allow_abbrev=False,
                                       formatter_class=DefaultsHelpFormatter)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))
-    cli.add_labelled_data_args(parser)
-    cli.add_decode_args(parser, what="evaluation crops (resize + center crop)")
-    cli.add_knn_args(parser)
-    cli.add_extraction_args(parser)
-    cli.add_dist_args(parser)
-    cli.add_eval_output_args(parser)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_backbone_args(parser, weights_aliases=("--pretrained_weights",))
+    cli_args.add_labelled_data_args(parser)
+    cli_args.add_decode_args(parser, what="evaluation crops (resize + center crop)")
+    cli_args.add_knn_args(parser)
+    cli_args.add_extraction_args(parser)
+    cli_args.add_dist_args(parser)
+    cli_args.add_eval_output_args(parser)
     add_launch_args(parser)
     return parser
 
@@ -157,5 +157,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_knn.py`` and ``run_knn.py``): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv))
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

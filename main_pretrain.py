@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -14,22 +15,21 @@ import torch
 
 import models
 from engine.pretrain import mim_step, reconstruct
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.masking import check_mask_ratio
-from util import args as cli
-from util.checkpoint import NonFiniteStateError, RunCheckpoints, training_state
+from util import args as cli_args
+from util.checkpoint import NonFiniteStateError
 from util.data.decode import build_fast_input, use_fast_input
-from util.distributed import barrier
 from util.data.folder import build_pretrain_dataset
 from util.freezeout import Freezer, FreezeOutSchedule
 from util.cli_help import DefaultsHelpFormatter
-from util.launch import Preemption, add_launch_args, parse_or_dispatch
+from util.launch import add_launch_args, parse_or_dispatch
 from util.data.loaders import build_train_loader
-from util.logging import MetricWriter
 from util.lr_sched import training_budget
 from util.compute import adamw_kwargs, compile_model
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 from util.data.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
@@ -38,16 +38,16 @@ logger = logging.getLogger("vitfreeze")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze pretraining (MAE / LocalMIM)", allow_abbrev=False,
                                       formatter_class=DefaultsHelpFormatter)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="mae_vit_base_patch16")
-    cli.add_mim_args(parser)
-    cli.add_data_args(parser)
-    cli.add_decode_args(parser, what="pretraining crops")
-    cli.add_compute_args(parser)
-    cli.add_optim_args(parser, blr=1.5e-4, weight_decay=0.05, epochs=400, warmup_epochs=40, batch_size=64)
-    cli.add_freezeout_args(parser)
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=20)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="mae_vit_base_patch16")
+    cli_args.add_mim_args(parser)
+    cli_args.add_data_args(parser)
+    cli_args.add_decode_args(parser, what="pretraining crops")
+    cli_args.add_compute_args(parser)
+    cli_args.add_optim_args(parser, blr=1.5e-4, weight_decay=0.05, epochs=400, warmup_epochs=40, batch_size=64)
+    cli_args.add_freezeout_args(parser)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=20)
     add_launch_args(parser)
     return parser
 
@@ -91,19 +91,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                  warmup_jump=args.vitfreeze_compat)
     freezer = Freezer(model, optimizer, schedule, unit_of=model.unit_of, dist=info,
                       describe_unit=partial_describe(model))
-    writer = MetricWriter(args.output_dir, args.log_dir or Path(args.output_dir) / "tensorboard",
-                          enabled=info.is_main)
-    ckpts = RunCheckpoints(args.output_dir, epochs=args.epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=freezer.sync, steps_per_epoch=steps_per_epoch)
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    if info.is_main:
-        write_run_record(args.output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch,
-                         "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
-    logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs from %d", args.model,
-                sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs,
-                start_epoch)
+    writer = metric_writer(args, info)
+    logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs", args.model,
+                sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs)
     if info.is_main and args.freezeout:
         for line in schedule.describe(steps_per_epoch):
             logger.info("FreezeOut schedule: %s", line)
@@ -132,39 +122,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     vis_imgs = loader.prepare([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]) \
         if args.vis_every and info.is_main else None
 
-    loop = LoopConfig(steps_per_epoch=steps_per_epoch, accum_steps=args.accum_iter, clip_grad=args.clip_grad,
-                      amp_dtype=amp_dtype, device=info.device, max_skipped_steps=args.max_skipped_steps,
-                      print_freq=args.print_freq, images_per_update=eff_batch, save_every_steps=args.save_every_steps,
-                      total_steps=args.epochs * steps_per_epoch)
+    def end_epoch(epoch: int, stats: dict, metrics: None, run: Outcome) -> EpochEnd:
+        vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
+        return EpochEnd(log={"epoch": epoch, "num_frozen": freezer.num_frozen,
+                             **({"loss_terms": list(loss_terms)} if loss_terms else {})},
+                        state={"train_stats": stats}, pictures=partial(
+                            save_reconstruction, model, vis_imgs, args, Path(args.output_dir) / f"vis-{epoch:04d}.png")
+                        if vis_due else None)
 
-    def state(epoch: int, progress: EpochProgress, **extra) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), **extra)
-
-    stats: dict = checkpoint.get("train_stats", {}) if checkpoint else {}
-    skipped = checkpoint.get("skipped_steps", 0) if checkpoint else 0
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, args.epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            freezer.train()
-            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
-                                    no_sync=freezer.no_sync, log_fn=writer.log, should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=steps_per_epoch,
-                                       saved=ckpts.output_dir / "checkpoint-last.pth")
-            skipped = progress.skipped
-            vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)
-            ckpts.end_epoch(epoch, state(epoch, progress, train_stats=stats), log={
-                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "num_frozen": freezer.num_frozen,
-                **({"loss_terms": list(loss_terms)} if loss_terms else {})},
-                extra_outputs=(lambda: save_reconstruction(model, vis_imgs, args, Path(args.output_dir) /
-                                                           f"vis-{epoch:04d}.png")) if vis_due else None)
-            if epoch + 1 < args.epochs and preemption.requested_anywhere(info.device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {ckpts.output_dir / 'checkpoint-last.pth'}")
-    writer.close()
-    return stats
+    task = Task(step=step_fn, before_update=before_update, train=freezer.train, no_sync=freezer.no_sync,
+                end_epoch=end_epoch)
+    return fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+               steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype, sync=freezer.sync,
+               record={"lr": lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
+                       "world_size": info.world_size}, script=Path(__file__).name, argv=argv).stats
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -194,5 +165,10 @@ def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argpar
     logger.info("wrote %s", path)
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_pretrain.py`` and its aliases): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
+
+
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()

@@ -10,9 +10,7 @@ Example: ``python main_segment.py --config configs/segment/demo.yaml [--finetune
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -23,25 +21,25 @@ from torch.utils.data import DataLoader
 
 import models
 from engine.evaluate import eval_shard
-from engine.segment import evaluate_segmentation, poly_lr, segment_step
-from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
+from engine.segment import (demo_scenes, evaluate_segmentation, iteration_budget, report_segmentation,
+                            segment_step)
+from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
+from engine.train import NonFiniteLossError
 from models.adapter import create_adapter
-from models.convert import to_timm_vit
+from models.backbone import load_pyramid_backbone
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
-from util import args as cli
-from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
-                             RunCheckpoints, training_state)
+from models.registry import checkpoint_vs_model
+from util import args as cli_args
+from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader
-from util.data.scenes import write_ade20k
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.cli_help import DefaultsHelpFormatter
-from util.launch import add_launch_args, parse_or_dispatch, Preemption
-from util.logging import MetricWriter
-from util.metrics import segmentation_table
+from util.launch import add_launch_args, parse_or_dispatch
 from util.param_groups import param_groups
-from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
+from util.lr_sched import apply_lr, poly_lr, training_budget
+from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 
 logger = logging.getLogger("vitfreeze")
 TAPS = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}  # BEiT's / MAE's out_indices for ViT-B and ViT-L
@@ -52,13 +50,13 @@ ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_b
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("ViTFreeze semantic segmentation (UperNet)", allow_abbrev=False,
                                       formatter_class=DefaultsHelpFormatter)
-    cli.add_config_args(parser)
-    cli.add_model_args(parser, default_model="vit_base_patch16")
-    cli.add_backbone_args(parser)
-    cli.add_optim_args(parser, blr=1.6e-3, weight_decay=0.05, epochs=1, warmup_epochs=0, batch_size=2)
-    cli.add_segmentation_args(parser)
-    cli.add_dist_args(parser)
-    cli.add_output_args(parser, save_every=1000)
+    cli_args.add_config_args(parser)
+    cli_args.add_model_args(parser, default_model="vit_base_patch16")
+    cli_args.add_backbone_args(parser)
+    cli_args.add_optim_args(parser, blr=1.6e-3, weight_decay=0.05, epochs=1, warmup_epochs=0, batch_size=2)
+    cli_args.add_segmentation_args(parser)
+    cli_args.add_dist_args(parser)
+    cli_args.add_output_args(parser, save_every=1000)
     add_launch_args(parser)
     return parser
 
@@ -77,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.benchmark = False
     seed_everything(args.seed + info.rank)
     device, amp_dtype, output_dir = info.device, resolve_amp(args.amp, info.device), Path(args.output_dir)
-    data_path = demo_data(output_dir, args.input_size, info) if args.data_path == "demo" else args.data_path
+    data_path = args.data_path if args.data_path != "demo" else demo_scenes(output_dir, args.input_size,
+                                                                            is_main=info.is_main)
     crop, stride = args.input_size, args.slide_stride or max(1, (2 * args.input_size) // 3)
     val_set = ADE20KDataset(data_path, "val", SegEvalTransform(crop), num_classes=args.nb_classes,
                             reduce_zero_label=args.reduce_zero_label, strict_data=args.strict_data)
@@ -90,8 +89,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.eval:
         if not resume:
             raise ValueError("--eval needs --resume CKPT (or --auto_resume with a checkpoint in --output_dir)")
-        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}")
-        return report(evaluate(), output_dir, info.is_main, step=-1)
+        load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
+                         describe=checkpoint_vs_model)
+        return report_segmentation(evaluate(), output_dir, info.is_main, step=-1)
 
     train_set = ADE20KDataset(data_path, "train", SegTrainTransform(crop, tuple(args.ratio_range), args.cat_max_ratio),
                               num_classes=args.nb_classes, reduce_zero_label=args.reduce_zero_label, seed=args.seed,
@@ -99,81 +99,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
                                 pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
                                 keyed=False, epoch_indices=True)  # the dataset's own keys, (seed, epoch, index)
-    steps_per_epoch = len(loader) // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training images are fewer than one optimizer step needs")
+    steps_per_epoch, eff_batch, lr = training_budget(
+        num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
+        world_size=info.world_size, blr=args.blr, lr=args.lr)
     total = args.max_iters or args.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
+    epochs = iteration_budget(total, steps_per_epoch)
     warmup = args.warmup_iters if args.warmup_iters is not None else args.warmup_epochs * steps_per_epoch
-    eff_batch = args.batch_size * args.accum_iter * info.world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     depth = model.depth
     unit_of = lambda name: (lambda i: None if i > depth else i)(model.layer_id(name))  # noqa: E731
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,
                                                no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
                                                num_layers=depth + 1), lr=lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    writer = MetricWriter(output_dir, args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
-    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
-    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
-                           log_epoch=writer.log_epoch)
-    checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
-                              sync=lambda step: None, steps_per_epoch=steps_per_epoch,
-                              required=("model", "optimizer", "epoch"), hint="a pretrained backbone goes to --finetune")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-    best = checkpoint.get("best", {"mIoU": -1.0, "step": -1}) if checkpoint else {"mIoU": -1.0, "step": -1}
-    skipped, step = (checkpoint.get("skipped_steps", 0), checkpoint.get("step", 0)) if checkpoint else (0, 0)
+    schedule = partial(poly_lr, base_lr=lr, total_steps=total, warmup_steps=warmup, power=args.poly_power)
     if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ddp = wrap_ddp(model, info)
-    if info.is_main:
-        write_run_record(output_dir, vars(args), {"lr": lr, "effective_batch": eff_batch, "total_steps": total,
-                         "epochs": epochs, "steps_per_epoch": steps_per_epoch, "world_size": info.world_size}, argv)
+    writer = metric_writer(args, info)
 
-    def before_update(step: int) -> None:
-        value = poly_lr(step, base_lr=lr, total_steps=total, warmup_steps=warmup, power=args.poly_power)
-        for group in optimizer.param_groups:
-            group["lr"] = value * group["lr_scale"]
+    def evaluate_due(epoch: int, progress) -> dict | None:
+        """mmseg's evaluation by iteration: after the epoch in which the step passes a multiple of
+        ``--eval_interval`` (every epoch when 0), and after the last."""
+        step, first = progress.step, epoch * steps_per_epoch
+        if epoch < epochs - 1 and args.eval_interval and step // args.eval_interval <= first // args.eval_interval:
+            return None
+        broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
+        return report_segmentation(evaluate(), output_dir, info.is_main, step=step, vis=True)
 
-    step_fn = partial(segment_step, ddp, device=device, aux_weight=args.aux_weight)
-    result: dict = {}
+    def end_epoch(epoch: int, stats: dict, metrics: dict | None, run: Outcome) -> EpochEnd:
+        return EpochEnd(log={"epoch": epoch, "step": run.step, **({f"val_{k}": metrics[k] for k in
+                                                                  ("mIoU", "mAcc", "aAcc")} if metrics else {})})
 
-    def state(epoch: int, progress: EpochProgress) -> dict:
-        return training_state(model, optimizer, scaler, epoch=epoch, step=progress.step, skipped=progress.skipped,
-                              args=vars(args), best=best)
-
-    with Preemption(Path(__file__).name, argv) as preemption, ckpts:
-        for epoch in range(start_epoch, epochs):
-            progress = begin_epoch(loader, checkpoint, epoch, info, seed=args.seed, steps_per_epoch=steps_per_epoch,
-                                   accum_steps=args.accum_iter, skipped=skipped)
-            model.train()
-            first = epoch * steps_per_epoch
-            loop = LoopConfig(steps_per_epoch=min(steps_per_epoch, total - first), accum_steps=args.accum_iter,
-                              clip_grad=args.clip_grad, amp_dtype=amp_dtype, device=device,
-                              max_skipped_steps=args.max_skipped_steps, print_freq=args.print_freq,
-                              images_per_update=eff_batch, save_every_steps=args.save_every_steps, total_steps=total)
-            stats = train_one_epoch(step_fn, loader, optimizer, scaler, loop, progress, before_update=before_update,
-                                    no_sync=getattr(ddp, "no_sync", None), log_fn=writer.log,
-                                    should_stop=preemption.requested,
-                                    checkpoint_fn=lambda p: ckpts.save_position(state(p.epoch - 1, p), p.state_dict()))
-            preemption.exit_if_stopped(progress, steps_per_epoch=loop.steps_per_epoch, saved=output_dir / LAST_NAME)
-            step, last, skipped = progress.step, epoch == epochs - 1, progress.skipped
-            evaluate_now = last or not args.eval_interval or step // args.eval_interval > first // args.eval_interval
-            if evaluate_now:
-                broadcast_buffers(model)  # BN statistics of rank 0 everywhere (per-rank BN without SyncBN on CPU)
-                result = report(evaluate(), output_dir, info.is_main, step=step, vis=True)
-                if result["mIoU"] > best["mIoU"]:
-                    best = {"mIoU": result["mIoU"], "step": step}
-            ckpts.end_epoch(epoch, state(epoch, progress), is_best=evaluate_now and best["step"] == step, log={
-                **{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "step": step,
-                **({f"val_{k}": result[k] for k in ("mIoU", "mAcc", "aAcc")} if evaluate_now else {})})
-            if not last and preemption.requested_anywhere(device):
-                barrier()
-                preemption.exit(f"at the end of epoch {epoch}; saved {output_dir / LAST_NAME}")
-    writer.close()
+    task = Task(step=partial(segment_step, ddp, device=device, aux_weight=args.aux_weight),
+                before_update=lambda step: apply_lr(optimizer, schedule(step)), train=model.train,
+                no_sync=getattr(ddp, "no_sync", None), evaluate=evaluate_due, end_epoch=end_epoch,
+                best=Best("mIoU", {"mIoU": -1.0, "step": -1},
+                          lambda m, epoch, progress: {"mIoU": m["mIoU"], "step": progress.step}))
+    # the epoch-end writes of the classification scripts: no non-finite state saved, checkpoint-last.pth last
+    run = fit(task, args, info, model=model, optimizer=optimizer, scaler=scaler, loader=loader, writer=writer,
+              steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype, epochs=epochs,
+              total_steps=total, hint="a pretrained backbone goes to --finetune",
+              record={"lr": lr, "effective_batch": eff_batch, "total_steps": total, "epochs": epochs,
+                      "steps_per_epoch": steps_per_epoch, "world_size": info.world_size},
+              script=Path(__file__).name, argv=argv)
     barrier()
-    return {**{k: result[k] for k in ("mIoU", "mAcc", "aAcc") if k in result}, "best_mIoU": best["mIoU"],
-            "best_step": best["step"], "step": step}
+    return {**{k: run.metrics[k] for k in ("mIoU", "mAcc", "aAcc") if k in run.metrics},
+            "best_mIoU": run.best["mIoU"], "best_step": run.best["step"], "step": run.step}
 
 
 def model_name(name: str) -> str:
@@ -206,13 +177,7 @@ def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSeg
                                  tap_blocks=tuple(taps) or None, neck=args.neck, use_rel_pos=args.use_rel_pos,
                                  rel_pos_bias=args.rel_pos_bias, layer_scale_init_value=args.layer_scale_init_value)
     if finetune:
-        state, source = to_timm_vit(load_checkpoint(finetune), source=args.checkpoint_source)
-        missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
-        harmless = {"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"}
-        if missing or set(unexpected) - harmless:
-            raise ValueError(f"{finetune} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
-                             f"{sorted(set(unexpected) - harmless)[:8]}")
-        logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", finetune, source, unexpected or "none")
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
     elif not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")
     return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels or width,
@@ -226,31 +191,10 @@ def _arch(name: str) -> tuple[int, int]:
     return vit.embed_dim, len(vit.blocks)
 
 
-def demo_data(output_dir: Path, size: int, info) -> str:
-    """Synthetic scenes in the ADE20K layout under ``<output_dir>/demo_scenes`` (written once, by rank 0): 320
-    training and 64 validation scenes of 5 classes, colour-coded (``class_colours``) so that a CPU demo learns."""
-    root = output_dir / "demo_scenes"
-    if info.is_main and not (root / "annotations" / "validation").is_dir():
-        write_ade20k(root, n_train=320, n_val=64, size=size, seed=0, class_colours=True)
-    barrier()
-    return str(root)
-
-
-def report(metrics: dict, output_dir: Path, is_main: bool, *, step: int, vis: bool = False) -> dict:
-    """Log the metrics and the per-class table; rank 0 writes ``results.json`` and the pictures."""
-    logger.info("step %d: mIoU %.2f  mAcc %.2f  aAcc %.2f  (%d images)", step, metrics["mIoU"], metrics["mAcc"],
-                metrics["aAcc"], metrics["num_images"])
-    logger.info("per-class results:\n%s", segmentation_table(metrics))
-    out = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images")}
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
-        if metrics["samples"]:
-            from util.vis import save_segmentation_png  # lazy: pictures are optional
-            save_segmentation_png(output_dir / (f"val_step{step}.png" if vis else "val_eval.png"), metrics["samples"],
-                                  num_classes=len(metrics["IoU"]))
-    return out
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The command line (``python main_segment.py``): :func:`main` with one-line errors."""
+    run_cli(lambda: main(argv), NonFiniteLossError, NonFiniteStateError)
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError, NonFiniteStateError)
+    cli()

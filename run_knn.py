@@ -1,6 +1,5 @@
 """ViTFreeze's name for ``main_knn.py`` (seed 003 calls it): same flags, same run."""
-from main_knn import main
-from util.runtime import run_cli
+from main_knn import cli
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

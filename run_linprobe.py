@@ -1,7 +1,5 @@
 """LocalMIM / ViTFreeze's name for ``main_linprobe.py`` (seed 003 calls it): same flags, same run."""
-from engine.train import NonFiniteLossError
-from main_linprobe import main
-from util.runtime import run_cli
+from main_linprobe import cli
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    cli()

@@ -5,16 +5,18 @@ fine-tuning flags; equivalent to ``python main_finetune.py --launcher slurm ...`
 """
 import sys
 
-from engine.train import NonFiniteLossError
-from main_finetune import main as finetune_main
-from util.runtime import run_cli
+from main_finetune import cli, main as finetune_main
+
+
+def with_slurm(argv: list[str]) -> list[str]:
+    """``argv`` with ``--launcher slurm`` first, unless it names a ``--launcher``."""
+    given = any(a == "--launcher" or a.startswith("--launcher=") for a in argv)
+    return list(argv) if given else ["--launcher", "slurm", *argv]
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    given = any(a == "--launcher" or a.startswith("--launcher=") for a in argv)
-    return finetune_main(argv if given else ["--launcher", "slurm", *argv])
+    return finetune_main(with_slurm(sys.argv[1:] if argv is None else list(argv)))
 
 
 if __name__ == "__main__":
-    run_cli(main, NonFiniteLossError)
+    cli(with_slurm(sys.argv[1:]))

@@ -8,14 +8,16 @@ numbers are those of one process.
 """
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 
 from util.coco_eval import IOU_TYPES, distributed_coco_metrics, to_coco_results
-from util.distributed import all_reduce_sum
+from util.distributed import all_reduce_sum, barrier
 
 logger = logging.getLogger("vitfreeze")
 
@@ -79,3 +81,37 @@ def evaluate_detection(model: nn.Module, loader: Iterable, *, device: torch.devi
     metrics = distributed_coco_metrics(gt, results, iou_types=iou_types, max_dets=max_dets, image_ids=image_ids)
     metrics["num_detections"] = float(all_reduce_sum(torch.tensor(len(results), device=device)))  # all ranks'
     return metrics
+
+
+def demo_coco(root: Path, *, n_train: int, n_val: int, size: int, seed: int, is_main: bool) -> Path:
+    """``--data_path scenes``: synthetic scenes in the COCO layout written once into ``root`` (5 classes,
+    colour-coded as the segmentation demo's, so that a CPU demo learns in minutes); rewritten when the spec
+    (counts, size, seed) changes."""
+    from util.data.scenes import write_coco
+    spec = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "class_colours": True}
+    marker = root / "scenes.json"
+    if is_main and not (marker.exists() and json.loads(marker.read_text()) == spec):
+        write_coco(root, **spec)
+        marker.write_text(json.dumps(spec))
+    barrier()
+    return root
+
+
+def report_detection(metrics: dict[str, float], what: str) -> dict[str, float]:
+    """Log box and mask AP (AP50, AP75) of an evaluation; returns ``metrics``."""
+    logger.info("%s: box AP %.2f (AP50 %.2f, AP75 %.2f)  mask AP %.2f (AP50 %.2f, AP75 %.2f)", what,
+                *(metrics.get(k, float("nan")) for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP",
+                                                         "segm_AP50", "segm_AP75")))
+    return metrics
+
+
+def save_detections_png(model: nn.Module, dataset: Any, path: Path, *, device: torch.device, count: int = 4) -> None:
+    """Ground truth beside the predicted boxes and masks (score >= 0.5) of the first ``count`` images of ``dataset``
+    (one PNG)."""
+    from util.vis import save_detection_png  # lazy: pictures are optional
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    model.eval()
+    with torch.inference_mode():
+        outputs = model([img.to(device) for img, _ in items])
+    save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
+                       dataset.classes, targets=[target for _, target in items])

@@ -1,4 +1,4 @@
-"""Exact (distributed) evaluation of a classifier: loss, top-1/top-5, macro P/R/F1, MCC.
+"""Exact (distributed) evaluation of a classifier: loss, top-1/top-5, macro P/R/F1, MCC; per-split reports.
 
 MAE's ``engine_finetune.evaluate`` with ``--dist_eval`` shards the validation set with a ``DistributedSampler``
 that pads by repeating samples, so with N % world != 0 some images count twice (SPEC 5.6). Here each rank
@@ -7,15 +7,19 @@ evaluates a shard WITHOUT padding (``eval_shard``: strided, the last shards one 
 """
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from util.distributed import all_reduce_sum
-from util.metrics import classification_metrics, confusion_matrix, topk_correct
+from util.metrics import classification_metrics, confusion_matrix, per_class_table, topk_correct
+
+logger = logging.getLogger("vitfreeze")
 
 
 def eval_shard(dataset: Dataset, *, rank: int, world_size: int) -> Dataset:
@@ -92,3 +96,31 @@ def _num_heads(model: nn.Module) -> int:
     """Head count of a model that saw no batch on this rank (its ``heads`` attribute, else 1)."""
     heads = getattr(model, "heads", None)
     return len(heads) if heads is not None else 1
+
+
+def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, names: list[str], device: torch.device,
+                        amp_dtype: torch.dtype | None, output_dir: Path | None, best: dict | None = None
+                        ) -> dict[str, float]:
+    """Evaluate on every split and write ``per_class_<split>.txt`` and ``confusion_<split>.png`` (rank 0).
+
+    ``best`` (from training) supplies the validation confusion matrix, so only the other splits are evaluated.
+    Returns the ``val`` metrics under their names and the others as ``<split>_<name>``.
+    """
+    from util.vis import save_confusion_png  # lazy: pictures are optional
+    if output_dir is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, float] = {}
+    for split, loader in loaders.items():
+        if split == "val" and best is not None and "confusion" in best:
+            metrics, confusion = {}, best["confusion"]
+        else:
+            metrics = evaluate(model, loader, device=device, num_classes=len(names), amp_dtype=amp_dtype)
+            confusion = metrics.pop("confusion")
+            logger.info("%s: %s", split, "  ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k != "num_samples"))
+        out.update(metrics if split == "val" else {f"{split}_{k}": v for k, v in metrics.items()})
+        if output_dir is not None:
+            table = per_class_table(confusion, names)
+            logger.info("%s per-class results:\n%s", split, table)
+            (output_dir / f"per_class_{split}.txt").write_text(table + "\n")
+            save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
+    return out

@@ -1,4 +1,4 @@
-"""Semantic segmentation: the step function for the shared loop and sliding-window evaluation.
+"""Semantic segmentation: the step function for the shared loop, sliding-window evaluation and its report.
 
 After mmsegmentation's ``EncoderDecoder`` (``forward_train``: logits upsampled bilinearly to the label size, cross
 entropy with ignore index 255 averaged over every pixel of the batch, ignored ones included (``CrossEntropyLoss``
@@ -10,7 +10,10 @@ int64, so a distributed evaluation gives exactly the single-process numbers.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -18,8 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from util.distributed import all_reduce_sum
-from util.metrics import segmentation_confusion, segmentation_metrics
+from util.data.scenes import write_ade20k
+from util.distributed import all_reduce_sum, barrier
+from util.metrics import segmentation_confusion, segmentation_metrics, segmentation_table
+
+logger = logging.getLogger("vitfreeze")
 
 IGNORE_INDEX = 255
 
@@ -130,20 +136,35 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, *, device: torch.d
     return {**metrics, "confusion": confusion.cpu(), "num_images": int(total.item()), "samples": samples}
 
 
-def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
-            min_lr: float = 0.0, warmup_ratio: float = 1e-6) -> float:
-    """mmcv's ``PolyLrUpdaterHook`` with linear warmup (by iteration), BEiT/MAE's ADE20K schedule.
-
-    ``lr = (base_lr - min_lr) * (1 - step / total_steps) ** power + min_lr``; during warmup it is multiplied by
-    ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` (so it starts at ``warmup_ratio`` x the poly value).
-    """
-    progress = min(step, total_steps) / max(total_steps, 1)
-    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
-    if step < warmup_steps:
-        lr *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
-    return lr
-
-
 def iteration_budget(max_iters: int, steps_per_epoch: int) -> int:
     """Epochs needed to run ``max_iters`` optimizer steps at ``steps_per_epoch`` (the last one may be partial)."""
     return math.ceil(max_iters / steps_per_epoch)
+
+
+def demo_scenes(output_dir: Path, size: int, *, is_main: bool) -> str:
+    """``--data_path demo``: synthetic scenes in the ADE20K layout under ``<output_dir>/demo_scenes`` (written once,
+    by rank 0): 320 training and 64 validation scenes of 5 classes, colour-coded (``class_colours``) so that a CPU
+    demo learns."""
+    root = output_dir / "demo_scenes"
+    if is_main and not (root / "annotations" / "validation").is_dir():
+        write_ade20k(root, n_train=320, n_val=64, size=size, seed=0, class_colours=True)
+    barrier()
+    return str(root)
+
+
+def report_segmentation(metrics: dict[str, Any], output_dir: Path, is_main: bool, *, step: int,
+                        vis: bool = False) -> dict:
+    """Log an evaluation's metrics and per-class table; rank 0 writes ``results.json`` and, with samples, the
+    pictures (``val_step<step>.png``, or ``val_eval.png`` for ``--eval``). Returns what ``results.json`` holds."""
+    logger.info("step %d: mIoU %.2f  mAcc %.2f  aAcc %.2f  (%d images)", step, metrics["mIoU"], metrics["mAcc"],
+                metrics["aAcc"], metrics["num_images"])
+    logger.info("per-class results:\n%s", segmentation_table(metrics))
+    out = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images")}
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        if metrics["samples"]:
+            from util.vis import save_segmentation_png  # lazy: pictures are optional
+            save_segmentation_png(output_dir / (f"val_step{step}.png" if vis else "val_eval.png"), metrics["samples"],
+                                  num_classes=len(metrics["IoU"]))
+    return out

@@ -17,13 +17,13 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from models.convert import backbone_state
+from models.convert import backbone_state, describe_keys, to_timm_vit
 from models.registry import checkpoint_vs_model, create_model
 from models.vit import init_head, unit_of as vit_layer_of
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["build_backbone", "freeze_unit", "load_finetune_weights", "load_pretrained"]
+__all__ = ["build_backbone", "freeze_unit", "load_finetune_weights", "load_pretrained", "load_pyramid_backbone"]
 
 
 def build_backbone(model: str, *, img_size: int, global_pool: bool, checkpoint: Mapping[str, Any] | None,
@@ -67,6 +67,35 @@ def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], *, so
     init_head(model.head, std=head_init_std)
 
 
+# the ViT keys a feature pyramid has no use for: the final norm (its levels take the blocks' outputs), fc_norm, and
+# the class token of a windowed ViT without one
+PYRAMID_UNUSED = frozenset({"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"})
+
+
+def load_pyramid_backbone(backbone: nn.Module, checkpoint: Mapping[str, Any], *, source: str = "auto",
+                          name: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """A ViT checkpoint of any supported layout (``models.convert.to_timm_vit``) into a dense model's ViT
+    (``ViTFeaturePyramid.load_backbone``: patch kernel and position grid resampled, LayerScale folded), the one
+    policy of segmentation and detection: the classifier head is dropped, every ViT key must load, and a checkpoint
+    key the pyramid cannot use (a deeper ViT's blocks, say) is refused rather than silently dropped; only
+    :data:`PYRAMID_UNUSED` may stay unused.
+
+    Returns:
+        ``(missing, unexpected)`` from ``load_backbone`` (missing empty; unexpected within :data:`PYRAMID_UNUSED`).
+
+    Raises:
+        ValueError: keys missing, or keys the pyramid cannot use.
+    """
+    state, source = to_timm_vit(checkpoint, source=source)
+    missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
+    unusable = sorted(set(unexpected) - PYRAMID_UNUSED)
+    if missing or unusable:
+        raise ValueError(f"{name} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
+                         f"{unusable[:8]}")
+    logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", name, source, unexpected or "none")
+    return missing, unexpected
+
+
 def freeze_unit(name: str, *, depth: int) -> int | None:
     """Unit of a ViT parameter for FreezeOut and layer-wise lr decay: 0 = patch embedding, cls token and position
     embedding; j + 1 = block j; None = final norm, fc_norm and head (never frozen early; lr_scale 1)."""
@@ -107,13 +136,9 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
     bad = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in expected_missing)]
     if bad:
         raise ValueError(f"{source} did not load the backbone: {len(bad)} of {len(own)} model keys are missing "
-                         f"({_short(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
+                         f"({describe_keys(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
     logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unexpected (ignored): %s", source,
-                len(own) - len(missing), _short(missing) if missing else "none",
-                _short(unexpected) if unexpected else "none")
+                len(own) - len(missing), describe_keys(missing) if missing else "none",
+                describe_keys(unexpected) if unexpected else "none")
     return missing, unexpected
 
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")

@@ -37,8 +37,9 @@ from torch import Tensor
 
 from models.pos_embed import resample_pos_embed
 
-__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit", "backbone_state",
-           "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit", "dinov2_14to16"]
+__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "describe_keys", "detect_source", "to_timm_vit",
+           "backbone_state", "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit",
+           "dinov2_14to16"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
-def _describe(keys: Any, limit: int = 8) -> str:
+def describe_keys(keys: Any, limit: int = 8) -> str:
+    """Up to ``limit`` of ``keys``, sorted, and how many more: the key lists of every loading message."""
     keys = sorted(map(str, keys))
     return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
@@ -95,8 +97,8 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
     bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
     if not state or bad:
         raise ValueError("checkpoint holds no state dict of tensors under 'model', 'state_dict' or 'teacher' "
-                         f"(top-level keys: {_describe(checkpoint.keys())}"
-                         + (f"; non-tensor entries: {_describe(bad)})" if bad else ")"))
+                         f"(top-level keys: {describe_keys(checkpoint.keys())}"
+                         + (f"; non-tensor entries: {describe_keys(bad)})" if bad else ")"))
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         new = _strip_prefixes(key)
@@ -133,16 +135,16 @@ def detect_source(state_dict: Mapping[str, Tensor]) -> str:
         return "dinov2"
     if has_blocks and any(k.startswith("patch_embed.") for k in keys):
         return "timm"
-    raise ValueError(f"unrecognised checkpoint layout; supported sources: {SOURCES}. Keys: {_describe(keys)}")
+    raise ValueError(f"unrecognised checkpoint layout; supported sources: {SOURCES}. Keys: {describe_keys(keys)}")
 
 
 def _check_timm_keys(state_dict: Mapping[str, Tensor], source: str) -> None:
     unknown = [k for k in state_dict if k.split(".")[0] not in TIMM_VIT_PREFIXES]
     if unknown:
         raise ValueError(f"{source} checkpoint has keys with no timm VisionTransformer counterpart: "
-                         f"{_describe(unknown)}; pass the right --source or convert them first")
+                         f"{describe_keys(unknown)}; pass the right --source or convert them first")
     if not any(k.startswith("blocks.") for k in state_dict):
-        raise ValueError(f"{source} checkpoint has no 'blocks.*' keys after conversion: {_describe(state_dict)}")
+        raise ValueError(f"{source} checkpoint has no 'blocks.*' keys after conversion: {describe_keys(state_dict)}")
 
 
 def _from_mae(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -203,7 +205,7 @@ def _from_dinov2(sd: dict[str, Tensor], *, keep_layer_scale: bool = False,
     swiglu_keys = [k for k in sd if any(s in f".{k}" for s in _SWIGLU)]
     if swiglu_keys and not (swiglu and all(".mlp.w12." in f".{k}" or ".mlp.w3." in f".{k}" for k in swiglu_keys)):
         raise ValueError("SwiGLU feed-forward (DINOv2 ViT-g/14) cannot be mapped to a GELU MLP: "
-                         f"{_describe(swiglu_keys)}; load it into a model with a SwiGLU MLP (the ViT-Adapter's "
+                         f"{describe_keys(swiglu_keys)}; load it into a model with a SwiGLU MLP (the ViT-Adapter's "
                          "adapter_dinov2_giant) or use DINOv2 ViT-S/B/L")
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
@@ -341,7 +343,7 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
                          "register tokens changes the features")
     extra = [k for k in state if k.startswith("blocks.") and k not in own]
     if extra:
-        raise ValueError(f"{source} checkpoint has block parameters the model lacks: {_describe(extra)}; "
+        raise ValueError(f"{source} checkpoint has block parameters the model lacks: {describe_keys(extra)}; "
                          "they would be ignored and change the features (LayerScale, SwiGLU or another architecture?)")
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     return adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
@@ -369,7 +371,7 @@ def moco_to_deit(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
              if k.startswith(prefix) and not k.startswith(prefix + "head")}
     if not model:
         raise ValueError(f"no 'module.base_encoder.*' keys: not a MoCo v3 pretraining checkpoint "
-                         f"(keys: {_describe(state.keys())})")
+                         f"(keys: {describe_keys(state.keys())})")
     return {"model": model}
 
 
@@ -386,7 +388,7 @@ def dinov2_14to16(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """
     if "patch_embed.proj.weight" not in state_dict:
         raise ValueError("not a DINOv2 state dict: no 'patch_embed.proj.weight' "
-                         f"(keys: {_describe(state_dict.keys())})")
+                         f"(keys: {describe_keys(state_dict.keys())})")
     out = {}
     for key, value in state_dict.items():
         if "mask_token" in key:

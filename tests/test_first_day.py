@@ -10,7 +10,7 @@ import main_pretrain
 import submitit_finetune
 import models
 from models.backbone import load_pretrained
-from models.registry import describe_checkpoint
+from models.registry import checkpoint_vs_model, describe_checkpoint
 from util import runtime
 from util.checkpoint import load_model_state
 
@@ -89,7 +89,7 @@ def test_a_checkpoint_of_another_model_is_one_line_naming_it():
     tiny = models.create_model("vit_tiny_patch16", img_size=32).state_dict()
     small = models.create_model("vit_small_patch16", img_size=32)
     for load in (lambda: load_pretrained(small, tiny, source="pre.pth"),
-                 lambda: load_model_state(small, tiny, source="pre.pth")):
+                 lambda: load_model_state(small, tiny, source="pre.pth", describe=checkpoint_vs_model)):
         with pytest.raises(ValueError) as err:
             load()
         message = str(err.value)

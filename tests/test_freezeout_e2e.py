@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.run
 import main_pretrain
 from util.checkpoint import load_checkpoint
 from spawn_ranks import main_of, spawn
@@ -51,14 +52,14 @@ def test_freezing_run_logs_schedule_and_keeps_keys(tmp_path):
 
 def test_resume_mid_freezing_equals_unbroken_run(tmp_path, monkeypatch):
     main_pretrain.main([*BASE, *FREEZE, "--output_dir", str(tmp_path / "full")])
-    real = main_pretrain.train_one_epoch
+    real = engine.run.train_one_epoch  # the driver runs each epoch
 
     def dies_in_epoch_3(*args, **kwargs):
         if args[5].epoch == 3:
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(main_pretrain, "train_one_epoch", dies_in_epoch_3)
+    monkeypatch.setattr(engine.run, "train_one_epoch", dies_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
         main_pretrain.main([*BASE, *FREEZE, "--output_dir", str(tmp_path / "cut")])
     monkeypatch.undo()

@@ -42,7 +42,7 @@ def test_no_grab_bag_modules():
 def helper_imports(path: Path, scripts: set[str]) -> set[str]:
     """Entry scripts among ``scripts`` whose helpers ``path`` imports (absolute imports, at any depth of the file).
 
-    ``from main_x import main`` alone is an alias of that entry point (the seeds' script names, e.g.
+    ``from main_x import main`` / ``cli`` alone is an alias of that entry point (the seeds' script names, e.g.
     ``main_finetune_gastrovision.py``), not a shared helper, so it does not count; ``import main_x`` or any other
     name does."""
     found = set()
@@ -50,7 +50,7 @@ def helper_imports(path: Path, scripts: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if not all(alias.name == "main" for alias in node.names):
+            if not all(alias.name in ("main", "cli") for alias in node.names):
                 found.add(node.module.split(".")[0])
     return found & scripts
 
@@ -80,6 +80,7 @@ def test_layout_check_catches_an_entry_script_import(tmp_path):
                    "def f():\n    from main_knn import embed\n", "from main_knn import main, embed\n"):
         (tmp_path / "main_x.py").write_text(source)
         assert helper_imports(tmp_path / "main_x.py", scripts), source
-    (tmp_path / "main_x.py").write_text("from main_knn import main\n")
-    assert not helper_imports(tmp_path / "main_x.py", scripts)
+    for alias in ("from main_knn import main\n", "from main_knn import cli, main as knn_main\n"):
+        (tmp_path / "main_x.py").write_text(alias)
+        assert not helper_imports(tmp_path / "main_x.py", scripts), alias
     assert imported_modules(tmp_path / "main_x.py") & scripts == {"main_knn"}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine.run
 import main_pretrain
 import models
 from engine.train import NonFiniteLossError
@@ -46,17 +47,17 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     argv = ["--model", "mae_vit_tiny_patch16", *TINY, "--epochs", "3", "--debug"]  # epoch-end checkpoint-last.pth
     main_pretrain.main([*argv, "--output_dir", str(tmp_path / "full")])
 
-    real = main_pretrain.train_one_epoch
+    real = engine.run.train_one_epoch  # the driver runs each epoch
 
     def dies_in_epoch_2(*args, **kwargs):
         if args[5].epoch == 2:
             raise KeyboardInterrupt("killed")  # mid-run death after epoch 1 was saved
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(main_pretrain, "train_one_epoch", dies_in_epoch_2)
+    monkeypatch.setattr(engine.run, "train_one_epoch", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         main_pretrain.main([*argv, "--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(main_pretrain, "train_one_epoch", real)
+    monkeypatch.setattr(engine.run, "train_one_epoch", real)
     assert load_checkpoint(tmp_path / "cut" / "checkpoint-last.pth")["epoch"] == 1
     main_pretrain.main([*argv, "--output_dir", str(tmp_path / "cut"), "--auto_resume"])
 

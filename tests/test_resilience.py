@@ -16,6 +16,7 @@ import torch.nn as nn
 import main_finetune
 import main_pretrain
 import util.checkpoint
+import util.logging
 from util.checkpoint import (LAST_NAME, NonFiniteStateError, RunCheckpoints, load_checkpoint, load_latest,
                              save_checkpoint, training_state)
 from util.data.demo import DemoDataset
@@ -167,7 +168,7 @@ def test_crash_between_epoch_end_writes_then_auto_resume_gives_every_output(poin
     run, each epoch logged once, and results.json naming the epoch of checkpoint-best.pth."""
     full, full_result = unbroken
     final, writes = 2, []
-    real_save, real_log = util.checkpoint.save_checkpoint, main_finetune.MetricWriter.log_epoch
+    real_save, real_log = util.checkpoint.save_checkpoint, util.logging.MetricWriter.log_epoch
 
     class Crash(Exception):
         pass
@@ -195,7 +196,7 @@ def test_crash_between_epoch_end_writes_then_auto_resume_gives_every_output(poin
         raise Crash("before results.json")
 
     monkeypatch.setattr(util.checkpoint, "save_checkpoint", save)
-    monkeypatch.setattr(main_finetune.MetricWriter, "log_epoch", log_epoch)
+    monkeypatch.setattr(util.logging.MetricWriter, "log_epoch", log_epoch)
     if point == "results":
         monkeypatch.setattr(main_finetune, "write_results", write_results)
     out = tmp_path / "run"

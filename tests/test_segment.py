@@ -12,12 +12,13 @@ import torch.nn as nn
 from PIL import Image
 
 import main_segment
-from engine.segment import evaluate_segmentation, poly_lr, slide_inference, window_starts
+from engine.segment import evaluate_segmentation, slide_inference, window_starts
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util.data.ade20k import (ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval, random_crop_box,
                               rescale_size)
 from util.data.scenes import write_ade20k
+from util.lr_sched import poly_lr
 from util.metrics import segmentation_confusion, segmentation_metrics
 from util.args import parse_args
 from util.param_groups import param_groups

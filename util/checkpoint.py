@@ -21,8 +21,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from models.registry import checkpoint_vs_model
-
 logger = logging.getLogger("vitfreeze")
 
 LAST_NAME = "checkpoint-last.pth"
@@ -175,23 +173,34 @@ def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -
     return problems
 
 
-def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint") -> None:
-    """Strict load that says exactly which keys or shapes differ.
+MismatchDescriber = Callable[[dict, dict, list], str]
+
+
+def describe_problems(state_dict: dict, model_state: dict, problems: list[str], *, limit: int = 3) -> str:
+    """One line of at most ``limit`` of ``problems`` and how many more (the default of :func:`load_model_state`;
+    ``models.registry.checkpoint_vs_model`` also names the ViT each side holds)."""
+    return "; ".join(problems[:limit]) + (f"; ... (+{len(problems) - limit} more)" if len(problems) > limit else "")
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint",
+                     describe: MismatchDescriber = describe_problems) -> None:
+    """Strict load that says in one line which keys or shapes differ (``describe(state_dict, model_state,
+    problems)`` words it; entry points pass ``models.registry.checkpoint_vs_model``).
 
     Raises:
         ValueError: keys are missing or unexpected, or shapes differ.
     """
     problems = state_dict_mismatch(model, state_dict)
     if problems:
-        raise ValueError(f"{source} does not match the model: "
-                         f"{checkpoint_vs_model(state_dict, model.state_dict(), problems)}")
+        raise ValueError(f"{source} does not match the model: {describe(state_dict, model.state_dict(), problems)}")
     model.load_state_dict(state_dict, strict=True)
 
 
 def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, *, sync: Callable[[int], Any], steps_per_epoch: int,
                     required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "",
-                    checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+                    checkpoint: dict[str, Any] | None = None,
+                    describe: MismatchDescriber = describe_problems) -> dict[str, Any]:
     """Continue a run from one of its own checkpoints: weights, FreezeOut state, optimizer and loss scaler.
 
     The optimizer's parameter groups depend on the step (FreezeOut drops frozen units), so ``sync`` (a
@@ -213,7 +222,7 @@ def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this script (no {missing}; keys: "
                          f"{sorted(checkpoint)[:8]}){'; ' + hint if hint else ''}")
-    load_model_state(model, checkpoint["model"], source=f"checkpoint {path}")
+    load_model_state(model, checkpoint["model"], source=f"checkpoint {path}", describe=describe)
     # the optimizer groups as they were at the last update done (a mid-epoch checkpoint stores its step)
     sync(max(checkpoint.get("step", (checkpoint["epoch"] + 1) * steps_per_epoch) - 1, 0))
     try:
@@ -367,7 +376,8 @@ class RunCheckpoints:
     # -------------------------------------------------------------------------------------------------- resume
     def resume(self, resume: str | Path | None, *, auto: bool, model: nn.Module, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, sync: Callable[[int], Any], steps_per_epoch: int,
-               required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "") -> dict[str, Any] | None:
+               required: tuple[str, ...] = ("model", "optimizer", "epoch"), hint: str = "",
+               describe: MismatchDescriber = describe_problems) -> dict[str, Any] | None:
         """``--resume PATH`` or ``--auto_resume`` (newest readable checkpoint of the folder) through
         :func:`resume_training`; None when there is nothing to resume. Drops later epochs' ``log.txt`` lines."""
         checkpoint = None
@@ -384,7 +394,7 @@ class RunCheckpoints:
                 self._trim_log(-1)  # a fresh start: no earlier epoch's line stays above this run's
             return None
         checkpoint = resume_training(resume, model, optimizer, scaler, sync=sync, steps_per_epoch=steps_per_epoch,
-                                     required=required, hint=hint, checkpoint=checkpoint)
+                                     required=required, hint=hint, checkpoint=checkpoint, describe=describe)
         if self.enabled:
             self._trim_log(int(checkpoint["epoch"]))
         return checkpoint

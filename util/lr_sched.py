@@ -3,8 +3,9 @@
 The MAE rule ([MAE] ``util/lr_sched.py``) evaluated on optimizer steps instead of fractional epochs:
 warmup lr * step / warmup_steps, then min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2.
 Schedules are pure functions of the step; the training loop owns the counter. ``training_budget`` gives the
-quantities every training script derives first: steps per epoch, effective batch and the actual lr. ``step_lr`` is
-mmdet's step policy with linear warmup (detection recipes).
+quantities every training script derives first: steps per epoch, effective batch and the actual lr. ``poly_lr`` is
+mmcv's poly policy with linear warmup (segmentation recipes), ``step_lr`` mmdet's step policy with linear warmup
+(detection recipes).
 """
 from __future__ import annotations
 
@@ -55,6 +56,20 @@ def cosine_lr(step: int, *, base_lr: float, min_lr: float, warmup_steps: int, to
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_lr(step: int, *, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
+            min_lr: float = 0.0, warmup_ratio: float = 1e-6) -> float:
+    """mmcv's ``PolyLrUpdaterHook`` with linear warmup (by iteration), BEiT/MAE's ADE20K schedule.
+
+    ``lr = (base_lr - min_lr) * (1 - step / total_steps) ** power + min_lr``; during warmup it is multiplied by
+    ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` (so it starts at ``warmup_ratio`` x the poly value).
+    """
+    progress = min(step, total_steps) / max(total_steps, 1)
+    lr = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+    if step < warmup_steps:
+        lr *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+    return lr
 
 
 def apply_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
