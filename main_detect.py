@@ -3,7 +3,7 @@
 The seeds' recipes ran on mmdet (dBOT's Cascade Mask R-CNN 1x, ViT-Adapter's Mask R-CNN 3x); this script runs
 them on torchvision's detection models (``models/detectors.py``) over ``models/pyramid.py`` (ViTDet's simple
 feature pyramid), with ViTDet's large-scale jitter (``util/data/coco.py``), AdamW with layer-wise lr decay, mmdet's
-step schedule (``--lr_steps``, ``--warmup_iters``) and COCO box / mask AP (``util/coco_eval.py``, keys ``bbox_AP``,
+step schedule (``--lr_steps``, ``--warmup_iters``) and COCO box / mask AP (``engine/coco_eval.py``, keys ``bbox_AP``,
 ``segm_AP``, ... in ``log.txt``). The training loop is the shared one (``engine/train.py``) with
 ``engine.detect.detect_step``. Recipes: ``configs/detect/``; ``./run.sh JOB cascade_coco_det vit_base 8 CKPT``.
 Example: ``python main_detect.py --config configs/detect/demo.yaml --output_dir output/det_demo``.

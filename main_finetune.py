@@ -28,11 +28,11 @@ from models.registry import checkpoint_vs_model
 from util import args as cli_args
 from util.checkpoint import NonFiniteStateError, find_latest, load_checkpoint, load_model_state
 from util.distributed import DistInfo, barrier
-from util.freezeout import Freezer, FreezeOutSchedule
+from engine.freezeout import Freezer, FreezeOutSchedule
 from util.data.loaders import build_train_loader
 from util.logging import dumps_json, log_prefix, write_results
 from util.lr_sched import training_budget
-from util.metrics import mean_and_std
+from engine.metrics import mean_and_std
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 from util.data.transfer import build_splits, csv_folds

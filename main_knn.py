@@ -23,7 +23,7 @@ from util import args as cli_args
 from util.checkpoint import load_checkpoint, unreadable_reason
 from util.data.subsets import few_shot_indices
 from util.logging import MetricWriter
-from util.metrics import mean_and_std
+from engine.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.decode import use_eval_decode
 from util.data.transfer import labelled_splits

@@ -33,7 +33,7 @@ from util.data.transfer import class_names, labelled_splits
 from util.param_groups import lars_groups
 from util.distributed import broadcast_buffers, wrap_ddp
 from util.data.loaders import build_train_loader
-from util.metrics import per_class_table
+from engine.metrics import per_class_table
 from util.logging import write_results
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run

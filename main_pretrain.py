@@ -22,7 +22,7 @@ from util import args as cli_args
 from util.checkpoint import NonFiniteStateError
 from util.data.decode import build_fast_input, use_fast_input
 from util.data.folder import build_pretrain_dataset
-from util.freezeout import Freezer, FreezeOutSchedule
+from engine.freezeout import Freezer, FreezeOutSchedule
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
 from util.data.loaders import build_train_loader

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 from engine.pretrain import mim_step  # noqa: E402
 from engine.train import EpochProgress, LoopConfig, train_one_epoch  # noqa: E402
-from util.freezeout import FreezeOutSchedule, set_train_mode  # noqa: E402
+from engine.freezeout import FreezeOutSchedule, set_train_mode  # noqa: E402
 from util.param_groups import param_groups  # noqa: E402
 from util.runtime import AMP_DTYPES as AMP  # noqa: E402
 

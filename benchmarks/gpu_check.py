@@ -43,7 +43,7 @@ import models  # noqa: E402
 from engine.pretrain import mim_step  # noqa: E402
 from engine.train import EpochProgress, LoopConfig, train_one_epoch  # noqa: E402
 from util.compute import adamw_kwargs, compile_model, non_sdpa_attention  # noqa: E402
-from util.freezeout import FreezeOutSchedule  # noqa: E402
+from engine.freezeout import FreezeOutSchedule  # noqa: E402
 from util.param_groups import param_groups  # noqa: E402
 from util.runtime import set_backend_flags  # noqa: E402
 

@@ -3,7 +3,7 @@
 torchvision's detection models return their loss dict in train mode (RPN objectness and box regression, RoI
 classification and box regression per stage, mask); the step sums it, as mmdet and detectron2 do, and reports
 each term. Evaluation runs the model on this rank's shard of the validation images (``engine.evaluate.eval_shard``),
-turns detections into COCO results in the file's pixels and lets ``util.coco_eval`` gather them on rank 0, so the
+turns detections into COCO results in the file's pixels and lets ``engine.coco_eval`` gather them on rank 0, so the
 numbers are those of one process.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from util.coco_eval import IOU_TYPES, distributed_coco_metrics, to_coco_results
+from engine.coco_eval import IOU_TYPES, distributed_coco_metrics, to_coco_results
 from util.distributed import all_reduce_sum, barrier
 
 logger = logging.getLogger("vitfreeze")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from util.distributed import all_reduce_sum
-from util.metrics import classification_metrics, confusion_matrix, per_class_table, topk_correct
+from engine.metrics import classification_metrics, confusion_matrix, per_class_table, topk_correct
 
 logger = logging.getLogger("vitfreeze")
 
@@ -45,7 +45,7 @@ def evaluate_heads(model: nn.Module, loader: Iterable, *, device: torch.device, 
 
     Returns:
         One dict per head: ``loss`` (mean cross-entropy), ``acc1``/``acc5`` (percent, one key per k),
-        ``acc``, ``precision``, ``recall``, ``f1``, ``mcc`` (percent, see ``util.metrics``), ``num_samples``,
+        ``acc``, ``precision``, ``recall``, ``f1``, ``mcc`` (percent, see ``engine.metrics``), ``num_samples``,
         and ``confusion`` (int64 [C, C], rows = truth).
     """
     model.eval()

@@ -27,7 +27,7 @@ from engine.train import begin_epoch, EpochProgress, LoopConfig, StepFn, train_o
 from models.registry import checkpoint_vs_model
 from util.checkpoint import LAST_NAME, RunCheckpoints, training_state
 from util.distributed import barrier, DistInfo
-from util.launch import Preemption
+from engine.preemption import Preemption
 from util.logging import MetricWriter
 from util.runtime import write_run_record
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from util.data.scenes import write_ade20k
 from util.distributed import all_reduce_sum, barrier
-from util.metrics import segmentation_confusion, segmentation_metrics, segmentation_table
+from engine.metrics import segmentation_confusion, segmentation_metrics, segmentation_table
 
 logger = logging.getLogger("vitfreeze")
 
@@ -112,7 +112,7 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, *, device: torch.d
         keep: also return the first ``keep`` (image, label, prediction) triples of this rank (for pictures).
 
     Returns:
-        :func:`util.metrics.segmentation_metrics` plus ``'confusion'`` (int64 [K, K]), ``'num_images'`` and
+        :func:`engine.metrics.segmentation_metrics` plus ``'confusion'`` (int64 [K, K]), ``'num_images'`` and
         ``'samples'`` (the kept triples, on the CPU).
     """
     was_training = model.training

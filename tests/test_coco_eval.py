@@ -1,4 +1,4 @@
-"""util/coco_eval: box and mask AP of hand-made predictions against pycocotools' own numbers, the maxDets case
+"""engine/coco_eval.py: box and mask AP of hand-made predictions against pycocotools' own numbers, the maxDets case
 where pycocotools is wrong, zero detections, and exactness of the gathered 2-process evaluation."""
 import contextlib
 import copy
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.coco_eval import METRICS, coco_metrics, to_coco_results
+from engine.coco_eval import METRICS, coco_metrics, to_coco_results
 
 pycocotools = pytest.importorskip("pycocotools")
 from pycocotools import mask as pmask  # noqa: E402
@@ -129,7 +129,7 @@ def test_an_image_without_detections_counts_its_objects_as_missed():
 
 
 def _worker(rank, out_path):
-    from util.coco_eval import distributed_coco_metrics
+    from engine.coco_eval import distributed_coco_metrics
     from util.distributed import init_distributed
     init_distributed(device="cpu")
     mine = [r for r in _results() if (r["image_id"] % 2) == rank]  # uneven shards: images {2} and {1, 3}

@@ -171,7 +171,7 @@ def test_degenerate_annotations_are_dropped_with_a_counted_warning(tmp_path, cap
     assert ids == [1, 2, 3, 13, 14, 15, 16, 17]
     assert next(a for a in ds.gt["annotations"] if a["id"] == 1)["segmentation"] == [SQUARE]
     if not train:
-        from util.coco_eval import coco_metrics
+        from engine.coco_eval import coco_metrics
         dets = [{"image_id": i, "category_id": 1, "bbox": [4.0, 4.0, 16.0, 16.0], "score": 1.0} for i in (1, 2, 3)]
         metrics = coco_metrics(ds.gt, dets, iou_types=("bbox",))
         assert metrics["bbox_AP50"] < 100  # the zero-area, outside and box-only instances are unmatched truth

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from engine.evaluate import eval_shard, evaluate, evaluate_heads
-from util.metrics import classification_metrics, confusion_matrix
+from engine.metrics import classification_metrics, confusion_matrix
 
 CPU = torch.device("cpu")
 

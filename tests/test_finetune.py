@@ -15,7 +15,7 @@ from engine.train import NonFiniteLossError
 from models.backbone import freeze_unit
 from util.checkpoint import load_checkpoint
 from util.data.demo import DemoDataset
-from util.freezeout import FreezeOutSchedule
+from engine.freezeout import FreezeOutSchedule
 
 IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette"
 CLASSES = 8  # DemoDataset's default

@@ -21,7 +21,7 @@ from models.backbone import load_finetune_weights
 from util.args import parse_args
 from util.checkpoint import load_checkpoint
 from util.data.transforms import MEAN, STD, finetune_transform
-from util.metrics import mean_and_std
+from engine.metrics import mean_and_std
 from util.vis import confusion_colours, confusion_layout, save_confusion_png
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,7 +7,7 @@ import torch
 import models
 from engine.pretrain import mim_step
 from engine.train import EpochProgress, LoopConfig, train_one_epoch
-from util.freezeout import Freezer, FreezeOutSchedule
+from engine.freezeout import Freezer, FreezeOutSchedule
 from util.lr_sched import cosine_lr
 from util.param_groups import param_groups
 

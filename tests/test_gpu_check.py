@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import gpu_check  # noqa: E402
-from util.freezeout import FreezeOutSchedule  # noqa: E402
+from engine.freezeout import FreezeOutSchedule  # noqa: E402
 
 
 @pytest.mark.slow

@@ -84,3 +84,13 @@ def test_layout_check_catches_an_entry_script_import(tmp_path):
         (tmp_path / "main_x.py").write_text(alias)
         assert not helper_imports(tmp_path / "main_x.py", scripts), alias
     assert imported_modules(tmp_path / "main_x.py") & scripts == {"main_knn"}
+
+
+def test_homes_of_the_method_and_the_loop_control():
+    """FreezeOut, preemption, the run driver and evaluation metrics belong with the engine; util keeps generic
+    helpers only."""
+    for module in ("run", "train", "preemption", "freezeout", "metrics", "coco_eval", "evaluate"):
+        assert (ROOT / "engine" / f"{module}.py").is_file(), module
+    for gone in ("freezeout", "metrics", "coco_eval"):
+        assert not (ROOT / "util" / f"{gone}.py").exists(), gone
+    assert "class Preemption" not in (ROOT / "util" / "launch.py").read_text()

@@ -1,11 +1,11 @@
-"""util/metrics.py against hand-computed examples and independent NumPy computations."""
+"""engine/metrics.py against hand-computed examples and independent NumPy computations."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from util.metrics import classification_metrics, confusion_matrix, mcc, per_class_table, topk_correct
+from engine.metrics import classification_metrics, confusion_matrix, mcc, per_class_table, topk_correct
 
 # 3 classes: truth [0,0,1,1,2,2], prediction [0,1,1,1,2,0]
 TARGETS = torch.tensor([0, 0, 1, 1, 2, 2])

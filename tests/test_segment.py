@@ -19,7 +19,7 @@ from util.data.ade20k import (ADE20KDataset, SegEvalTransform, SegTrainTransform
                               rescale_size)
 from util.data.scenes import write_ade20k
 from util.lr_sched import poly_lr
-from util.metrics import segmentation_confusion, segmentation_metrics
+from engine.metrics import segmentation_confusion, segmentation_metrics
 from util.args import parse_args
 from util.param_groups import param_groups
 

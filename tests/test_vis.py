@@ -189,7 +189,7 @@ def test_schedule_epoch_ticks_are_whole_and_distinct(epochs, expected):
 
 
 def test_schedule_png_of_a_short_run(tmp_path: Path) -> None:
-    from util.freezeout import FreezeOutSchedule
+    from engine.freezeout import FreezeOutSchedule
 
     schedule = FreezeOutSchedule(num_units=4, total_steps=12, base_lr=1e-3, warmup_steps=4, t_0=0.8)
     image = Image.open(save_schedule_png(tmp_path / "s.png", schedule, steps_per_epoch=4))

@@ -178,7 +178,7 @@ def save_schedule_png(path: str | Path, schedule: Any, *, steps_per_epoch: int =
 
     Args:
         path: PNG to write.
-        schedule: a ``util.freezeout.FreezeOutSchedule`` (anything with ``num_units``, ``total_steps``,
+        schedule: a ``engine.freezeout.FreezeOutSchedule`` (anything with ``num_units``, ``total_steps``,
             ``lr(unit, step)``, ``freeze_step(unit)``); unit None is drawn as the global schedule (dashed grey).
         steps_per_epoch: to label the x axis in epochs.
         width, height: picture size in pixels.
