@@ -1,4 +1,4 @@
-"""One command that checks the GPU path of issue 12 and prints JSON lines (one GPU, no network, ~8 minutes).
+"""One command that checks the GPU compute path and prints JSON lines (one GPU, no network, ~8 minutes).
 
 Parts (``--parts``, default all; each can be rerun alone):
 1. ``step``: pretraining step images/s and MFU of ``mae_vit_base_patch16`` and ``MIM_vit_base_patch16`` (batch

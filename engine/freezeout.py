@@ -1,8 +1,8 @@
 """FreezeOut: progressive freezing of a network's leading units on per-unit cosine schedules.
 
 Brock et al., "FreezeOut: Accelerate Training by Progressively Freezing Layers" (2017, github.com/ajbrock/
-FreezeOut), as adapted to LocalMIM by ViTFreeze (github.com/utkutpcgl/ViTFreeze); SPEC 4.1, 4.2 and our design
-in SPEC 4.4 / DESIGN 1.2. Two pieces:
+FreezeOut), as adapted to LocalMIM by ViTFreeze (github.com/utkutpcgl/ViTFreeze ``ViT/util/freezeout_utils.py``),
+kept outside the modules. Two pieces:
 
 - :class:`FreezeOutSchedule`, a pure frozen dataclass: given the optimizer step it tells each unit's lr and the
   length of the frozen prefix. Resume therefore needs no extra state. With ``t_0 = 1`` every unit follows the
@@ -127,7 +127,7 @@ def set_train_mode(model: nn.Module, num_frozen: int, unit_of: Callable[[str], i
     """``model.train()``, then eval mode for every module whose parameters all belong to frozen units.
 
     The single place that sets modes during training: a plain ``model.train()`` at the start of an epoch
-    would put frozen units back into train mode (DESIGN 1.2 pitfall).
+    would put frozen units back into train mode (a pitfall of freezing by module attributes).
     """
     model.train()
     if num_frozen == 0:

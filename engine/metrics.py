@@ -1,15 +1,16 @@
 """Classification metrics from a confusion matrix: accuracy, macro precision / recall / F1, multi-class MCC, top-k.
 
 Everything but top-k is a function of the confusion matrix, which is a sum over samples, so a distributed
-evaluation all-reduces one [C, C] integer tensor and gets exactly the single-process numbers (SPEC 5.6).
+evaluation all-reduces one [C, C] integer tensor and gets exactly the single-process numbers
+(exact distributed evaluation, unlike MAE's per-rank averaged ``--dist_eval``).
 
 Conventions (those of scikit-learn's ``precision_recall_fscore_support(average='macro')`` and
 ``matthews_corrcoef``, which is not a dependency here): a class enters the macro averages when it occurs among
 the targets or the predictions; a 0/0 ratio counts as 0; the multi-class MCC is Gorodkin's R_K as in the
-MAE-on-GastroVision report (SPEC 10.2),
+MAE-on-GastroVision / HyperKvasir fine-tuning report,
 ``MCC = (c * s - sum_k p_k t_k) / sqrt((s^2 - sum_k p_k^2) (s^2 - sum_k t_k^2))`` with s samples, c correct,
 p_k / t_k predicted / true counts of class k, and 0 when the denominator is 0. All values are percentages
-(MCC x 100 as well, as reported in SPEC 10.2).
+(MCC x 100 as well, as that report gives it).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def per_class_stats(confusion: Tensor) -> dict[str, Tensor]:
 
 
 def mcc(confusion: Tensor) -> float:
-    """Multi-class Matthews correlation coefficient (Gorodkin's R_K, SPEC 10.2) in [-1, 1]; 0 if undefined."""
+    """Multi-class Matthews correlation coefficient (Gorodkin's R_K) in [-1, 1]; 0 if undefined."""
     cm = confusion.double()
     s, c = cm.sum(), cm.diagonal().sum()
     p, t = cm.sum(0), cm.sum(1)
@@ -121,7 +122,7 @@ def per_class_table(confusion: Tensor, class_names: Sequence[str] | None = None)
 
 def mean_and_std(results: list[dict[str, Any]]) -> dict[str, float]:
     """Mean and population std (``<key>_std``) over runs (folds, seeds) of every numeric value they all share,
-    as MAE and the medical seed report seeds and folds."""
+    as MAE reports seeds and the MAE-on-HyperKvasir report folds."""
     keys = [k for k in results[0] if all(isinstance(r.get(k), (int, float)) for r in results)]
     summary = {}
     for key in keys:

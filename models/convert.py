@@ -3,14 +3,14 @@
 Pure operations on state dicts (no file I/O; ``tools/`` reads and writes files). The target layout is the one of
 ``timm.models.vision_transformer.VisionTransformer``: ``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
 ``blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*``, ``norm.*`` and, when the checkpoint has
-them, ``fc_norm.*`` / ``head.*`` (the caller decides whether to keep a head). SPEC 5.2, 5.3, 8.1, 8.2.
+them, ``fc_norm.*`` / ``head.*`` (the caller decides whether to keep a head).
 
 Sources and what they derive from:
 - MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``main_finetune.py``): drop ``mask_token`` and
   ``decoder_*``; the released encoder-only files are already timm keys.
 - LocalMIM (Wang et al., CVPR 2023; huawei-noah/Efficient-Computing ``LocalMIM/ViT/models_mim.py``) and
   ViTFreeze (github.com/utkutpcgl/ViTFreeze): no final ``norm`` but one LayerNorm ``norm.K`` per stage; the last
-  stage norm becomes ``norm`` (SPEC 5.2: ViTFreeze's k-NN silently used an untrained LayerNorm instead);
+  stage norm becomes ``norm`` (ViTFreeze's k-NN silently used an untrained LayerNorm instead);
   ``decoder.*`` and ``hog_enc.*`` are dropped.
 - MoCo v3 (Chen et al., ICCV 2021; github.com/facebookresearch/moco-v3 ``convert_to_deit.py``): keep
   ``module.base_encoder.*`` except the projection head ``head.*``.
@@ -162,7 +162,7 @@ def _from_localmim(sd: dict[str, Tensor]) -> dict[str, Tensor]:
         m = _STAGE_NORM.match(key)
         if m is None:
             out[key] = value
-        elif int(m.group(1)) == stages[-1]:  # the last stage norm feeds the deepest decoder (SPEC 5.2)
+        elif int(m.group(1)) == stages[-1]:  # the last stage norm stands in for MAE's ``norm``
             out[f"norm.{m.group(2)}"] = value
     return out
 
@@ -263,7 +263,8 @@ def to_timm_vit(checkpoint: Mapping[str, Any], *, source: str = "auto", keep_lay
 
 
 def resize_patch_embed(weight: Tensor, new_patch: int) -> Tensor:
-    """Resize a patch-embedding kernel by bilinear interpolation (ViT-Adapter's 14 -> 16 conversion, SPEC 8.2).
+    """Resize a patch-embedding kernel by bilinear interpolation (ViT-Adapter's
+    ``detection/convert_14to16.py``).
 
     No rescaling: a 16x16 kernel sums over 256 pixels instead of 196, so responses to smooth inputs grow by about
     (16/14)^2, which ViT-Adapter accepts (fine-tuning adapts).
@@ -291,7 +292,7 @@ def adapt_to_model(state_dict: Mapping[str, Tensor], *, patch_size: int, grid_si
         state_dict: timm keys (from :func:`to_timm_vit`).
         patch_size: the model's p; ``patch_embed.proj.weight`` [D, C, q, q] is resized bilinearly if q != p.
         grid_size: the model's patches per side; ``pos_embed`` [1, T + G*G, D] is resampled bicubically to it
-            (MAE's ``interpolate_pos_embed``, SPEC 5.3), e.g. DINOv2's 37x37 grid -> 14x14 for 224/16.
+            (MAE's ``util/pos_embed.py interpolate_pos_embed``), e.g. DINOv2's 37x37 grid -> 14x14 for 224/16.
         num_prefix_tokens: T, rows of ``pos_embed`` that are not on the grid (1 for a cls token).
 
     Returns:
@@ -351,7 +352,7 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
 
 
 def moco_to_deit(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
-    """MoCo v3's ``convert_to_deit.py`` (SPEC 8.1): base encoder without its projection head, as ``{'model': sd}``.
+    """MoCo v3's ``convert_to_deit.py``: base encoder without its projection head, as ``{'model': sd}``.
 
     Args:
         checkpoint: MoCo v3 checkpoint ``{'state_dict': {'module.base_encoder.*', 'module.momentum_encoder.*',
@@ -376,7 +377,7 @@ def moco_to_deit(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
 
 
 def dinov2_14to16(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """ViT-Adapter's ``convert_14to16.py`` (SPEC 8.2), for ViT-Adapter's backbone (not our ViT).
+    """ViT-Adapter's ``detection/convert_14to16.py``, for ViT-Adapter's backbone (not our ViT).
 
     Resizes ``patch_embed.proj.weight`` [D, 3, 14, 14] -> [D, 3, 16, 16] (bilinear, align_corners False, no
     rescale), drops every key containing ``mask_token``, renames ``ls1.gamma`` -> ``gamma1`` and ``ls2.gamma`` ->

@@ -3,7 +3,7 @@
 Derived from MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``models_mae.py`` ``forward_decoder``,
 ``_init_weights``) and LocalMIM (Wang et al., CVPR 2023; huawei-noah/Efficient-Computing
 ``Self-supervised/LocalMIM/ViT/models_mim.py`` ``MAE_Decoder``), with the 8x head of ViTFreeze
-(github.com/utkutpcgl/ViTFreeze ``ViT/models_mim.py``). SPEC 2.1, 3.2.
+(github.com/utkutpcgl/ViTFreeze ``ViT/models_mim.py``).
 
 The MAE decoder itself lives inline in ``models/mim.py`` so that its parameters keep MAE's top-level checkpoint
 names (``decoder_embed``, ``mask_token``, ``decoder_blocks``, ...); both decoders share
@@ -29,7 +29,7 @@ PREDICTION_SCALES = (8.0, 4.0, 2.0, 1.0, 0.5)
 def init_linear_and_norm(module: nn.Module) -> None:
     """MAE / LocalMIM init for ``Module.apply``: Xavier-uniform Linear weights, zero biases, LayerNorm 1 / 0.
 
-    Conv layers are left at PyTorch defaults (SPEC 1.3).
+    Conv layers are left at PyTorch defaults (MAE ``models_mae.py _init_weights`` touches only Linear and LayerNorm).
     """
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)  # following the official JAX ViT

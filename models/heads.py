@@ -1,7 +1,8 @@
 """Linear-probe head and the frozen-backbone probe that trains one or several of them side by side.
 
 Head after MAE's ``main_linprobe.py`` (He et al., CVPR 2022): BatchNorm1d without affine parameters (eps 1e-6)
-followed by a Linear layer whose weight is trunc_normal(std 0.01) and bias 0 (SPEC 6). Several heads over the
+followed by a Linear layer whose weight is trunc_normal(std 0.01) and bias 0 (MAE
+``main_linprobe.py``). Several heads over the
 same features (one per learning rate) follow DINOv2's linear evaluation, which trains a grid of classifiers in
 one pass because probe accuracy is sensitive to the learning rate.
 """

@@ -2,7 +2,7 @@
 
 Derived from MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``models_mae.py`` ``random_masking``)
 and LocalMIM (Wang et al., "Masked Image Modeling with Local Multi-Scale Reconstruction", CVPR 2023;
-huawei-noah/Efficient-Computing ``Self-supervised/LocalMIM/ViT/models_mim.py`` ``recal_mask``). SPEC 2.1, 3.4.
+huawei-noah/Efficient-Computing ``Self-supervised/LocalMIM/ViT/models_mim.py`` ``recal_mask``).
 """
 from __future__ import annotations
 

@@ -4,14 +4,14 @@ Derived from MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners",
 github.com/facebookresearch/mae ``models_mae.py``), LocalMIM (Wang et al., "Masked Image Modeling with Local
 Multi-Scale Reconstruction", CVPR 2023; huawei-noah/Efficient-Computing ``Self-supervised/LocalMIM/ViT/
 models_mim.py``) and ViTFreeze (github.com/utkutpcgl/ViTFreeze, FreezeOut of Brock et al., 2017, applied to
-LocalMIM). SPEC 1, 2, 3, 4.4.
+LocalMIM).
 
 Both models are one computation: encode the visible tokens, tap the encoder after some blocks ("stages"),
 decode each tap to a prediction at a scale, and sum the masked MSE of each stage against its target. MAE is one
 stage of scale 1 fed by the last block through the final ``norm``; LocalMIM has stages at scales (4, 2, 1, 0.5)
 fed by blocks [1, 3, depth-3, depth-1] through the stage norms ``norm.K``.
 
-Freezable units (DESIGN 1.2), in forward order: unit 0 = patch_embed + cls_token + pos_embed, unit i = block
+Freezable units (FreezeOut), in forward order: unit 0 = patch_embed + cls_token + pos_embed, unit i = block
 i-1 (with ``freeze_patch_embed=False``: the embedding never freezes and block i is unit i). A LocalMIM stage's
 norm and decoder belong to the unit of the block feeding it; MAE's final norm and decoder never freeze (None).
 ``forward(num_frozen=k)`` runs the first k units without autograd and skips the stages they feed.
@@ -52,7 +52,8 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 def default_stage_blocks(depth: int, num_stages: int) -> list[int]:
-    """Blocks feeding the LocalMIM stages: [1, 3, depth-3, depth-1] for 4 stages and depth >= 7 (SPEC 3.1; at
+    """Blocks feeding the LocalMIM stages: [1, 3, depth-3, depth-1] for 4 stages and depth >= 7
+    (LocalMIM ``ViT/models_mim.py``; at
     depth 6 it would feed two stages from block 3), else ``num_stages`` evenly spread distinct blocks ending at
     depth-1 (depth 4 -> [0, 1, 2, 3], depth 6 -> [0, 2, 3, 5])."""
     if num_stages == 4 and depth >= 7:
@@ -96,7 +97,8 @@ class MaskedImageModel(nn.Module):
             mlp_ratio: MLP hidden width over D.
             freeze_patch_embed: patch_embed + cls_token form unit 0 (else they never freeze early, the
                 ``--dont_freeze_pe`` mode of ViTFreeze).
-            freeze_cls_token: the cls token belongs to unit 0 (our fix, SPEC 4.4). False reproduces ViTFreeze, where
+            freeze_cls_token: the cls token belongs to unit 0 (our fix: ViTFreeze
+                leaves it trainable after the embedding freezes). False reproduces ViTFreeze, where
                 it never freezes, so backward still runs through every frozen block (``--vitfreeze_compat``).
         """
         super().__init__()
@@ -120,7 +122,8 @@ class MaskedImageModel(nn.Module):
         self._units: dict[str, int | None] | None = None
 
     def init_weights(self) -> None:
-        """SPEC 1.3: Xavier on the patch-embed weight viewed [D, C*p*p], normal(0.02) for cls and mask tokens,
+        """As MAE ``models_mae.py initialize_weights``:
+        Xavier on the patch-embed weight viewed [D, C*p*p], normal(0.02) for cls and mask tokens,
         Xavier Linear + zero bias, LayerNorm 1 / 0; convs and the patch-embed bias keep PyTorch defaults."""
         weight = self.patch_embed.proj.weight
         with torch.no_grad():
@@ -376,7 +379,7 @@ class LocalMIM(MaskedImageModel):
                 :class:`MaskedImageModel`.
             decoder_embed_dim, decoder_depth, decoder_num_heads: each stage decoder's width, Blocks, heads.
             target: 'hog' (default when None) or 'pixel' (per-region pixels, region r = p / scale; our extension
-                following LocalMIM-Swin, SPEC 3.7).
+                following LocalMIM-Swin ``Swin/models_mim.py``).
             hog_nbins: orientation bins per colour channel.
             hog_compat: LocalMIM's fp32 Sobel sums, its HOG targets bit for bit (``models.targets`` docstring).
             norm_pix_loss: normalize each pixel region (pixel target only; ValueError with HOG).
@@ -421,7 +424,7 @@ class LocalMIM(MaskedImageModel):
             region = self.patch_size / s
             if region != int(region):
                 raise ValueError(f"patch {self.patch_size} at scale {s} gives a {region}-pixel {target} region; "
-                                 "p / scale must be an integer (e.g. ViT-H/14 cannot use scale 4, SPEC 3.7)")
+                                 "p / scale must be an integer (e.g. ViT-H/14 cannot use scale 4: 14 / 4 = 3.5 px)")
             if s < 1 and self.grid_size % round(1 / s):
                 raise ValueError(f"scale {s} needs the patch grid {self.grid_size} divisible by {round(1 / s)}")
 

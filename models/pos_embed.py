@@ -2,7 +2,9 @@
 
 Derived from MAE (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022;
 github.com/facebookresearch/mae ``util/pos_embed.py``), itself after MoCo v3. The table layout is kept exactly
-(SPEC 1.2) so MAE / LocalMIM checkpoints line up: for the token at (row r, col c) the channels are
+(MAE
+``util/pos_embed.py get_2d_sincos_pos_embed``) so MAE / LocalMIM checkpoints line up:
+for the token at (row r, col c) the channels are
 ``[sin(c*w) | cos(c*w) | sin(r*w) | cos(r*w)]`` with ``w_k = 10000 ** (-k / (D / 4))``; the column (x) index
 comes first because MAE builds its meshgrid with the w-coordinate first. Resampling wraps
 ``timm.layers.resample_abs_pos_embed`` with MAE's settings (bicubic, align_corners False, no antialias).
@@ -55,7 +57,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Tr
 def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int = 1) -> Tensor:
     """Bicubically resize the patch part of a square position embedding, keeping prefix (cls) rows.
 
-    Same result as MAE's ``interpolate_pos_embed`` (SPEC 5.3): bicubic, align_corners False, no antialias.
+    Same result as MAE's ``util/pos_embed.py interpolate_pos_embed``: bicubic, align_corners False, no antialias.
 
     Args:
         pos_embed: [1, num_prefix_tokens + G0*G0, D].

@@ -3,7 +3,7 @@
 Derived from MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``models_mae.py`` ``patchify``,
 ``unpatchify``, ``forward_loss``) and LocalMIM (Wang et al., CVPR 2023; huawei-noah/Efficient-Computing
 ``Self-supervised/LocalMIM/ViT/models_mim.py`` ``HOGLayer``, ``HOG``; ``Swin/models_mim.py`` for the per-scale
-pixel target). SPEC 2.3, 3.3, 3.7.
+pixel target).
 
 Differences from the references, all with identical results: the Sobel kernels are non-persistent buffers
 (not frozen ``Conv2d`` weights, so they never reach a checkpoint); the per-pixel histogram is computed once per
@@ -179,7 +179,7 @@ class HOGTarget(nn.Module):
             else:
                 grad = F.conv2d(x.double(), self.sobel.double()).float()
             magnitude = grad.norm(dim=1, keepdim=True)
-            angle = torch.atan2(grad[:, 0], grad[:, 1])  # first argument is the k0 response (SPEC 3.3)
+            angle = torch.atan2(grad[:, 0], grad[:, 1])  # first argument is the k0 response (LocalMIM's ``HOGLayer``)
             bins = torch.floor(angle / math.pi * self.nbins).long() % self.nbins  # non-negative modulo
             hist = torch.zeros(batch * chans, self.nbins, height, width, device=imgs.device)
             hist.scatter_(1, bins.unsqueeze(1), magnitude)

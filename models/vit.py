@@ -4,7 +4,7 @@ MAE's fine-tuning / linear-probe model ([MAE] ``models_vit.py``, He et al., CVPR
 ``global_pool='avg'`` (mean of the patch tokens, cls excluded, then a fresh ``fc_norm``; the final ``norm`` becomes
 identity) or ``global_pool='token'`` (final ``norm``, then the cls token). timm >= 0.9 provides both modes itself, so
 there is no subclass and no override of ``forward_features`` (the MAE subclass double-pools under newer timm,
-SPEC 5.1). LayerNorm eps 1e-6, qkv bias on, drop-path linearly spaced over depth (SPEC 1.1).
+``models_vit.py``). LayerNorm eps 1e-6, qkv bias on, drop-path linearly spaced over depth (MAE ``models_vit.py``, timm).
 
 Keys are timm's (``patch_embed.proj.*``, ``cls_token``, ``pos_embed``, ``blocks.N.*``, ``norm.*`` / ``fc_norm.*``,
 ``head.*``), the same as the encoder part of ``models/mim.py`` and of official MAE checkpoints.
@@ -66,7 +66,7 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 def init_head(head: nn.Linear, std: float) -> None:
     """Re-initialise a classifier after loading: weight trunc_normal(std), bias 0.
 
-    MAE uses std 2e-5 for fine-tuning and 0.01 for linear probing (SPEC 5.1, 6).
+    MAE uses std 2e-5 for fine-tuning and 0.01 for linear probing (``main_finetune.py``, ``main_linprobe.py``).
     """
     trunc_normal_(head.weight, std=std)
     nn.init.zeros_(head.bias)

@@ -4,7 +4,7 @@ import pytest
 import main_pretrain
 from util.args import load_config, parse_args
 
-# flags of the official MAE / LocalMIM / ViTFreeze pretraining commands (seed 003, MAE PRETRAIN.md)
+# flags of the official MAE / LocalMIM / ViTFreeze pretraining commands (ViTFreeze's README/DETAILS, MAE PRETRAIN.md)
 SEED_FLAGS = ["--model", "--batch_size", "--epochs", "--warmup_epochs", "--blr", "--lr", "--min_lr", "--weight_decay",
               "--accum_iter", "--mask_ratio", "--hog_nbins", "--norm_pix_loss", "--input_size", "--data_path",
               "--output_dir", "--log_dir", "--resume", "--start_epoch", "--num_workers", "--seed", "--world_size",

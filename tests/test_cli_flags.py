@@ -154,7 +154,7 @@ def test_dry_run_passes_when_everything_exists_and_prints_once(capsys, monkeypat
 
 
 def test_a_deit_command_keeps_deits_lr_rule(caplog):
-    """MoCo v3's seed: DeiT's --lr 3e-4 at total batch 1024 is lr 6e-4 (x 1024 / 512) = our blr 1.5e-4 (x 1024 / 256),
+    """MoCo v3 transfer: DeiT's --lr 3e-4 at total batch 1024 is lr 6e-4 (x 1024 / 512) = our blr 1.5e-4 (x 1024 / 256),
     the value of configs/finetune/moco_v3_*.yaml; our own spelling keeps --lr absolute."""
     with caplog.at_level(logging.WARNING, logger="vitfreeze"):
         deit = parse_args(main_finetune.build_parser(), ["--batch-size", "128", "--lr", "3e-4", "--warmup-epochs", "3"])

@@ -96,7 +96,7 @@ def test_missing_submitit_is_a_clear_error(capsys, monkeypatch, tmp_path):
 
 
 def test_a_stale_world_size_flag_is_reported(capsys, monkeypatch):
-    """The seeds' commands carry --world_size; the process count torchrun started is the one that counts."""
+    """ViTFreeze's published commands carry --world_size; the process count torchrun started is the one that counts."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert main_pretrain.main(["--world_size", "4", "--accum_iter", "2", "--data_path", "demo", "--dry_run"]) == {}

@@ -1,4 +1,4 @@
-"""Pretraining pays off end to end (issue 4): the demo pretraining, then fine-tuning from it beats fine-tuning from
+"""Pretraining pays off end to end: the demo pretraining, then fine-tuning from it beats fine-tuning from
 random initialisation with the same few-label budget (``configs/finetune/demo_few_labels.yaml``: 8 labelled images
 per class, 10 epochs) on the 512 demo val images.
 

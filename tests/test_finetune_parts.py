@@ -25,7 +25,7 @@ from engine.metrics import mean_and_std
 from util.vis import confusion_colours, confusion_layout, save_confusion_png
 
 ROOT = Path(__file__).resolve().parent.parent
-# the flags issue 4 promises (MAE main_finetune.py names plus data sets, folds, FreezeOut)
+# the fine-tuning flags (MAE main_finetune.py names plus data sets, folds, FreezeOut)
 FLAGS = ["--model", "--finetune", "--epochs", "--warmup_epochs", "--blr", "--lr", "--min_lr", "--layer_decay",
          "--weight_decay", "--drop_path", "--clip_grad", "--smoothing", "--mixup", "--cutmix", "--cutmix_minmax",
          "--mixup_prob", "--mixup_switch_prob", "--mixup_mode", "--reprob", "--remode", "--recount", "--aa",

@@ -16,7 +16,7 @@ SCALE = {"linear": 1, "squared": 2, "cubic": 3}
 
 def reference_lr(unit, step, *, n_units, total, warmup, base, t_0, how, scale_lr=True, layerwise=True, min_lr=0.0,
                  jump=False):
-    """SPEC 4.4 written out independently (ViTFreeze's formulas in SPEC 4.2 for the compat jump)."""
+    """The FreezeOut schedule written out independently (ViTFreeze's formulas for the compat jump)."""
     t = (t_0 + (1 - t_0) * unit / (n_units - 1)) ** SCALE[how]
     freeze_at = warmup + t * (total - warmup)
     glob = (base * step / warmup if step < warmup else
@@ -64,11 +64,11 @@ def test_freeze_points_monotone_and_lr_zero_after(how, t_0):
 
 
 def test_spec_worked_example_cubic_08():
-    """SPEC 4.2: ViT-B, 100 epochs, 10 warmup: unit i freezes at epoch 10 + 90 t_i."""
+    """ViTFreeze ``run_pretrain.py``: ViT-B, 100 epochs, 10 warmup: unit i freezes at epoch 10 + 90 t_i."""
     sched = FreezeOutSchedule(num_units=13, total_steps=100_000, base_lr=1.0, warmup_steps=10_000, t_0=0.8)
     epochs = [round(sched.freeze_point(u) / 1000, 1) for u in range(12)]
     assert epochs == [56.1, 59.0, 62.1, 65.3, 68.6, 72.0, 75.6, 79.3, 83.2, 87.2, 91.3, 95.6]
-    assert sched.peak_lr(0) == pytest.approx(1 / 0.512)  # the 1.95x of SPEC 4.2
+    assert sched.peak_lr(0) == pytest.approx(1 / 0.512)  # ViTFreeze's 1.95x peak lr (1 / 0.512)
 
 
 def test_no_jump_at_end_of_warmup_except_in_compat_mode():

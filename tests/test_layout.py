@@ -42,7 +42,8 @@ def test_no_grab_bag_modules():
 def helper_imports(path: Path, scripts: set[str]) -> set[str]:
     """Entry scripts among ``scripts`` whose helpers ``path`` imports (absolute imports, at any depth of the file).
 
-    ``from main_x import main`` / ``cli`` alone is an alias of that entry point (the seeds' script names, e.g.
+    ``from main_x import main`` / ``cli`` alone is an alias of that entry point (the script names of the
+    published MAE / LocalMIM / ViTFreeze commands, e.g.
     ``main_finetune_gastrovision.py``), not a shared helper, so it does not count; ``import main_x`` or any other
     name does."""
     found = set()

@@ -21,7 +21,7 @@ TINY = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32
 
 
 def moco_v3_lars_step(params, state, *, lr, weight_decay, momentum=0.9, eta=0.001):
-    """MoCo v3 ``optimizer.py`` LARS (SPEC 6), written out: trust ratio and decay for ndim > 1 only."""
+    """MoCo v3 ``optimizer.py`` LARS (MAE linear probe), written out: trust ratio and decay for ndim > 1 only."""
     with torch.no_grad():
         for p in params:
             update = p.grad

@@ -70,7 +70,8 @@ def test_random_confusions_against_numpy(seed):
     assert np.array_equal(cm.numpy(), ref)
     m = classification_metrics(cm)
     assert m["mcc"] / 100 == pytest.approx(_mcc_as_correlation(y, p, k), abs=1e-12)
-    # per-class harmonic mean <= arithmetic mean, so macro F1 <= (macro P + macro R) / 2 (SPEC 10.2)
+    # per-class harmonic mean <= arithmetic mean, so macro F1 <= (macro P + macro R) / 2
+    # (the MAE-on-GastroVision report's F1 87.37 with P 74.47 / R 75.69 cannot hold)
     assert m["f1"] <= (m["precision"] + m["recall"]) / 2 + 1e-9
     assert m["acc"] == pytest.approx(100 * (y == p).mean())
 

@@ -66,7 +66,7 @@ def _rescale_reference(mask: np.ndarray, scale: float, grid: int) -> np.ndarray:
 
 def test_localmim_shapes_and_loss_match_independent_computation():
     torch.manual_seed(0)
-    model = tiny_mim(img_size=64)  # grid 4: SPEC 3.6 scaled down from 14 to 4
+    model = tiny_mim(img_size=64)  # grid 4: LocalMIM's ViT-B/16 shapes scaled down from 14 to 4
     imgs = torch.randn(2, 3, 64, 64)
     out = model(imgs, generator=gen(1))
     assert out["scales"] == [4.0, 2.0, 1.0, 0.5] and out["stages"] == [0, 1, 2, 3]
@@ -157,7 +157,7 @@ def _encoder_unit_by_hand(name: str, pe_unit: int | None, offset: int) -> int | 
 def test_units_of_localmim_depth12():
     model = tiny_mim(depth=12)
     assert model.num_units == 13 and model.stage_blocks == [1, 3, 9, 11]
-    stage_units = [2, 4, 10, 12]  # SPEC 4.2: stages fed by blocks 1, 3, 9, 11
+    stage_units = [2, 4, 10, 12]  # ViTFreeze ViT-B: stages fed by blocks 1, 3, 9, 11
     for name in _names(model):
         head = name.split(".")[0]
         expected = stage_units[int(name.split(".")[1])] if head in ("norm", "decoder") else \

@@ -1,4 +1,4 @@
-"""Tests of models/pos_embed.py against the per-element formula of SPEC 1.2 and a direct bicubic resize."""
+"""Tests of models/pos_embed.py against the formula of MAE ``util/pos_embed.py`` and a direct bicubic resize."""
 import math
 
 import pytest

@@ -79,7 +79,7 @@ def test_validation_errors():
         create_model("MIM_vit_tiny_patch16", img_size=32, depth=4, norm_pix_loss=True)
     with pytest.raises(ValueError, match="divisible"):
         create_model("mae_vit_tiny_patch16", img_size=40, depth=1)
-    with pytest.raises(ValueError, match="integer"):  # SPEC 3.7: 14 / 4 = 3.5 px pools
+    with pytest.raises(ValueError, match="integer"):  # ViT-H/14 at scale 4: 14 / 4 = 3.5 px pools
         create_model("MIM_vit_tiny_patch16", img_size=56, patch_size=14, depth=4)
     with pytest.raises(ValueError):
         create_model("MIM_vit_tiny_patch16", img_size=32, depth=4, target="sift")

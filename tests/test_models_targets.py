@@ -37,7 +37,7 @@ def test_pixel_target_norm_pix_matches_numpy():
 
 
 def _hog_reference(img: np.ndarray, nbins: int, pool: int) -> np.ndarray:
-    """Pure-Python HOG of one image [C, H, W] (SPEC 3.3): returns [cells, C * nbins]."""
+    """Pure-Python HOG of one image [C, H, W] (LocalMIM's ``HOGLayer``): returns [cells, C * nbins]."""
     chans, height, width = img.shape
     k0 = [[1, 0, -1], [2, 0, -2], [1, 0, -1]]
 

@@ -1,4 +1,4 @@
-"""Every run ends with a summary: wall-clock time, headline metrics, where the outputs are (issue 11)."""
+"""Every run ends with a summary: wall-clock time, headline metrics, where the outputs are."""
 import logging
 import types
 

@@ -1,5 +1,5 @@
 """What pretraining writes to TensorBoard: per-unit lr and the frozen-unit count with or without FreezeOut, and the
-per-scale LocalMIM losses (issue 11)."""
+per-scale LocalMIM losses."""
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -86,7 +86,7 @@ def test_pretraining_checkpoints_load(pretrain, pool):
     vit = models.create_model("vit_tiny_patch16", img_size=32, depth=2, num_classes=0, global_pool=pool)
     missing, unexpected = load_pretrained(vit, state, expected_missing=("fc_norm.*",) if pool == "avg" else ())
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, ours["blocks.1.mlp.fc2.weight"])
-    if pool == "token":  # the final norm is MAE's norm, or LocalMIM's last stage norm (SPEC 5.2)
+    if pool == "token":  # the final norm is MAE's norm, or LocalMIM's last stage norm (``models.convert``)
         norm = "norm.weight" if pretrain.startswith("mae") else "norm.1.weight"
         assert torch.equal(vit.norm.weight, ours[norm]) and missing == []
     else:

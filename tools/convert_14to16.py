@@ -1,7 +1,7 @@
 """Resize a DINOv2 patch-14 checkpoint to patch 16 in ViT-Adapter's format: writes ``<name>_14to16.pth`` beside it.
 
 Same command as ViT-Adapter's ``detection/convert_14to16.py`` (Chen et al., "Vision Transformer Adapter for Dense
-Predictions", ICLR 2023; github.com/czczup/ViT-Adapter), SPEC 8.2::
+Predictions", ICLR 2023; github.com/czczup/ViT-Adapter ``detection/convert_14to16.py``)::
 
     python tools/convert_14to16.py dinov2_vitl14_pretrain.pth   # -> dinov2_vitl14_pretrain_14to16.pth
 

@@ -1,7 +1,7 @@
 """Convert a MoCo v3 pretraining checkpoint to DeiT / timm keys: ``{'model': base encoder without head}``.
 
 Same command as MoCo v3's ``convert_to_deit.py`` (Chen et al., "An Empirical Study of Training Self-Supervised
-Vision Transformers", ICCV 2021; github.com/facebookresearch/moco-v3), SPEC 8.1::
+Vision Transformers", ICCV 2021; github.com/facebookresearch/moco-v3 ``convert_to_deit.py``)::
 
     python tools/convert_to_deit.py --input checkpoint_0299.pth.tar --output vit-b-300ep.pth
 

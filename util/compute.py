@@ -1,7 +1,7 @@
 """The compute path on a GPU: ``torch.compile`` of the model, fused AdamW, and the attention check.
 
 TF32 is switched on by ``util.runtime.set_backend_flags`` and bf16 autocast is the CUDA default
-(``util.runtime.resolve_amp``); this file holds the rest of issue 12's compute items.
+(``util.runtime.resolve_amp``); this file holds the rest of the GPU compute path.
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@
 Rule of timm's ``param_groups_weight_decay`` used by MAE and LocalMIM: no weight decay for 1-D parameters
 (norms, biases) and names ending in ``.bias`` or listed in ``no_weight_decay``; everything else (including
 cls_token and mask tokens, which are 3-D) decays. Frozen parameters are left out. Groups are keyed by
-(unit, decay) so a later freeze event removes whole groups (DESIGN 1.2).
+(unit, decay) so a later freeze event removes whole groups.
 
-Fine-tuning's layer-wise lr decay (BEiT, Bao et al. 2022; MAE ``util/lr_decay.py param_groups_lrd``, SPEC 5.4) uses
+Fine-tuning's layer-wise lr decay (BEiT, Bao et al. 2022; MAE ``util/lr_decay.py param_groups_lrd``) uses
 the same unit as its layer id: ``lr_scale = layer_decay ** (num_layers - unit)``, with unit None (head, final norms)
 counted as ``num_layers`` (scale 1). One layer-id function, two consumers: FreezeOut and layer decay.
 
@@ -73,7 +73,7 @@ def _lr_scale(unit: int | None, layer_decay: float | None, num_layers: int | Non
 
 def lars_groups(probe: nn.Module, lrs: list[float], weight_decay: float) -> list[dict]:
     """Head h's groups of a linear probe (``models.heads.LinearProbe``: ``probe.heads``) with ``lr_scale`` = its lr.
-    MoCo v3's LARS (SPEC 6) = timm ``Lars`` with the trust ratio and weight decay on >1-D params only
+    MoCo v3's LARS (MAE's linear probe) = timm ``Lars`` with the trust ratio and weight decay on >1-D params only
     (``always_adapt``) and ``eps=0``; 1-D params take the raw gradient."""
     groups = []
     for head, lr in zip(probe.heads, lrs):

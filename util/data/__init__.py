@@ -1,4 +1,4 @@
-"""The data pipeline (DESIGN section 4), one job per file.
+"""The data pipeline, one job per file.
 
 - ``folder``: image folders (ImageFolder, LocalMIM's train folder, flat folders) and the RGB loader that
   reports corrupt files.

@@ -2,7 +2,9 @@
 
 - ``build_pretrain_dataset``: MAE reads ``ImageFolder(<data_path>/train)``; LocalMIM/ViTFreeze point
   ``--data_path`` at the train folder itself. We accept both, plus a flat folder of images (label 0) and the
-  word ``demo`` (SPEC 2.4, 5.5). Class discovery is torchvision's ``find_classes``/``make_dataset``, so labels
+  word ``demo``
+  (MAE ``main_pretrain.py``, ``util/datasets.py``). Class discovery is
+  torchvision's ``find_classes``/``make_dataset``, so labels
   equal ``torchvision.datasets.ImageFolder``'s. ``build_folder_dataset`` reads one given folder (e.g. ``val``).
 - ``ImageFileDataset``: every image is converted to RGB (greyscale, CMYK, palette and RGBA files occur in
   ImageNet); a corrupt or truncated file is reported once with its path and replaced by the next readable

@@ -1,7 +1,7 @@
 """Views of a dataset: with sample indices, or N labelled samples per class.
 
 - ``IndexedDataset``: returns the sample index as well, which exact (index-aware) k-NN gathering needs
-  (DINO's ``ReturnIndexDataset``; ViTFreeze's ``run_knn.py`` lost that alignment, SPEC 7.3).
+  (DINO's ``ReturnIndexDataset``; ViTFreeze's ``run_knn.py`` lost that alignment).
 - ``few_shot_indices`` / ``few_shot_subset``: N labelled samples per class, drawn with a seed (few-shot k-NN
   banks; fine-tuning on few labels, the semi-supervised setting where pretraining pays off most).
 """

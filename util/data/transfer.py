@@ -2,7 +2,7 @@
 iNaturalist, cross-validation folds from a CSV, and the synthetic demo set. Local files only; nothing is fetched
 unless ``download=True`` (CIFAR, Flowers, Pets, through torchvision).
 
-Splits follow the recipes we reproduce (SPEC 10):
+Splits follow the recipes we reproduce:
 - CIFAR-10/100, Flowers-102, Oxford-IIIT Pets: MoCo v3's ``transfer/datasets.py`` (Chen et al., ICCV 2021;
   github.com/facebookresearch/moco-v3). Flowers train = ``trnid`` + ``valid`` (2040 images), test = ``tstid``
   (6149), labels 1-based in ``imagelabels.mat``; Pets ``trainval.txt`` (3680) / ``test.txt`` (3669), label =
@@ -11,7 +11,8 @@ Splits follow the recipes we reproduce (SPEC 10):
   official JSON annotations (``images[].file_name`` relative to the root, ``annotations[].category_id``), as in
   DeiT's ``INatDataset`` (github.com/facebookresearch/deit ``datasets.py``) used by dBOT; ``'test'`` means
   ``val`` (the test labels were never released).
-- Medical k-fold protocols (HyperKvasir 2-fold, GastroVision; SPEC 10.2): a CSV with columns ``file,label,fold``,
+- Medical k-fold protocols (HyperKvasir 2-fold, GastroVision, as in the MAE-on-GastroVision
+  report): a CSV with columns ``file,label,fold``,
   or HyperKvasir's own ``official_splits/2_fold_split.csv`` as it is (``file-name;class-name;split-index``).
 
 File-list datasets are ``util.data.folder.ImageFileDataset`` (RGB conversion, corrupt files reported and skipped).

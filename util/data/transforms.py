@@ -5,12 +5,12 @@
   Learners", 2022); LocalMIM and ViTFreeze use the same pipeline.
 - ``eval_transform``: Resize(input_size / crop_pct, bicubic) + CenterCrop, crop_pct 224/256 up to 224 px else 1.0
   (MAE's ``util/datasets.py build_transform`` for eval; DINO's k-NN transform); used by k-NN and linear probing.
-- ``finetune_transform``: MAE's fine-tuning augmentation (``util/datasets.py build_transform``, SPEC 5.5) through
+- ``finetune_transform``: MAE's fine-tuning augmentation (``util/datasets.py build_transform``) through
   timm's ``create_transform``: RandomResizedCrop (bicubic) + flip + RandAugment + normalize + RandomErasing; its
   posterize op keeps working with Pillow 13 (see ``posterize``).
 - ``linprobe_transform``: MAE's linear-probe augmentation: its TF-style ``RandomResizedCrop`` (``util/crop.py``,
   one draw clamped to the image, BYOL's TF code; torchvision's tries 10 draws and falls back to a center crop,
-  which gives smaller crops: mean area 0.435 against 0.518) + flip + normalize (SPEC 6).
+  which gives smaller crops: mean area 0.435 against 0.518) + flip + normalize (MAE ``main_linprobe.py``).
 - ``denormalize``: undo the ImageNet normalization for pictures.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["MEAN", "STD", "pretrain_transform", "eval_transform", "finetune_tran
 
 
 def pretrain_transform(input_size: int) -> Callable:
-    """MAE pretraining augmentation (SPEC 2.4); nothing else is applied.
+    """MAE pretraining augmentation (``main_pretrain.py``); nothing else is applied.
 
     Args:
         input_size: side of the square output crop in pixels.
@@ -104,7 +104,8 @@ def linprobe_transform(input_size: int) -> Callable:
 def finetune_transform(input_size: int, *, auto_augment: str | None = "rand-m9-mstd0.5-inc1",
                        color_jitter: float | None = None, re_prob: float = 0.25, re_mode: str = "pixel",
                        re_count: int = 1) -> Callable:
-    """MAE's fine-tuning augmentation, built by timm's ``create_transform(is_training=True)`` (SPEC 5.5).
+    """MAE's fine-tuning augmentation, built by timm's ``create_transform(is_training=True)`` (MAE
+    ``util/datasets.py``).
 
     RandomResizedCrop(input_size, scale 0.08-1, ratio 3/4-4/3, bicubic) -> horizontal flip 0.5 -> RandAugment
     (or another timm auto-augment policy) -> ToTensor -> ImageNet normalize -> RandomErasing.
