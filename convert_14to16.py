@@ -1,4 +1,4 @@
-"""ViT-Adapter's ``convert_14to16.py`` (seed 002) from the repository root: runs ``tools/convert_14to16.py``."""
+"""ViT-Adapter's ``convert_14to16.py`` (its DINOv2 detection README runs it) from the repository root: runs ``tools/convert_14to16.py``."""
 import sys
 
 from tools.convert_14to16 import main

@@ -1,4 +1,4 @@
-"""MoCo v3's ``convert_to_deit.py`` (seed 001) from the repository root: runs ``tools/convert_to_deit.py``."""
+"""MoCo v3's ``convert_to_deit.py`` (its transfer README runs it) from the repository root: runs ``tools/convert_to_deit.py``."""
 import sys
 
 from tools.convert_to_deit import main

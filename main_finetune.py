@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pretrained ViT for classification: MAE's recipe (SPEC 5) and the transfer recipes (10).
+"""End-to-end fine-tuning of a pretrained ViT for classification: MAE's recipe (``main_finetune.py``) and the transfer recipes (MoCo v3, dBOT, the medical sets).
 
 Flags follow MAE's ``main_finetune.py`` (He et al., CVPR 2022; github.com/facebookresearch/mae) so the seeds' commands
 paste unchanged; recipes are in ``configs/finetune/``. Checkpoints of this project, MAE, LocalMIM/ViTFreeze, MoCo v3,

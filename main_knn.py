@@ -1,4 +1,4 @@
-"""Weighted k-NN evaluation of a frozen backbone (DINO's protocol, SPEC 7) on the features of a labelled dataset.
+"""Weighted k-NN evaluation of a frozen backbone (DINO's protocol, ``eval_knn.py``) on the features of a labelled dataset.
 
 Flags follow DINO's ``eval_knn.py`` (``--nb_knn``, ``--temperature``, ``--pretrained_weights``,
 ``--batch_size_per_gpu``, ``--dump_features`` = ``--save_features``, ``--load_features``) and MAE's data flags.

@@ -1,4 +1,4 @@
-"""Linear probing of a frozen backbone (MAE protocol, SPEC 6): BatchNorm(affine=False) + Linear, LARS, cosine.
+"""Linear probing of a frozen backbone (MAE's ``main_linprobe.py`` protocol): BatchNorm(affine=False) + Linear, LARS, cosine.
 
 Flags follow MAE's ``main_linprobe.py`` (``--finetune``, ``--cls_token`` / ``--global_pool``, ``--blr 0.1``,
 ``--accum_iter``, ``--dist_eval``); ``--cache_features`` embeds the images once without augmentation and trains on
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                               checkpoint=load_checkpoint(args.finetune) if args.finetune else None,
                               checkpoint_source=args.checkpoint_source, name=args.finetune).to(device)
     splits = partial(labelled_splits, args.data_set, args.data_path, nb_classes=args.nb_classes)
-    if args.cache_features:  # no augmentation: embed once, then epochs over tensors (SPEC 6 uses fresh crops)
+    if args.cache_features:  # no augmentation: embed once, then epochs over tensors (MAE's probe uses fresh crops)
         train_set, val_set, classes = splits(train_transform=eval_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))
         names = class_names(val_set)

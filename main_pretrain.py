@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     kwargs = {}
-    if args.all_stages:  # ViTFreeze's 12 decoders, one after every block of a depth-12 model (SPEC 3.9)
+    if args.all_stages:  # ViTFreeze's 12 decoders, one after every block of a depth-12 model (ViTFreeze's all-stage LocalMIM)
         if not args.model.startswith("MIM_"):
             raise ValueError(f"--all_stages needs a LocalMIM model (MIM_*), got {args.model}")
         kwargs = {"stage_blocks": list(range(12)), "scales": [8, 4, 4, 2, 2, 2, 2, 2, 2, 1, 1, 0.5]}

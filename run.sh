@@ -42,7 +42,7 @@ add hyperkvasir_cls   main_finetune.py configs/finetune/mae_hyperkvasir.yaml
 add ade20k_seg        main_segment.py  configs/segment/upernet_vit_base_512_160k_ade20k.yaml
 add cascade_coco_det   main_detect.py   configs/detect/cascade_mask_rcnn_vit_base_1x_coco.yaml
 add mask_rcnn_coco_det main_detect.py   configs/detect/mask_rcnn_vit_base_3x_coco.yaml
-for cfg in configs/detect/mask_rcnn_*_adapter_*.yaml; do  # ViT-Adapter rows of seed 002, one task per recipe
+for cfg in configs/detect/mask_rcnn_*_adapter_*.yaml; do  # the rows of ViT-Adapter's DINOv2 detection table, one task per recipe
     add "$(basename "$cfg" .yaml)" main_detect.py "$cfg"
 done
 UNSUPPORTED="ade20kv_seg"

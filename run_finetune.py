@@ -1,4 +1,4 @@
-"""LocalMIM / ViTFreeze's name for ``main_finetune.py`` (seed 003 calls it): same flags, same run."""
+"""LocalMIM / ViTFreeze's name for ``main_finetune.py`` (the ViTFreeze commands call it): same flags, same run."""
 from main_finetune import cli
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""ViTFreeze's name for ``main_knn.py`` (seed 003 calls it): same flags, same run."""
+"""ViTFreeze's name for ``main_knn.py`` (the ViTFreeze commands call it): same flags, same run."""
 from main_knn import cli
 
 if __name__ == "__main__":

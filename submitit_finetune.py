@@ -1,4 +1,4 @@
-"""MAE's ``submitit_finetune.py`` (seed 004): ``main_finetune.py`` submitted to SLURM through submitit.
+"""MAE's ``submitit_finetune.py`` (the MAE-on-GastroVision / HyperKvasir commands call it): ``main_finetune.py`` submitted to SLURM through submitit.
 
 Takes MAE's options (``--job_dir --nodes --ngpus --timeout --partition --use_volta32 --comment``) and the
 fine-tuning flags; equivalent to ``python main_finetune.py --launcher slurm ...`` (see ``util/launch.py``).

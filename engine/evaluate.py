@@ -1,7 +1,7 @@
 """Exact (distributed) evaluation of a classifier: loss, top-1/top-5, macro P/R/F1, MCC; per-split reports.
 
 MAE's ``engine_finetune.evaluate`` with ``--dist_eval`` shards the validation set with a ``DistributedSampler``
-that pads by repeating samples, so with N % world != 0 some images count twice (SPEC 5.6). Here each rank
+that pads by repeating samples, so with N % world != 0 some images count twice (MAE's ``--dist_eval``). Here each rank
 evaluates a shard WITHOUT padding (``eval_shard``: strided, the last shards one shorter) and the per-rank sums
 (confusion matrix, top-k hits, loss sum) are all-reduced as integers / float64: the result equals one process's.
 """

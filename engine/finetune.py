@@ -51,7 +51,7 @@ def classify_step(model: nn.Module, batch: Any, step: int, *, criterion: Callabl
 def build_criterion(*, num_classes: int, smoothing: float, mixup: float = 0.0, cutmix: float = 0.0,
                     cutmix_minmax: list[float] | None = None, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
                     mixup_mode: str = "batch") -> tuple[Mixup | None, nn.Module]:
-    """MAE's choice (SPEC 5.5): timm mixup/cutmix with smoothing folded into soft targets -> soft-target CE;
+    """MAE's choice (``main_finetune.py``): timm mixup/cutmix with smoothing folded into soft targets -> soft-target CE;
     else label-smoothing CE when ``smoothing`` > 0; else plain CE. Arguments are MAE's flags of the same names.
 
     Returns:

@@ -1,11 +1,11 @@
 """Weighted k-NN evaluation of frozen features (DINO's protocol) with exact, index-aware distributed extraction.
 
 Derived from DINO (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021;
-github.com/facebookresearch/dino ``eval_knn.py``), SPEC 7.1:
+github.com/facebookresearch/dino ``eval_knn.py``):
 
 - ``extract_features``: every rank embeds its shard of an ``IndexedDataset`` and the (index, feature, label)
   triples of all ranks are gathered once and written to row ``index``: ordering and padding cannot misalign
-  features and labels (ViTFreeze's ``run_knn.py`` lost that alignment and scored chance, SPEC 7.3).
+  features and labels (ViTFreeze's ``run_knn.py`` lost that alignment and scored chance).
 - ``embed``: the same for a plain labelled dataset (builds the sharded loader).
 - ``knn_classify``: cosine similarity of L2-normalised features, the k most similar training samples vote
   with weight exp(sim / T) for their class, classes ranked by summed weight; top-1 and top-5 (top-5 over

@@ -5,7 +5,7 @@ Moved here from the entry scripts (``main_finetune.py``, ``main_knn.py``; ``load
 ``util/checkpoint.py``, so that model-side loaders can use it: ``models`` imports torch and timm only). No file
 I/O: callers read the file (``util.checkpoint.load_checkpoint``) and pass the checkpoint dict; key maps are in
 ``models/convert.py``. After MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``main_finetune.py``,
-``main_linprobe.py``, ``util/lr_decay.py``), SPEC 5.2, 5.3, 6.
+``main_linprobe.py``, ``util/lr_decay.py``).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def build_backbone(model: str, *, img_size: int, global_pool: bool, checkpoint: 
     backbone = create_model(model, num_classes=0, img_size=img_size, global_pool="avg" if global_pool else "token")
     if checkpoint is not None:
         state, source = backbone_state(checkpoint, backbone, source=checkpoint_source)
-        # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (SPEC 5.2, 6)
+        # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (MAE main_finetune.py / main_linprobe.py)
         load_pretrained(backbone, state, expected_missing=("fc_norm.*",) if global_pool else (),
                         source=f"{name} ({source})")
     else:
@@ -55,7 +55,7 @@ def build_backbone(model: str, *, img_size: int, global_pool: bool, checkpoint: 
 def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], *, source: str = "auto",
                           global_pool: bool = True, head_init_std: float = 2e-5, name: str = "checkpoint",
                           what: str = "the model") -> None:
-    """MAE's ``--finetune`` load (SPEC 5.2, 5.3): any supported checkpoint -> timm keys, patch kernel and position
+    """MAE's ``--finetune`` load (``main_finetune.py``, ``util/pos_embed.py``): any supported checkpoint -> timm keys, patch kernel and position
     embedding resampled to the model, every backbone key required, then a fresh head (trunc_normal(std), bias 0).
 
     Raises:
@@ -109,7 +109,7 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
     """Non-strict load of a backbone that fails loudly when the backbone did not really load.
 
     MAE's ``main_finetune.py`` / ``main_linprobe.py`` assert the exact missing set after ``strict=False``
-    (``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling, SPEC 5.2); here any missing key
+    (``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling); here any missing key
     outside ``expected_missing`` raises, unexpected keys (decoders, ``mask_token``, a head we do not use, ``norm.*``
     under global pooling) are reported, and a shape mismatch raises instead of crashing inside ``load_state_dict``.
 

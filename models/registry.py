@@ -1,7 +1,7 @@
 """Model registry: factories register by function name; models are created by name.
 
 After timm's ``@register_model`` / ``create_model`` (github.com/huggingface/pytorch-image-models
-``timm/models/_registry.py``), replacing MAE's ``models_mae.__dict__[args.model]`` lookup (DESIGN rule 3).
+``timm/models/_registry.py``), replacing MAE's ``models_mae.__dict__[args.model]`` lookup, so an unknown name is a clear error.
 """
 from __future__ import annotations
 

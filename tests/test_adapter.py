@@ -270,7 +270,7 @@ def test_swiglu_giant_loads_into_the_giant_adapter_and_is_refused_elsewhere():
 
 
 def test_vit_adapter_14to16_file_loads_into_the_classifier_with_layer_scale_folded():
-    """Issue 11: the 24 gamma1/gamma2 keys of a converted file were ignored at INFO level; now they are folded."""
+    """The 24 gamma1/gamma2 keys of a converted file were ignored at INFO level; now they are folded."""
     dinov2 = timm_dinov2("vit_small_patch14_dinov2", img_size=56, depth=4)
     converted = convert_tool().dinov2_14to16(dinov2_original(dinov2))
     classifier = timm.models.vision_transformer.VisionTransformer(
@@ -354,7 +354,7 @@ def test_torchvision_mask_rcnn_trains_on_the_adapter_with_fpn():
 
 
 def test_finetune_loads_the_14to16_file_with_layer_scale_folded(tmp_path):
-    """Issue 11 through main_finetune's --finetune loader: gamma1/gamma2 end up inside attn.proj / mlp.fc2."""
+    """Through main_finetune's --finetune loader: gamma1/gamma2 end up inside attn.proj / mlp.fc2."""
     import models
     from models.backbone import load_finetune_weights
     from util.checkpoint import load_checkpoint
@@ -463,7 +463,7 @@ def test_main_segment_builds_upernet_on_the_adapter(tmp_path):
 
 @pytest.mark.slow
 def test_short_training_beats_the_untrained_adapter(tmp_path, monkeypatch):
-    """Issue 14: the tiny ViT-Adapter Mask R-CNN (demo_adapter.yaml, from scratch), 80 updates on 40 synthetic
+    """The tiny ViT-Adapter Mask R-CNN (demo_adapter.yaml, from scratch), 80 updates on 40 synthetic
     128-px scenes (one class, one object), ends clearly above the untrained model's box and mask AP (0). About 30 s
     on a shared 2-core CPU; deterministic (box AP 17.4, mask AP 21.0 here), thresholds leave room for rounding."""
     from detect_runs import untrained_and_trained

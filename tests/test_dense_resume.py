@@ -1,4 +1,4 @@
-"""Preemption and mid-epoch resume of the dense scripts (issue 13): main_segment.py and main_detect.py stop on
+"""Preemption and mid-epoch resume of the dense scripts: main_segment.py and main_detect.py stop on
 SIGTERM after the current update, save the position inside the epoch, and --auto_resume continues at the next
 batch, ending where an unbroken run ends (same step, same lr, same weights). The pattern of test_resilience.py: the
 step function sends the signal to its own process in the middle of an update. Tiny ViT, few images, one thread."""

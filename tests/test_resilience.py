@@ -1,4 +1,4 @@
-"""Runs that go wrong (issue 10 items 1, 3, 4): non-finite training never overwrites a good checkpoint, a crash
+"""Runs that go wrong : non-finite training never overwrites a good checkpoint, a crash
 at any point of the epoch-end writes resumes to every output of a finished run, and a preempted run (SIGTERM /
 SIGUSR2) stops at the next optimizer step and resumes bit-identically from inside the epoch. Tiny models, CPU."""
 import json

@@ -129,7 +129,7 @@ def test_nothing_is_written_into_the_real_checkout(run_sh, checkout, job):
 
 
 def test_dbot_detection_seed_maps_mm_overrides(run_sh, job, tmp_path):
-    """dBOT's COCO command as written (seed 000), on CPU: the mm-style keys become our flags."""
+    """dBOT's COCO command as written (dBOT's downstream README), on CPU: the mm-style keys become our flags."""
     ckpt = tmp_path / "dbot_base_pre" / "checkpoint-1600.pth"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")  # --dry_run checks that it exists
@@ -162,7 +162,7 @@ def test_unknown_mm_override_is_an_error_naming_it(run_sh, checkout, job):
 
 @pytest.mark.parametrize("model, lr, decay, arch", [("large", "3e-5", "0.95", "vit_large_patch16")])  # (base: same path)
 def test_dbot_segmentation_seed_as_written(run_sh, job, tmp_path, model, lr, decay, arch):
-    """dBOT's ADE20K commands (seed 000) as written, paths aside: the mm-style keys become main_segment's flags."""
+    """dBOT's ADE20K commands (dBOT's downstream README) as written, paths aside: the mm-style keys become main_segment's flags."""
     ckpt = tmp_path / f"dbot_{model}_pre" / "checkpoint-1600.pth"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")  # --dry_run checks that it exists
