@@ -52,8 +52,8 @@ def test_detectors_train_and_predict(kind):
                            rois_per_image=64, proposals_per_image=100)
     losses = model([torch.rand(3, 128, 128) for _ in range(2)], _targets())
     stages = [""] if kind == "mask_rcnn" else ["s0.", "s1.", "s2."]
-    expected = {"loss_objectness", "loss_rpn_box_reg", "loss_mask"} | {
-        f"{s}{name}" for s in stages for name in ("loss_classifier", "loss_box_reg")}
+    expected = {"loss_objectness", "loss_rpn_box_reg"} | {
+        f"{s}{name}" for s in stages for name in ("loss_classifier", "loss_box_reg", "loss_mask")}
     assert set(losses) == expected
     sum(losses.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -72,10 +72,11 @@ def test_cascade_stages_have_their_ious_and_regression_weights():
     for stage, iou, weights in zip(heads.stages, CASCADE_IOUS, CASCADE_WEIGHTS):
         assert stage.proposal_matcher.high_threshold == iou == stage.proposal_matcher.low_threshold
         assert tuple(stage.box_coder.weights) == weights
-    assert [s.has_mask() for s in heads.stages] == [False, False, True]
-    # the stages have their own box heads (not shared weights)
-    ids = {id(s.box_head) for s in heads.stages} | {id(s.box_predictor) for s in heads.stages}
-    assert len(ids) == 6
+    assert [s.has_mask() for s in heads.stages] == [True, True, True]  # mmdet: a mask head per stage
+    # the stages have their own box and mask heads (not shared weights)
+    ids = {id(getattr(s, name)) for s in heads.stages
+           for name in ("box_head", "box_predictor", "mask_head", "mask_predictor")}
+    assert len(ids) == 12
 
 
 def test_cascade_refines_boxes_between_stages():
