@@ -26,7 +26,8 @@ from engine.evaluate import eval_shard
 from engine.train import begin_epoch, EpochProgress, LoopConfig, NonFiniteLossError, train_one_epoch
 from models.adapter import ADAPTER_MODELS, create_adapter
 from models.convert import to_timm_vit
-from models.detectors import BOX_HEADS, BOX_LOSSES, BoxLoss, build_detector, detector_layer_id, HEAD_NORMS
+from models.detectors import (BOX_HEADS, BOX_LOSSES, BoxLoss, build_detector, detector_layer_id, HEAD_NORMS,
+                              MASK_HEAD_NORMS)
 from models.pyramid import ViTFeaturePyramid
 from util import args as cli
 from util.checkpoint import (find_latest, LAST_NAME, load_checkpoint, load_model_state, NonFiniteStateError,
@@ -87,10 +88,10 @@ def add_head_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--box_head", default="4conv1fc", choices=BOX_HEADS,
                        help="4conv1fc (ViTDet, dBOT) or 2fc (mmdet Shared2FCBBoxHead)")
     group.add_argument("--box_head_norm", default="gn", choices=HEAD_NORMS,
-                       help="norm of the 4conv1fc box head: gn (GroupNorm 32), bn (SyncBN when distributed on "
-                            "CUDA: dBOT's norm_cfg=SyncBN), none")
-    group.add_argument("--mask_head_norm", default="gn", choices=["gn", "none"],
-                       help="norm of the mask head's 4 convolutions: gn, or none (mmdet FCNMaskHead)")
+                       help="norm of the 4conv1fc box head: gn (GroupNorm 32), ln (LayerNorm, ViTDet), bn (SyncBN "
+                            "when distributed on CUDA: dBOT's norm_cfg=SyncBN), none")
+    group.add_argument("--mask_head_norm", default="gn", choices=MASK_HEAD_NORMS,
+                       help="norm of the mask head's 4 convolutions: gn, ln (ViTDet), none (mmdet FCNMaskHead)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -5,8 +5,9 @@ The backbone is anything that maps images [B, 3, H, W] to an ``OrderedDict`` of 
 ``extra_pool=True``, ``models.adapter.ViTAdapter``): torchvision's ``MaskRCNN`` (He et al., ICCV 2017) takes it as
 is. Heads follow ViTDet (Li et al., ECCV 2022, detectron2 ``projects/ViTDet``): RPN with 2 convolutions, box head
 of 4 convolutions + 1 fully connected layer, mask head of 4 convolutions, all normalised. ViTDet normalises them
-with LayerNorm; we use GroupNorm with 32 groups (mmdet's ``GN`` heads) by default: both are independent of the
-batch size, which BatchNorm is not at 2 images per GPU. ``box_head_norm='bn'`` gives the BatchNorm box head of
+with LayerNorm over channels (``box_head_norm='ln'``, ``mask_head_norm='ln'``); the default is GroupNorm with 32
+groups (mmdet's ``GN`` heads): both are independent of the batch size, which BatchNorm is not at 2 images per GPU.
+``box_head_norm='bn'`` gives the BatchNorm box head of
 iBOT / dBOT's ``ConvFCBBoxHead`` (``norm_cfg=SyncBN``; the entry script makes it SyncBN when distributed),
 ``box_head='2fc'`` mmdet's ``Shared2FCBBoxHead`` (``configs/_base_/models/mask_rcnn_r50_fpn.py``) and
 ``mask_head_norm='none'`` mmdet's ``FCNMaskHead``.
@@ -56,13 +57,16 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from models.pyramid import LayerNorm2d
+
 __all__ = ["DETECTORS", "CASCADE_IOUS", "CASCADE_WEIGHTS", "BoxLoss", "RoIStage", "CascadeRoIHeads",
            "AlignedMultiScaleRoIAlign", "build_detector"]
 
 DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
 BOX_LOSSES = ("smooth_l1", "giou")
 BOX_HEADS = ("4conv1fc", "2fc")
-HEAD_NORMS = ("gn", "bn", "none")
+HEAD_NORMS = ("gn", "ln", "bn", "none")
+MASK_HEAD_NORMS = ("gn", "ln", "none")
 CASCADE_IOUS = (0.5, 0.6, 0.7)
 CASCADE_STDS = ((0.1, 0.1, 0.2, 0.2), (0.05, 0.05, 0.1, 0.1), (0.033, 0.033, 0.067, 0.067))
 CASCADE_WEIGHTS = tuple(tuple(1.0 / s for s in stds) for stds in CASCADE_STDS)
@@ -74,7 +78,7 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(32, channels), channels)
 
 
-NORM_LAYERS = {"gn": _group_norm, "bn": nn.BatchNorm2d, "none": None}
+NORM_LAYERS = {"gn": _group_norm, "ln": LayerNorm2d, "bn": nn.BatchNorm2d, "none": None}
 
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -326,8 +330,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         box_loss: the RoI heads' box loss (:class:`BoxLoss`).
         class_agnostic: the cascade stages regress one box per RoI (Mask R-CNN is always class-specific).
         box_head: ``4conv1fc`` (ViTDet, dBOT) or ``2fc`` (mmdet ``Shared2FCBBoxHead``).
-        box_head_norm, mask_head_norm: ``gn`` (GroupNorm 32), ``bn`` (box head only; SyncBN when converted),
-            ``none``.
+        box_head_norm, mask_head_norm: ``gn`` (GroupNorm 32), ``ln`` (LayerNorm over channels, ViTDet), ``bn``
+            (box head only; SyncBN when converted), ``none``.
 
     Returns:
         torchvision's ``MaskRCNN``; in train mode ``model(images, targets)`` returns a loss dict, in eval mode a
@@ -336,7 +340,7 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
     _choice("detector", kind, DETECTORS)
     _choice("box head", box_head, BOX_HEADS)
     _choice("box head norm", box_head_norm, HEAD_NORMS)
-    _choice("mask head norm", mask_head_norm, ("gn", "none"))
+    _choice("mask head norm", mask_head_norm, MASK_HEAD_NORMS)
     if len(anchor_sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per level (strides 4, 8, 16, 32, 64), got {anchor_sizes}")
     c, k = backbone.out_channels, num_classes + 1

@@ -212,3 +212,14 @@ def test_detr_multiscale_crop_keeps_image_boxes_and_masks_together():
         assert src_rows.min() >= -0.5 and src_rows.max() <= h
     uncropped = [s for s in shapes if max(s) < 700]
     assert all(min(s) in SHORT_SIDES for s in uncropped) and len(shapes) > 3
+
+
+def test_layernorm_heads_normalise_over_channels():
+    model = build_detector("mask_rcnn", TinyPyramid(), 3, img_size=128, box_fc=32, box_head_norm="ln",
+                           mask_head_norm="ln")
+    x = torch.randn(2, 16, 7, 7) * 5 + 3
+    norm = model.roi_heads.box_head[0][1]  # conv, norm, relu
+    y = norm(x)
+    assert torch.allclose(y.mean(1), torch.zeros(2, 7, 7), atol=1e-5)
+    assert torch.allclose(y.var(1, unbiased=False), torch.ones(2, 7, 7), atol=1e-3)
+    assert type(model.roi_heads.mask_head[0][1]) is type(norm)
