@@ -287,7 +287,8 @@ def test_cascade_through_the_entry_script(tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = main_detect.main(_argv(out, "--detector", "cascade_mask_rcnn"))
     (line,) = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
-    assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_loss_mask"} <= set(line)
+    assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_s0.loss_mask",
+            "train_s2.loss_mask"} <= set(line)  # a mask head per stage
     assert 0 <= result["bbox_AP"] <= 100 and 0 <= result["segm_AP"] <= 100
 
 
