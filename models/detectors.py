@@ -309,7 +309,7 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                    proposals_per_image: int = 2000, test_size: Sequence[int] | None = None,
                    roi_align_aligned: bool = True, rpn_smooth_l1_beta: float = 0.0, box_loss: BoxLoss = BoxLoss(),
                    class_agnostic: bool = True, box_head: str = "4conv1fc", box_head_norm: str = "gn",
-                   mask_head_norm: str = "gn") -> MaskRCNN:
+                   mask_head_norm: str = "gn", train_as_given: bool = True) -> MaskRCNN:
     """Mask R-CNN or Cascade Mask R-CNN (``kind`` in ``DETECTORS``) over ``backbone``.
 
     Args:
@@ -317,7 +317,6 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         backbone: images -> ``OrderedDict`` ``'0'``..``'3'``, ``'pool'`` (strides 4..64), with ``out_channels``.
         num_classes: object classes, without the background (torchvision's count is this + 1).
         img_size: test images are resized so that their longer side is this (ViTDet 1024), unless ``test_size``.
-            Training images are taken at the size the data pipeline gives them.
         anchor_sizes: one anchor size per level (strides 4..64), three aspect ratios each.
         box_fc: width of the box head's fully connected layer(s).
         detections_per_img: detections kept per image (COCO: 100).
@@ -330,6 +329,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         box_loss: the RoI heads' box loss (:class:`BoxLoss`).
         class_agnostic: the cascade stages regress one box per RoI (Mask R-CNN is always class-specific).
         box_head: ``4conv1fc`` (ViTDet, dBOT) or ``2fc`` (mmdet ``Shared2FCBBoxHead``).
+        train_as_given: training images pass unresized (:class:`TrainAsGivenTransform`); False: torchvision's
+            transform resizes them too (a no-op on ``img_size`` canvases, but it draws from torch's generator).
         box_head_norm, mask_head_norm: ``gn`` (GroupNorm 32), ``ln`` (LayerNorm over channels, ViTDet), ``bn``
             (box head only; SyncBN when converted), ``none``.
 
@@ -354,7 +355,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                      box_roi_pool=box_pool, box_head=nn.Identity(), box_predictor=nn.Identity(),
                      mask_roi_pool=mask_pool, mask_head=nn.Identity(), mask_predictor=nn.Identity())
     shorter, longer = test_size if test_size else (img_size, img_size)
-    model.transform = TrainAsGivenTransform(shorter, longer, IMAGENET_MEAN, IMAGENET_STD)
+    transform = TrainAsGivenTransform if train_as_given else GeneralizedRCNNTransform
+    model.transform = transform(shorter, longer, IMAGENET_MEAN, IMAGENET_STD)
     rpn = model.rpn
     model.rpn = SmoothL1RPN(anchors, rpn.head, 0.7, 0.3, 256, 0.5,
                             dict(training=proposals_per_image, testing=proposals_per_image // 2),
@@ -362,9 +364,11 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                             beta=rpn_smooth_l1_beta)
 
     def stage(iou: float, weights, with_class_agnostic: bool) -> RoIStage:
+        # built in the order torchvision's MaskRCNN arguments were: the same initialisation for the same seed
+        head = _box_head(c, box_head, box_head_norm, box_fc)
         predictor = (ClassAgnosticPredictor if with_class_agnostic else FastRCNNPredictor)(box_fc, k)
         mask_head = MaskRCNNHeads(c, [c] * 4, 1, norm_layer=NORM_LAYERS[mask_head_norm])
-        return RoIStage(box_pool, _box_head(c, box_head, box_head_norm, box_fc), predictor, fg_iou_thresh=iou,
+        return RoIStage(box_pool, head, predictor, fg_iou_thresh=iou,
                         bg_iou_thresh=iou, batch_size_per_image=rois_per_image, positive_fraction=0.25,
                         bbox_reg_weights=weights, score_thresh=score_thresh, nms_thresh=0.5,
                         detections_per_img=detections_per_img, mask_roi_pool=mask_pool, mask_head=mask_head,
