@@ -26,12 +26,14 @@ from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.adapter import ADAPTER_MODELS, create_adapter
 from models.backbone import load_pyramid_backbone
-from models.detectors import build_detector, detector_layer_id
+from models.detectors import (BOX_HEADS, BOX_LOSSES, BoxLoss, build_detector, detector_layer_id, HEAD_NORMS,
+                              MASK_HEAD_NORMS)
 from models.pyramid import ViTFeaturePyramid
 from models.registry import checkpoint_vs_model, list_models
 from util import args as cli_args
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
-from util.data.coco import CocoInstances, collate_detection, large_scale_jitter
+from util.data.coco import CocoInstances, collate_detection
+from util.data.det_transforms import TRAIN_AUGMENTATIONS, train_transform
 from util.data.loaders import build_train_loader
 from util.distributed import rank_and_world, wrap_ddp
 from util.cli_help import DefaultsHelpFormatter
@@ -54,8 +56,44 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_dist_args(parser)
     cli_args.add_output_args(parser, save_every=4)
     parser.set_defaults(input_size=1024)  # ViTDet's LSJ canvas
+    add_head_args(parser)
     add_launch_args(parser)
     return parser
+
+
+def add_head_args(parser: argparse.ArgumentParser) -> None:
+    """RoI pooling, losses, box / mask heads and training augmentation (models/detectors.py,
+    util/data/det_transforms.py); defaults are mmdet's / detectron2's, the recipes set their reference's."""
+    group = parser.add_argument_group("detection heads and augmentation")
+    group.add_argument("--train_aug", default="detr_ms", choices=TRAIN_AUGMENTATIONS,
+                       help="training augmentation: detr_ms = DETR's multi-scale resize and crop (mmdet configs of "
+                            "ViT-Adapter and dBOT, '3x+MS'); lsj = ViTDet's large-scale jitter onto --input_size")
+    group.add_argument("--train_crop", default=0, type=cli_args.non_negative_int,
+                       help="detr_ms: final random crop of at most this side (ViT-Adapter 1024); 0: none (dBOT)")
+    group.add_argument("--test_size", default=None, type=cli_args.positive_int, nargs=2, metavar=("SHORT", "LONG"),
+                       help="test images resized to fit SHORT x LONG (mmdet: 800 1333); default: --input_size on "
+                            "the longer side")
+    group.add_argument("--roi_align", default="aligned", choices=["aligned", "legacy"],
+                       help="aligned: RoIAlign with the half-pixel offset (mmcv, detectron2); legacy: "
+                            "torchvision's MultiScaleRoIAlign")
+    group.add_argument("--rpn_smooth_l1_beta", default=0.0, type=cli_args.non_negative_float,
+                       help="RPN box loss: smooth L1 beta (0 = L1: mmdet Mask R-CNN, ViTDet; iBOT/dBOT 0.111)")
+    group.add_argument("--box_loss", default="smooth_l1", choices=BOX_LOSSES,
+                       help="RoI box loss: smooth_l1 (with --box_smooth_l1_beta) or giou on decoded boxes (dBOT)")
+    group.add_argument("--box_smooth_l1_beta", default=0.0, type=cli_args.non_negative_float,
+                       help="RoI box loss smooth L1 beta (0 = L1: mmdet Mask R-CNN, ViTDet)")
+    group.add_argument("--box_loss_weight", default=1.0, type=cli_args.positive_float,
+                       help="RoI box loss weight (dBOT's GIoU: 10)")
+    group.add_argument("--class_specific_cascade", action="store_true",
+                       help="cascade stages regress one box per class (dBOT, reg_class_agnostic=False); default one "
+                            "box per RoI (ViTDet, mmdet cascade_mask_rcnn_r50_fpn)")
+    group.add_argument("--box_head", default="4conv1fc", choices=BOX_HEADS,
+                       help="4conv1fc (ViTDet, dBOT) or 2fc (mmdet Shared2FCBBoxHead)")
+    group.add_argument("--box_head_norm", default="gn", choices=HEAD_NORMS,
+                       help="norm of the 4conv1fc box head: gn (GroupNorm 32), ln (LayerNorm, ViTDet), bn (SyncBN "
+                            "when distributed on CUDA: dBOT's norm_cfg=SyncBN), none")
+    group.add_argument("--mask_head_norm", default="gn", choices=MASK_HEAD_NORMS,
+                       help="norm of the mask head's 4 convolutions: gn, ln (ViTDet), none (mmdet FCNMaskHead)")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -76,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     root = Path(args.data_path) if args.data_path != "scenes" else demo_coco(
         Path(args.output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
         size=args.input_size, seed=args.seed, is_main=info.is_main)
-    train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=partial(
-        large_scale_jitter, size=args.input_size, scale_range=args.scale_range))
+    train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=train_transform(
+        args.train_aug, size=args.input_size, scale_range=args.scale_range, crop=args.train_crop))
     val_set = CocoInstances(root, "val", strict_data=args.strict_data)  # validated here, before any training
     if train_set.category_ids != val_set.category_ids:
         raise ValueError(f"train and val categories differ: {train_set.category_ids} vs {val_set.category_ids}")
@@ -150,9 +188,17 @@ def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | N
         backbone = build_pyramid(args, finetune=finetune)
     if not finetune and not (args.resume or args.auto_resume):
         logger.warning("no --finetune checkpoint: the ViT starts from random initialisation (a baseline)")
-    return build_detector(args.detector, backbone, num_classes, img_size=args.input_size,
-                          anchor_sizes=args.anchor_sizes, box_fc=args.box_fc, detections_per_img=args.max_dets,
-                          rois_per_image=args.rois_per_image, proposals_per_image=args.proposals_per_image)
+    model = build_detector(
+        args.detector, backbone, num_classes, img_size=args.input_size, anchor_sizes=args.anchor_sizes,
+        box_fc=args.box_fc, detections_per_img=args.max_dets, rois_per_image=args.rois_per_image,
+        proposals_per_image=args.proposals_per_image, test_size=args.test_size,
+        roi_align_aligned=args.roi_align == "aligned", rpn_smooth_l1_beta=args.rpn_smooth_l1_beta,
+        box_loss=BoxLoss(args.box_loss, args.box_smooth_l1_beta, args.box_loss_weight),
+        class_agnostic=not args.class_specific_cascade, box_head=args.box_head, box_head_norm=args.box_head_norm,
+        mask_head_norm=args.mask_head_norm, train_as_given=args.train_aug != "lsj")
+    if args.box_head_norm == "bn" and rank_and_world()[1] > 1 and torch.cuda.is_available():
+        model.roi_heads = nn.SyncBatchNorm.convert_sync_batchnorm(model.roi_heads)  # dBOT's norm_cfg=SyncBN
+    return model
 
 
 def build_adapter(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:

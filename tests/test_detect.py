@@ -4,12 +4,10 @@ import json
 from collections import OrderedDict
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 pytest.importorskip("faster_coco_eval")
 
@@ -52,8 +50,8 @@ def test_detectors_train_and_predict(kind):
                            rois_per_image=64, proposals_per_image=100)
     losses = model([torch.rand(3, 128, 128) for _ in range(2)], _targets())
     stages = [""] if kind == "mask_rcnn" else ["s0.", "s1.", "s2."]
-    expected = {"loss_objectness", "loss_rpn_box_reg", "loss_mask"} | {
-        f"{s}{name}" for s in stages for name in ("loss_classifier", "loss_box_reg")}
+    expected = {"loss_objectness", "loss_rpn_box_reg"} | {
+        f"{s}{name}" for s in stages for name in ("loss_classifier", "loss_box_reg", "loss_mask")}
     assert set(losses) == expected
     sum(losses.values()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -72,10 +70,11 @@ def test_cascade_stages_have_their_ious_and_regression_weights():
     for stage, iou, weights in zip(heads.stages, CASCADE_IOUS, CASCADE_WEIGHTS):
         assert stage.proposal_matcher.high_threshold == iou == stage.proposal_matcher.low_threshold
         assert tuple(stage.box_coder.weights) == weights
-    assert [s.has_mask() for s in heads.stages] == [False, False, True]
-    # the stages have their own box heads (not shared weights)
-    ids = {id(s.box_head) for s in heads.stages} | {id(s.box_predictor) for s in heads.stages}
-    assert len(ids) == 6
+    assert [s.has_mask() for s in heads.stages] == [True, True, True]  # mmdet: a mask head per stage
+    # the stages have their own box and mask heads (not shared weights)
+    ids = {id(getattr(s, name)) for s in heads.stages
+           for name in ("box_head", "box_predictor", "mask_head", "mask_predictor")}
+    assert len(ids) == 12
 
 
 def test_cascade_refines_boxes_between_stages():
@@ -287,15 +286,15 @@ def test_cascade_through_the_entry_script(tmp_path, monkeypatch):
     out = tmp_path / "run"
     result = main_detect.main(_argv(out, "--detector", "cascade_mask_rcnn"))
     (line,) = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
-    assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_loss_mask"} <= set(line)
+    assert {"train_s0.loss_box_reg", "train_s2.loss_classifier", "train_s0.loss_mask",
+            "train_s2.loss_mask"} <= set(line)  # a mask head per stage
     assert {k: line[f"val_{k}"] for k in ("bbox_AP", "segm_AP", "num_detections")} == \
         {k: result[k] for k in ("bbox_AP", "segm_AP", "num_detections")}
-    # what was trained and saved is the cascade: three stages with their own box heads, the mask on the last
+    # what was trained and saved is the cascade: three stages, each with its own box and mask heads
     from util.checkpoint import load_checkpoint
     state = load_checkpoint(out / "checkpoint-last.pth")["model"]
     assert {int(k.split(".")[2]) for k in state if k.startswith("roi_heads.stages.")} == {0, 1, 2}
-    assert any(k.startswith("roi_heads.stages.2.mask_") for k in state)
-    assert not any(k.startswith(("roi_heads.stages.0.mask_", "roi_heads.stages.1.mask_")) for k in state)
+    assert all(any(k.startswith(f"roi_heads.stages.{i}.mask_") for k in state) for i in range(3))
 
 
 @pytest.mark.parametrize("h, w, nh, nw", [(37, 53, 91, 13), (480, 640, 1536, 2048), (100, 80, 33, 27)])
