@@ -35,6 +35,8 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from models.det_transform import SquarePadTransform
+
 __all__ = ["DETECTORS", "CASCADE_IOUS", "CASCADE_WEIGHTS", "CascadeRoIHeads", "build_detector"]
 
 DETECTORS = ("mask_rcnn", "cascade_mask_rcnn")
@@ -131,7 +133,7 @@ def _box_head(channels: int, convs: int = 4, fc: int = 1024) -> FastRCNNConvFCHe
 def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size: int,
                    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512), box_fc: int = 1024,
                    detections_per_img: int = 100, score_thresh: float = 0.05, rois_per_image: int = 512,
-                   proposals_per_image: int = 2000) -> MaskRCNN:
+                   proposals_per_image: int = 2000, pad_to_square: bool = True) -> MaskRCNN:
     """Mask R-CNN or Cascade Mask R-CNN (``kind`` in ``DETECTORS``) over ``backbone``.
 
     Args:
@@ -146,6 +148,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
         score_thresh: detections below this score are dropped.
         rois_per_image: RoIs sampled per image and stage to train the box heads (mmdet / detectron2: 512).
         proposals_per_image: RPN proposals kept after NMS in training (2000) and testing (1000 = half).
+        pad_to_square: pad every batch to img_size x img_size, the training grid (ViTDet's test-time square pad,
+            models/det_transform.py); False: torchvision's padding to a multiple of 32.
 
     Returns:
         torchvision's ``MaskRCNN``; in train mode ``model(images, targets)`` returns a loss dict, in eval mode a
@@ -170,6 +174,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                      mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=0),
                      mask_head=MaskRCNNHeads(c, [c] * 4, 1, norm_layer=_group_norm),
                      mask_predictor=MaskRCNNPredictor(c, c, k))
+    if pad_to_square:
+        model.transform = SquarePadTransform.like(model.transform, img_size)
     if kind == "cascade_mask_rcnn":
         heads = model.roi_heads
         stages = []
