@@ -42,7 +42,10 @@ def test_only_the_vit_is_frozen_and_one_training_step_leaves_it_unchanged(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured (README): the demo recipe's 10-epoch features lose to random ones "
+                   "with the ViT frozen (box AP 1.8 vs 2.9 at seed 0); an XPASS means the pretraining now transfers")
 def test_pretrained_frozen_features_beat_random_ones(tmp_path):
-    """The README's measured claim, end to end (a few minutes on one thread; ``pytest --runslow``)."""
+    """Pretrained features beat random ones in both seeds, end to end (about 10 minutes on one thread under load;
+    ``pytest --runslow``)."""
     records = load_benchmark().main(["--pairs", "0:0", "0:1", "--out", str(tmp_path)])
     assert records[-1]["wins"] == 2, records
