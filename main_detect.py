@@ -195,7 +195,8 @@ def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | N
         roi_align_aligned=args.roi_align == "aligned", rpn_smooth_l1_beta=args.rpn_smooth_l1_beta,
         box_loss=BoxLoss(args.box_loss, args.box_smooth_l1_beta, args.box_loss_weight),
         class_agnostic=not args.class_specific_cascade, box_head=args.box_head, box_head_norm=args.box_head_norm,
-        mask_head_norm=args.mask_head_norm, train_as_given=args.train_aug != "lsj")
+        mask_head_norm=args.mask_head_norm, train_as_given=args.train_aug != "lsj",
+        pad_to_square=args.train_aug == "lsj")  # LSJ trains on img_size squares: test on that grid too
     if args.box_head_norm == "bn" and rank_and_world()[1] > 1 and torch.cuda.is_available():
         model.roi_heads = nn.SyncBatchNorm.convert_sync_batchnorm(model.roi_heads)  # dBOT's norm_cfg=SyncBN
     return model

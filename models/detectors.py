@@ -52,11 +52,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, generalized_box_iou_loss, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
+from models.det_transform import square_padded
 from models.pyramid import LayerNorm2d
 
 __all__ = ["DETECTORS", "CASCADE_IOUS", "CASCADE_WEIGHTS", "BoxLoss", "RoIStage", "CascadeRoIHeads",
@@ -309,7 +310,8 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                    proposals_per_image: int = 2000, test_size: Sequence[int] | None = None,
                    roi_align_aligned: bool = True, rpn_smooth_l1_beta: float = 0.0, box_loss: BoxLoss = BoxLoss(),
                    class_agnostic: bool = True, box_head: str = "4conv1fc", box_head_norm: str = "gn",
-                   mask_head_norm: str = "gn", train_as_given: bool = True) -> MaskRCNN:
+                   mask_head_norm: str = "gn", train_as_given: bool = True,
+                   pad_to_square: bool = True) -> MaskRCNN:
     """Mask R-CNN or Cascade Mask R-CNN (``kind`` in ``DETECTORS``) over ``backbone``.
 
     Args:
@@ -333,6 +335,9 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
             transform resizes them too (a no-op on ``img_size`` canvases, but it draws from torch's generator).
         box_head_norm, mask_head_norm: ``gn`` (GroupNorm 32), ``ln`` (LayerNorm over channels, ViTDet), ``bn``
             (box head only; SyncBN when converted), ``none``.
+        pad_to_square: pad every test batch to img_size x img_size, the training grid of LSJ training (ViTDet's
+            test-time square pad, models/det_transform.py); False: torchvision's padding to a multiple of 32 (the
+            multi-scale recipes, whose images are not square).
 
     Returns:
         torchvision's ``MaskRCNN``; in train mode ``model(images, targets)`` returns a loss dict, in eval mode a
@@ -356,7 +361,13 @@ def build_detector(kind: str, backbone: nn.Module, num_classes: int, *, img_size
                      mask_roi_pool=mask_pool, mask_head=nn.Identity(), mask_predictor=nn.Identity())
     shorter, longer = test_size if test_size else (img_size, img_size)
     transform = TrainAsGivenTransform if train_as_given else GeneralizedRCNNTransform
-    model.transform = transform(shorter, longer, IMAGENET_MEAN, IMAGENET_STD)
+    if pad_to_square:
+        if longer > img_size:
+            raise ValueError(f"test images of up to {shorter} x {longer} cannot be padded to the {img_size} square "
+                             "of training: pad_to_square is for LSJ training on img_size canvases")
+        model.transform = square_padded(transform)(shorter, longer, IMAGENET_MEAN, IMAGENET_STD, square=img_size)
+    else:
+        model.transform = transform(shorter, longer, IMAGENET_MEAN, IMAGENET_STD)
     rpn = model.rpn
     model.rpn = SmoothL1RPN(anchors, rpn.head, 0.7, 0.3, 256, 0.5,
                             dict(training=proposals_per_image, testing=proposals_per_image // 2),
