@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.run
 from util.data.ade20k import ADE20KDataset
 from util.data.coco import CocoInstances
 from util.data.folder import CorruptImageError
@@ -234,7 +235,7 @@ def test_evaluation_stops_on_an_image_that_cannot_be_decoded(tmp_path):
 def test_main_detect_checks_the_val_file_before_training(tmp_path, monkeypatch, edit, error, needle):
     import main_detect
     monkeypatch.setattr(main_detect, "build_model", lambda *a, **k: pytest.fail("the model was built"))
-    monkeypatch.setattr(main_detect, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(engine.run, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
     root = coco_root(tmp_path / "coco", edit)
     with pytest.raises(error, match=needle):
         main_detect.main(["--config", "configs/detect/demo.yaml", "--data_path", str(root), "--strict_data",
@@ -341,7 +342,7 @@ def test_a_16_bit_label_beyond_255_is_refused_not_ignored(tmp_path):
 def test_main_segment_stops_on_an_unreadable_label_map_before_training_with_strict_data(tmp_path, monkeypatch,
                                                                                          split):
     import main_segment
-    monkeypatch.setattr(main_segment, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(engine.run, "train_one_epoch", lambda *a, **k: pytest.fail("training started"))
     root = ade_root(tmp_path / "ade")
     ade_root(tmp_path / "ade", split="validation")
     bad = root / "annotations" / split / "1.png"

@@ -220,7 +220,6 @@ def test_nan_loss_stops_without_writing_a_checkpoint(pretrained, demo_folder, tm
     (["--mixup", "0.8", "--batch_size", "15"], "must be even"),
     (["--freezeout", "--dont_freeze_pe"], "pretraining"),
     (["--eval"], "--resume"),
-    (["--model", "mae_vit_tiny_patch16"], "not a classification backbone"),
     (["--fold", "1"], "split_file"),
     (["--aa", "rand-m9-zz1"], "auto-augment policy"),
     (["--train_per_class", "9"], r"--train_per_class 9: 8 class\(es\) have fewer than"),  # 8 train images each
@@ -228,3 +227,13 @@ def test_nan_loss_stops_without_writing_a_checkpoint(pretrained, demo_folder, tm
 def test_flag_errors(demo_folder, tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
         main_finetune.main(ft_args(demo_folder, tmp_path, *extra))
+
+
+def test_a_pretraining_model_is_refused_before_the_data_is_read(tmp_path, capsys):
+    """A MIM model name is not a classification backbone: one line, exit 2, before any data or folder is touched."""
+    with pytest.raises(SystemExit) as exc:
+        main_finetune.main(ft_args(tmp_path / "missing", tmp_path / "out", "--model", "mae_vit_tiny_patch16"))
+    assert exc.value.code == 2
+    assert "--model mae_vit_tiny_patch16 is not a registered model of this script (did you mean vit_tiny_patch16" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
