@@ -79,14 +79,16 @@ def build(task: str, args: argparse.Namespace, device: torch.device):
         window = 14 if args.det_size >= 512 else 0
         backbone = ViTFeaturePyramid(args.model, img_size=args.det_size, extra_pool=True, drop_path_rate=0.1,
                                      window_size=window, global_blocks=(2, 5, 8, 11),
-                                     grad_checkpointing=args.grad_checkpointing)
+                                     grad_checkpointing=args.grad_checkpointing, use_rel_pos=args.use_rel_pos)
         model = build_detector(task, backbone, 80, img_size=args.det_size).to(device)
         batch = scene_targets(args.batch_size, args.det_size, device)
         model.layer_id = lambda name: detector_layer_id(name, backbone)  # None (scale 1) for the heads
         return model, lambda b, step: detect_step(model, b, step, device=device), batch
     if task == "upernet":
         backbone = ViTFeaturePyramid(args.model, img_size=args.input_size, drop_path_rate=0.1, neck="beit",
-                                     tap_blocks=(3, 5, 7, 11), grad_checkpointing=args.grad_checkpointing)
+                                     tap_blocks=(3, 5, 7, 11), grad_checkpointing=args.grad_checkpointing,
+                                     use_rel_pos=args.use_rel_pos, rel_pos_bias=args.rel_pos_bias,
+                                     layer_scale_init_value=1.0 if args.rel_pos_bias else None)
         model = UperNetSegmentor(backbone, 150, channels=768, aux_channels=256).to(device)
         batch = (images(args, device), torch.randint(0, 150, (args.batch_size, args.input_size, args.input_size),
                                                      device=device))
@@ -139,7 +141,8 @@ def run(task: str, args: argparse.Namespace) -> dict:
     return {"benchmark": "dense_step", "task": task, "model": name, "batch_size": args.batch_size,
             "input_size": args.det_size if task in DETECTORS else args.input_size, "amp": args.amp, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "threads": torch.get_num_threads(), "steps": args.steps, "timed": "engine.train.train_one_epoch",
+            "threads": torch.get_num_threads(), "steps": args.steps,
+            "use_rel_pos": args.use_rel_pos, "rel_pos_bias": args.rel_pos_bias, "timed": "engine.train.train_one_epoch",
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "images_per_s": round(args.batch_size * args.steps / elapsed, 3),
             "s_per_step": round(elapsed / args.steps, 4), "peak_mem_mib": round(peak / 2**20, 1),
@@ -158,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", default="none", choices=list(AMP))
     parser.add_argument("--grad_checkpointing", action="store_true")
+    parser.add_argument("--use_rel_pos", action="store_true",
+                        help="ViTDet's decomposed relative position in the pyramid's ViT (detection / upernet)")
+    parser.add_argument("--rel_pos_bias", action="store_true",
+                        help="upernet: BEiT's relative position bias with LayerScale 1.0 (the ADE20K recipe)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args, _ = parser.parse_known_args(argv)

@@ -81,3 +81,21 @@ def _detach_run_log_files():
     for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
         logger.removeHandler(handler)
         handler.close()
+
+
+SESSION_DIRS = ("demo_pretraining",)  # folders of session-scoped fixtures: they outlive every module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_module_folders(tmp_path_factory):
+    """Folders that a module's fixtures made (``tmp_path_factory.mktemp``: pretrained checkpoints, unbroken reference
+    runs) are removed when the module ends, so the suite's temporary folder holds one module's files at a time;
+    each test's own ``tmp_path`` goes by the retention policy (removed when it passes)."""
+    import shutil
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for path in set(base.iterdir()) - before:
+        keep = path.name.startswith(("test_", *SESSION_DIRS)) or path.is_symlink()  # tests' own: by retention
+        if path.is_dir() and not keep:
+            shutil.rmtree(path, ignore_errors=True)
