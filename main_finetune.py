@@ -39,6 +39,7 @@ from util.data.transfer import build_splits, csv_folds
 from util.data.transforms import eval_transform, finetune_transform
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
+from util.outputs import write_text
 
 logger = logging.getLogger("vitfreeze")
 PRETRAIN_ONLY = ("all_stages", "dont_freeze_pe", "vitfreeze_compat")  # FreezeOut flags of the MIM models
@@ -87,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     logger.info("folds %s: %s", folds, "  ".join(f"{k} {summary[k]:.2f} ± {summary[k + '_std']:.2f}" for k in
                                                     ("acc1", "precision", "recall", "f1", "mcc") if k in summary))
     if info.is_main:
-        (Path(args.output_dir) / "folds.json").write_text(dumps_json({"folds": folds, "per_fold": results,
-                                                                        "summary": summary}, indent=2) + "\n")
+        write_text(Path(args.output_dir) / "folds.json", dumps_json({"folds": folds, "per_fold": results,
+                                                                       "summary": summary}, indent=2) + "\n")
     return summary
 
 

@@ -30,6 +30,7 @@ from util.data.transfer import labelled_splits
 from util.data.transforms import eval_transform
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
+from util.outputs import write_text
 
 logger = logging.getLogger("vitfreeze")
 FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if info.is_main:
         record = {**results, "feature": pool, "temperature": args.temperature, "n_per_class": args.n_per_class,
                   "n_tries": args.n_tries, "num_train": len(train_labels), "num_test": len(test_labels)}
-        (Path(args.output_dir) / "knn_results.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_text(Path(args.output_dir) / "knn_results.json", json.dumps(record, indent=2) + "\n")
         writer = MetricWriter(args.output_dir, args.log_dir)  # --log_dir: the results as TensorBoard scalars
         writer.log({f"knn/{k}": v for k, v in results.items()}, 0)
         writer.log_epoch(record)

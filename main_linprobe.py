@@ -40,6 +40,7 @@ from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
 from util.data.transforms import eval_transform, linprobe_transform
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
+from util.outputs import write_text
 
 logger = logging.getLogger("vitfreeze")
 
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     result, best, output_dir = run.metrics, run.best, Path(args.output_dir)
     if info.is_main and "confusion" in best:  # as fine-tuning: the best epoch's per-class table and picture
         from util.vis import save_confusion_png  # lazy: pictures are optional
-        (output_dir / "per_class_val.txt").write_text(per_class_table(best["confusion"], names) + "\n")
+        write_text(output_dir / "per_class_val.txt", per_class_table(best["confusion"], names) + "\n")
         logger.info("wrote %s", save_confusion_png(output_dir / "confusion_val.png", best["confusion"], names))
     return write_results(output_dir if info.is_main else None,
                          {**result, "best_acc1": best["acc1"], "best_epoch": best.get("epoch"),

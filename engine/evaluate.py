@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from util.distributed import all_reduce_sum
+from util.outputs import write_text
 from engine.metrics import classification_metrics, confusion_matrix, per_class_table, topk_correct
 
 logger = logging.getLogger("vitfreeze")
@@ -121,6 +122,6 @@ def evaluate_and_report(model: nn.Module, loaders: dict[str, DataLoader], *, nam
         if output_dir is not None:
             table = per_class_table(confusion, names)
             logger.info("%s per-class results:\n%s", split, table)
-            (output_dir / f"per_class_{split}.txt").write_text(table + "\n")
+            write_text(output_dir / f"per_class_{split}.txt", table + "\n")
             save_confusion_png(output_dir / f"confusion_{split}.png", confusion, names)
     return out

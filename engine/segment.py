@@ -23,6 +23,7 @@ from torch import Tensor
 
 from util.data.scenes import write_ade20k
 from util.distributed import all_reduce_sum, barrier
+from util.outputs import write_text
 from engine.metrics import segmentation_confusion, segmentation_metrics, segmentation_table
 
 logger = logging.getLogger("vitfreeze")
@@ -162,7 +163,7 @@ def report_segmentation(metrics: dict[str, Any], output_dir: Path, is_main: bool
     out = {k: metrics[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "num_images")}
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_text(output_dir / "results.json", json.dumps(out, indent=2) + "\n")
         if metrics["samples"]:
             from util.vis import save_segmentation_png  # lazy: pictures are optional
             save_segmentation_png(output_dir / (f"val_step{step}.png" if vis else "val_eval.png"), metrics["samples"],

@@ -122,3 +122,16 @@ def test_other_errors_are_not_called_a_full_disk():
     assert disk_full_message(RuntimeError("CUDA out of memory"), "x") is None
     assert disk_full_message(OSError(errno.EACCES, "Permission denied"), "x") is None
     assert "no space left" in disk_full_message(OSError(errno.ENOSPC, "No space left on device"), "x")
+
+
+def test_segmentation_results_json_that_is_a_link_is_replaced(tmp_path):
+    from engine.segment import report_segmentation
+    target = tmp_path / "precious.json"
+    target.write_text("keep")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").symlink_to(target)
+    metrics = {"mIoU": 50.0, "mAcc": 60.0, "aAcc": 70.0, "IoU": [50.0], "Acc": [60.0], "num_images": 1, "samples": []}
+    report_segmentation(metrics, out, True, step=1)
+    assert target.read_text() == "keep" and not (out / "results.json").is_symlink()
+    assert json.loads((out / "results.json").read_text())["mIoU"] == 50.0
