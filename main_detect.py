@@ -1,8 +1,9 @@
 """Object detection and instance segmentation: Mask R-CNN / Cascade Mask R-CNN on the ViT feature pyramid (COCO).
 
-The seeds' recipes ran on mmdet (dBOT's Cascade Mask R-CNN 1x, ViT-Adapter's Mask R-CNN 3x); this script runs
-them on torchvision's detection models (``models/detectors.py``) over ``models/pyramid.py`` (ViTDet's simple
-feature pyramid), with ViTDet's large-scale jitter (``util/data/coco.py``), AdamW with layer-wise lr decay, mmdet's
+dBOT's Cascade Mask R-CNN 1x and ViT-Adapter's Mask R-CNN 3x ran on mmdet; this script runs their recipes on
+torchvision's detection models (``models/detectors.py``) over ``models/pyramid.py`` (ViTDet's simple feature
+pyramid) or ``models/adapter.py``, with DETR's multi-scale training (``--train_aug detr_ms``, the recipes') or
+ViTDet's large-scale jitter (``lsj``; ``util/data/det_transforms.py``), AdamW with layer-wise lr decay, mmdet's
 step schedule (``--lr_steps``, ``--warmup_iters``) and COCO box / mask AP (``engine/coco_eval.py``, keys ``bbox_AP``,
 ``segm_AP``, ... in ``log.txt``). The training loop is the shared one (``engine/train.py``) with
 ``engine.detect.detect_step``. Recipes: ``configs/detect/``; ``./run.sh JOB cascade_coco_det vit_base 8 CKPT``.
@@ -204,7 +205,7 @@ def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | N
 
 def build_adapter(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:
     """ViT-Adapter (``--model adapter_*``, models/adapter.py) + FPN neck to ``--out_channels`` with the stride-64
-    level, as the seed's configs (mmdet FPN, num_outs 5). The checkpoint goes in as loaded, so DINOv2's
+    level, as ViT-Adapter's configs (mmdet FPN, num_outs 5). The checkpoint goes in as loaded, so DINOv2's
     LayerScale stays a parameter and register tokens / SwiGLU map; its position grid is resampled on the fly."""
     if args.use_rel_pos:
         raise ValueError(f"--use_rel_pos is an option of the plain-ViT pyramid, not of the ViT-Adapter --model "

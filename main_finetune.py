@@ -1,6 +1,6 @@
 """End-to-end fine-tuning of a pretrained ViT for classification: MAE's recipe (``main_finetune.py``) and the transfer recipes (MoCo v3, dBOT, the medical sets).
 
-Flags follow MAE's ``main_finetune.py`` (He et al., CVPR 2022; github.com/facebookresearch/mae) so the seeds' commands
+Flags follow MAE's ``main_finetune.py`` (He et al., CVPR 2022; github.com/facebookresearch/mae) so the published MAE / LocalMIM / ViTFreeze commands
 paste unchanged; recipes are in ``configs/finetune/``. Checkpoints of this project, MAE, LocalMIM/ViTFreeze, MoCo v3,
 DINOv2 and timm/DeiT load through ``models/convert.py``. ``--split_file`` runs the folds of a CSV (HyperKvasir,
 GastroVision) and reports mean and std; ``--freezeout`` freezes leading blocks on pretraining's FreezeOut schedule.

@@ -1,4 +1,4 @@
-"""The medical seed's (004) GastroVision fine-tuning script: ``main_finetune.py``, same flags
+"""The MAE-on-GastroVision fine-tuning script: ``main_finetune.py``, same flags
 (its recipe: ``configs/finetune/mae_gastrovision.yaml``)."""
 from main_finetune import cli
 

@@ -1,7 +1,7 @@
-"""The medical seed's (004) HyperKvasir fine-tuning script: ``main_finetune.py`` with the same flags, on the
+"""The MAE-on-HyperKvasir fine-tuning script: ``main_finetune.py`` with the same flags, on the
 dataset's official 2-fold split (recipe: ``configs/finetune/mae_hyperkvasir.yaml``).
 
-The seed's command names no split file: when ``--split_file`` is not given and HyperKvasir's own
+The published command names no split file: when ``--split_file`` is not given and HyperKvasir's own
 ``official_splits/2_fold_split.csv`` lies in ``--data_path`` or one of its two parents (the GitHub repository's
 layout next to ``labeled-images/``), it is used, both folds run, and the log says so.
 """

@@ -4,7 +4,7 @@ Model: ``models/pyramid.py`` (our ViT + simple feature pyramid, BEiT-style taps 
 ``models/seg_heads.py`` (UperNet + auxiliary FCN, loss weight 0.4). Data: ``util/data/ade20k.py`` (mmseg's
 ADE20K pipelines); ``--data_path demo`` writes synthetic scenes (``util/data/scenes.py``) into
 ``<output_dir>/demo_scenes`` first. Schedule: mmseg's poly lr with linear warmup, by iteration; ``--max_iters``
-(the seeds' 160k) is run as epochs of ``len(loader) // accum_iter`` steps, the last one cut short.
+(BEiT's / MAE's 160k) is run as epochs of ``len(loader) // accum_iter`` steps, the last one cut short.
 Example: ``python main_segment.py --config configs/segment/demo.yaml [--finetune output/demo/checkpoint-last.pth]``.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (or ``--eval``) as ``argv`` says. Returns the last evaluation's ``mIoU``, ``mAcc``, ``aAcc``
     (percent), ``best_mIoU`` / ``best_step`` and the final ``step``; with ``--eval`` the metrics, per-class ``IoU`` /
     ``Acc`` lists and ``num_images``."""
-    args, result = parse_or_dispatch(build_parser(), argv, "main_segment", models=[  # the seeds' short forms too
+    args, result = parse_or_dispatch(build_parser(), argv, "main_segment", models=[  # dBOT's short forms too
         *[m for m in models.list_models() if m.startswith(("vit_", "adapter_"))], *ARCH, *(f"vit_{a}" for a in ARCH)])
     if result is not None:
         return result
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 def model_name(name: str) -> str:
-    """The seeds' model forms: ``base`` / ``vit_base`` -> ``vit_base_patch16`` (a registered name is kept)."""
+    """dBOT's model forms: ``base`` / ``vit_base`` -> ``vit_base_patch16`` (a registered name is kept)."""
     short = name[4:] if name.startswith("vit_") and name[4:] in ARCH else name
     return ARCH.get(short, name)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# record.sh: run a command and keep a record of it, as the ViTFreeze seed commands do:
+# record.sh: run a command and keep a record of it, as the ViTFreeze commands do:
 #
 #   bash record.sh CUDA_VISIBLE_DEVICES=0,1,2,3 OMP_NUM_THREADS=1 \
 #       python -m torch.distributed.launch --nproc_per_node=4 main_pretrain.py --config ... --accum_iter 2

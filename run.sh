@@ -10,7 +10,7 @@
 #               NNODES > 1 in the environment (or --launcher slurm among the extras) submits through submitit
 #   CHECKPOINT  --resume for pretraining tasks, --finetune (the pretrained backbone) for the others
 #   extras      passed through and override the recipe: --flag value, or key=value (becomes --key value);
-#               the seeds' mm-style keys are mapped: data.samples_per_gpu, lr_config.step, runner.max_epochs,
+#               dBOT's / ViT-Adapter's mm-style keys are mapped: data.samples_per_gpu, lr_config.step, runner.max_epochs,
 #               optimizer.lr, optimizer.paramwise_cfg.layer_decay_rate, model.backbone.drop_path_rate,
 #               optimizer_config.use_fp16 (any other dotted key is an error)
 #               TASK:key=value (or TASK:--flag) applies to that task of the chain only (after the common extras,
@@ -89,7 +89,7 @@ for arg in "$TASKS" "$MODEL" "$@"; do  # a newline would cut a value short (lr_c
 done
 CKPT=""
 if [[ $# -gt 0 && $1 != -* && $1 != *=* ]]; then CKPT=$1; shift; fi
-mm_override() {  # KEY VALUE of an mm-style override (the seeds' OpenMMLab configs) -> our flags in MAPPED
+mm_override() {  # KEY VALUE of an mm-style override (dBOT's / ViT-Adapter's OpenMMLab configs) -> our flags in MAPPED
     local key=$1 value=$2
     case $key in
         data.samples_per_gpu) MAPPED=(--batch_size "$value");;

@@ -2,7 +2,7 @@
 
 One JSON line per task: images/s over the timed steps (after warm-up), seconds per step, peak memory (CUDA: max
 allocated, reset after warm-up; CPU: the process's max RSS, so every task runs in its own subprocess).
-Tasks: ``upernet`` (UperNet + auxiliary FCN on the ViT pyramid, the seed's ADE20K model: 150 classes, 768
+Tasks: ``upernet`` (UperNet + auxiliary FCN on the ViT pyramid, MAE's / dBOT's ADE20K model: 150 classes, 768
 channels, BEiT neck, taps 3/5/7/11; batch >= 2 per process: the PPM's 1x1 BatchNorm needs it), ``classify``
 (timm ViT fine-tuning step, 1000 classes, same layer-decay groups), ``cascade_mask_rcnn`` / ``mask_rcnn``
 (``main_detect``'s model: ViT pyramid + torchvision heads, 80 classes, on large-scale-jitter canvases of
@@ -11,7 +11,7 @@ channels, BEiT neck, taps 3/5/7/11; batch >= 2 per process: the PPM's 1x1 BatchN
 next to ``mask_rcnn`` on the plain pyramid at the same ``--det_size``); ``all`` runs upernet, classify and
 cascade_mask_rcnn in turn. Cascade Mask R-CNN ViT-B 1024 on a GPU: ``--task cascade_mask_rcnn --batch_size 2``;
 on CPU at a small size: ``--task cascade_mask_rcnn --det_size 256 --batch_size 1 --steps 1 --warmup 1``. Full size on a GPU: ``python benchmarks/dense_step.py --input_size 512 --batch_size 2``
-(the seed's 2 images per GPU); a small CPU check: ``--input_size 128 --batch_size 1 --steps 2 --warmup 1``.
+(dBOT's 2 images per GPU); a small CPU check: ``--input_size 128 --batch_size 1 --steps 2 --warmup 1``.
 What is timed is the training loop itself, ``engine.train.train_one_epoch`` with the scripts' step functions
 (``engine.segment.segment_step``, ``engine.detect.detect_step``, ``engine.finetune.classify_step``): autocast, the
 loss scaler for fp16, the gradient norm and the one host sync per update, AdamW with the layer-decay groups. One

@@ -11,7 +11,7 @@ regularly; pycocotools stays a test-only dependency, as the independent referenc
 Detections are COCO result dicts (``image_id``, ``category_id``, ``bbox`` in xywh, ``score``, and
 ``segmentation`` as RLE with str counts). A distributed evaluation gathers every rank's list on rank 0
 (each image lives on exactly one rank: ``engine.evaluate.eval_shard``), which evaluates and broadcasts the
-numbers, so every rank returns the single-process result. Values are percentages (the seeds report "box AP
+numbers, so every rank returns the single-process result. Values are percentages (dBOT and ViT-Adapter report "box AP
 51.5"); -1 is COCO's "no ground truth in this area range".
 """
 from __future__ import annotations

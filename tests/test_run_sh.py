@@ -166,7 +166,7 @@ def test_dbot_segmentation_seed_as_written(run_sh, job, tmp_path, model, lr, dec
     ckpt = tmp_path / f"dbot_{model}_pre" / "checkpoint-1600.pth"
     ckpt.parent.mkdir()
     ckpt.write_bytes(b"")  # --dry_run checks that it exists
-    # NGPUS 0 instead of the seed's 8: plain python instead of eight torchrun processes on this CPU
+    # NGPUS 0 instead of dBOT's 8: plain python instead of eight torchrun processes on this CPU
     res = run_sh(job, "ade20k_seg", model, "0", str(ckpt), "optimizer_config.use_fp16=True", f"optimizer.lr={lr}",
                  f"optimizer.paramwise_cfg.layer_decay_rate={decay}", "model.backbone.drop_path_rate=0.2",
                  "--deterministic", f"data_path={tmp_path}", "--dry_run")

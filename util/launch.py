@@ -167,7 +167,7 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     args = parse_args(parser, argv)
     check_launch_args(args, parser)
     world = planned_world_size(args)
-    if getattr(args, "world_size", 1) not in (1, world):  # the seeds pass --world_size next to torchrun's count
+    if getattr(args, "world_size", 1) not in (1, world):  # ViTFreeze's commands pass --world_size next to torchrun's count
         print(f"warning: --world_size {args.world_size} ignored: this run has {world} process(es)", file=sys.stderr)
     if hasattr(args, "accum_iter"):  # before anything starts: a recipe's effective batch must fit the job
         try:
