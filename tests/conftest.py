@@ -60,6 +60,23 @@ def small_demo(monkeypatch, one_thread):
 
 
 @pytest.fixture(scope="session")
+def make_demo_folder(tmp_path_factory):
+    """``make_demo_folder(train, val)``: the demo classes as an ImageFolder tree of 32 x 32 PNGs, ``train`` images
+    per class in ``train/`` (seed 0) and ``val`` in ``val/`` (seed 1), in a new folder."""
+    def build(train: int, val: int) -> Path:
+        root = tmp_path_factory.mktemp("demo_folder")
+        for split, seed, per_class in (("train", 0, train), ("val", 1, val)):
+            data = DemoDataset(per_class=per_class, size=32, seed=seed)
+            for i in range(len(data)):
+                img, label = data[i]
+                folder = root / split / data.classes[label]
+                folder.mkdir(parents=True, exist_ok=True)
+                img.save(folder / f"{i:03d}.png")
+        return root
+    return build
+
+
+@pytest.fixture(scope="session")
 def demo_pretraining(tmp_path_factory) -> tuple[Path, dict]:
     """The demo pretraining recipe, unchanged (configs/pretrain/demo.yaml, seed 0, ~45 s on one thread), run once and
     shared by the tests that compare it with a random backbone. Returns (checkpoint-last.pth, main()'s result)."""

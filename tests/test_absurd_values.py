@@ -14,7 +14,6 @@ from engine.knn import knn_classify
 from models.convert import adapt_to_model
 from util import runtime
 from util.checkpoint import NonFiniteStateError, RunCheckpoints, training_state
-from util.data.demo import DemoDataset
 from util.runtime import release_output_lock
 
 
@@ -25,16 +24,8 @@ def _release():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny_folder")
-    for split, seed, per_class in (("train", 0, 4), ("val", 1, 2)):
-        data = DemoDataset(per_class=per_class, size=32, seed=seed)
-        for i in range(len(data)):
-            img, label = data[i]
-            folder = root / split / data.classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:03d}.png")
-    return root
+def tiny_folder(make_demo_folder) -> Path:
+    return make_demo_folder(4, 2)
 
 
 def test_a_blown_up_fine_tuning_stops_in_one_line_and_keeps_no_best(tiny_folder, tmp_path, one_thread, caplog):

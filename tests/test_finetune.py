@@ -14,7 +14,6 @@ import models
 from engine.train import NonFiniteLossError
 from models.backbone import freeze_unit
 from util.checkpoint import load_checkpoint
-from util.data.demo import DemoDataset
 from engine.freezeout import FreezeOutSchedule
 
 IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette"
@@ -35,17 +34,9 @@ def pretrained(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory) -> Path:
+def demo_folder(make_demo_folder) -> Path:
     """The demo classes as an ImageFolder tree of PNGs: train 8 and val 4 images per class, 32x32."""
-    root = tmp_path_factory.mktemp("demo_folder")
-    for split, seed, per_class in (("train", 0, 8), ("val", 1, 4)):
-        data = DemoDataset(per_class=per_class, size=32, seed=seed)
-        for i in range(len(data)):
-            img, label = data[i]
-            folder = root / split / data.classes[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            img.save(folder / f"{i:03d}.png")
-    return root
+    return make_demo_folder(8, 4)
 
 
 def ft_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -19,7 +19,6 @@ import util.checkpoint
 import util.logging
 from util.checkpoint import (LAST_NAME, NonFiniteStateError, RunCheckpoints, load_checkpoint, load_latest,
                              save_checkpoint, training_state)
-from util.data.demo import DemoDataset
 from util.logging import dumps_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,15 +134,8 @@ CRASH_POINTS = [0, 1, 2, 3, "results"]  # after k writes of the last epoch's end
 
 
 @pytest.fixture(scope="module")
-def demo_folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("demo_folder")
-    for split, seed, per_class in (("train", 0, 4), ("val", 1, 2)):
-        data = DemoDataset(per_class=per_class, size=32, seed=seed)
-        for i in range(len(data)):
-            img, label = data[i]
-            (root / split / data.classes[label]).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / data.classes[label] / f"{i:03d}.png")
-    return root
+def demo_folder(make_demo_folder) -> Path:
+    return make_demo_folder(4, 2)
 
 
 def ft_argv(data: Path, out: Path, *extra: str) -> list[str]:
