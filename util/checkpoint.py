@@ -385,13 +385,11 @@ class RunCheckpoints:
             found = load_latest(self.output_dir)
             if found is None:
                 logger.info("--auto_resume: no checkpoint in %s, starting from scratch", self.output_dir)
-                if self.enabled:
-                    self._trim_log(-1)  # a run killed before its first checkpoint logged epochs that start again
-                return None
-            resume, checkpoint = found
+            else:
+                resume, checkpoint = found
         if not resume:
-            if self.enabled:
-                self._trim_log(-1)  # a fresh start: no earlier epoch's line stays above this run's
+            if self.enabled:  # a fresh start (or a run killed before its first checkpoint): its epochs start again
+                self._trim_log(-1)
             return None
         checkpoint = resume_training(resume, model, optimizer, scaler, sync=sync, steps_per_epoch=steps_per_epoch,
                                      required=required, hint=hint, checkpoint=checkpoint, describe=describe)

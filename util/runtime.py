@@ -327,6 +327,11 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
     from util.checkpoint import NonFiniteError
     from util.data.folder import CorruptImageError
 
+    def say(error: BaseException, message: str) -> NoReturn:  # once per job: rank 0 logs it, the others at debug
+        level = logging.ERROR if process_rank() == 0 else logging.DEBUG
+        logging.getLogger("vitfreeze").log(level, "%s: %s", type(error).__name__, message)
+        sys.exit(1)
+
     started = time.time()
     try:
         result = main()
@@ -339,15 +344,11 @@ def run_cli(main: Callable[[], Any], *errors: type[BaseException]) -> None:
         message = str(error)
         if message.startswith("Caught ") and "Original Traceback" in message:  # re-raised from a loader worker
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-        level = logging.ERROR if process_rank() == 0 else logging.DEBUG  # said once per job, by rank 0
-        logging.getLogger("vitfreeze").log(level, "%s: %s", type(error).__name__, message)
-        sys.exit(1)
+        say(error, message)
     except (OSError, RuntimeError) as error:  # a full disk, said in one line; anything else stays a traceback
         message = disk_full_message(error, _run_folder or "the output folder")
         if message is None:
             raise
-        level = logging.ERROR if process_rank() == 0 else logging.DEBUG
-        logging.getLogger("vitfreeze").log(level, "%s: %s", type(error).__name__, message)
-        sys.exit(1)
+        say(error, message)
     finally:
         cleanup()
