@@ -24,6 +24,7 @@ import logging
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -83,10 +84,9 @@ def run_pair(task: str, data: Path, out: Path, checkpoint: Path, seed: int, extr
     return record
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--task", nargs="+", default=["segment", "detect"], choices=["segment", "detect"])
-    parser.add_argument("--pairs", nargs="+", default=["0:0", "1:1", "2:2"],
+def add_pair_args(parser: argparse.ArgumentParser, *, pairs: list[str]) -> None:
+    """The flags of a pretrained-against-random comparison (this script's and ``frozen_backbone_gain.py``'s)."""
+    parser.add_argument("--pairs", nargs="+", default=pairs,
                         help="PRETRAIN_SEED:TRAIN_SEED pairs (the demo pretraining seed, the task's --seed)")
     parser.add_argument("--pretrain_epochs", type=int, default=10, help="demo pretraining epochs (the recipe: 10)")
     parser.add_argument("--checkpoint", default=None,
@@ -96,15 +96,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="work folder (pretraining runs, scenes, task runs)")
     parser.add_argument("extra", nargs="*", help="more flags for both arms of every task run, after --")
-    args = parser.parse_args(argv)
+
+
+def run_quietly(run: Callable[[argparse.Namespace], list[dict]], args: argparse.Namespace) -> list[dict]:
+    """``run(args)`` on ``args.threads`` threads without the scripts' INFO lines (warnings and errors still show),
+    leaving the caller's process as it was (tests call ``main()``)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    logging.disable(logging.INFO)  # the scripts' own progress lines; warnings and errors still show
+    logging.disable(logging.INFO)
     try:
         return run(args)
-    finally:  # leave the caller's process as it was (tests call main())
+    finally:
         logging.disable(logging.NOTSET)
         torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", nargs="+", default=["segment", "detect"], choices=["segment", "detect"])
+    add_pair_args(parser, pairs=["0:0", "1:1", "2:2"])
+    return run_quietly(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> list[dict]:

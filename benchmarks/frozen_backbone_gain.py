@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
 from unittest import mock
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import main_detect  # noqa: E402
-from benchmarks.dense_pretrain_gain import arm_args, pretrain, scenes  # noqa: E402
+from benchmarks.dense_pretrain_gain import add_pair_args, arm_args, pretrain, run_quietly, scenes  # noqa: E402
 
 METRICS = ("bbox_AP", "segm_AP")
 
@@ -50,24 +47,8 @@ def run_arm(data: Path, out: Path, seed: int, checkpoint: Path | None, extra: li
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", nargs="+", default=["0:0", "0:1"],
-                        help="PRETRAIN_SEED:TRAIN_SEED pairs (the demo pretraining seed, the detector's --seed)")
-    parser.add_argument("--pretrain_epochs", type=int, default=10, help="demo pretraining epochs (the recipe: 10)")
-    parser.add_argument("--checkpoint", default=None, help="this pretrained checkpoint for every pair")
-    parser.add_argument("--per_class", type=int, default=8, help="labelled training scenes per class")
-    parser.add_argument("--val_per_class", type=int, default=40, help="validation scenes per class")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="work folder (pretraining runs, scenes, detector runs)")
-    parser.add_argument("extra", nargs="*", help="more main_detect flags for both arms, after --")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    logging.disable(logging.INFO)
-    try:
-        return run(args)
-    finally:
-        logging.disable(logging.NOTSET)
-        torch.set_num_threads(threads)
+    add_pair_args(parser, pairs=["0:0", "0:1"])
+    return run_quietly(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> list[dict]:
