@@ -31,7 +31,7 @@ from models.detectors import (BOX_HEADS, BOX_LOSSES, BoxLoss, build_detector, de
                               MASK_HEAD_NORMS)
 from models.pyramid import ViTFeaturePyramid
 from models.registry import checkpoint_vs_model, list_models
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.coco import CocoInstances, collate_detection
 from util.data.det_transforms import TRAIN_AUGMENTATIONS, train_transform
@@ -97,6 +97,7 @@ def add_head_args(parser: argparse.ArgumentParser) -> None:
                        help="norm of the mask head's 4 convolutions: gn, ln (ViTDet), none (mmdet FCNMaskHead)")
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (``--eval``: evaluate) as ``argv`` says; returns the last evaluation's metrics (``bbox_AP``,
     ``segm_AP``, AP50, AP75, APs/m/l, percent) plus ``epoch``."""
@@ -113,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     seed_everything(args.seed + info.rank)
     output_dir, device, amp_dtype = Path(args.output_dir), info.device, resolve_amp(args.amp, info.device)
     root = Path(args.data_path) if args.data_path != "scenes" else demo_coco(
-        Path(args.output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
+        preflight.scratch_dir(output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
         size=args.input_size, seed=args.seed, is_main=info.is_main)
     train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=train_transform(
         args.train_aug, size=args.input_size, scale_range=args.scale_range, crop=args.train_crop))
@@ -132,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if args.eval:
         load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
                          describe=checkpoint_vs_model)
+        if preflight.active(args):
+            preflight.passed(args, model, evaluate=f"{resume} on {len(val_set)} images")
         return write_results(output_dir if info.is_main else None, report_detection(evaluate(), "eval"))
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -25,7 +25,7 @@ from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.backbone import freeze_unit, load_finetune_weights
 from models.registry import checkpoint_vs_model
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError, find_latest, load_checkpoint, load_model_state
 from util.distributed import DistInfo, barrier
 from engine.freezeout import Freezer, FreezeOutSchedule
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Fine-tune (``--eval``: evaluate) as ``argv`` says.
 
@@ -112,6 +113,8 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
     if args.eval:
         load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
                          describe=checkpoint_vs_model)
+        if preflight.active(args):
+            preflight.passed(args, model, evaluate=f"{resume} on {', '.join(eval_sets)}")
         return write_results(output_dir if info.is_main else None, report())
 
     loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace, info: DistInfo, argv: Sequence[str] | None, *,
                                  scale_lr=not args.not_scale_lr, layerwise_lr=not args.non_layerwise_lr)
     freezer = Freezer(model, optimizer, schedule, unit_of=unit_of, dist=info,
                       describe_unit=lambda u: f"blocks.{u - 1} (unit {u})" if u else "patch embedding + tokens")
-    if info.is_main and args.freezeout:
+    if info.is_main and args.freezeout and not preflight.active(args):
         from util.vis import save_schedule_png  # lazy: pictures are optional
         logger.info("wrote %s", save_schedule_png(output_dir / "freezeout_schedule.png", schedule,
                                                   steps_per_epoch=steps_per_epoch))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import models
 from engine.knn import embed, knn_classify
 from models.backbone import build_backbone
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import load_checkpoint, unreadable_reason
 from util.data.subsets import few_shot_indices
 from util.logging import MetricWriter
@@ -111,6 +111,7 @@ def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tenso
     return train, train_labels, test, test_labels
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """k-NN evaluation as ``argv`` says; returns ``{'knn<k>_top1': %, 'knn<k>_top5': %, ...}``."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_knn",
@@ -119,10 +120,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return result
     info = setup_run(args)
     seed_everything(args.seed)
-    if info.is_main:
+    dry_run = preflight.active(args)
+    if info.is_main and not dry_run:
         write_run_record(args.output_dir, vars(args), {"world_size": info.world_size}, argv)
-    if args.load_features:
-        train, train_labels, test, test_labels = load_features(args.load_features, info.device)
+    if args.load_features:  # a dry run checks them on the CPU: the labels give the class count
+        train, train_labels, test, test_labels = load_features(args.load_features, torch.device("cpu") if dry_run
+                                                               else info.device)
         classes = args.nb_classes or int(max(train_labels.max(), test_labels.max())) + 1
         logger.info("loaded features from %s: train %s, test %s", args.load_features, tuple(train.shape),
                     tuple(test.shape))
@@ -134,6 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                                        train_transform=eval_transform(args.input_size),
                                                        eval_transform=eval_transform(args.input_size))
         use_eval_decode(args.decode, args.input_size, train_set, test_set)
+        if dry_run:  # where the images would be embedded
+            preflight.passed(args, backbone, classes=classes, k=", ".join(map(str, args.nb_knn)))
         (train, train_labels), (test, test_labels) = (
             embed(backbone, d, device=info.device, rank=info.rank, world_size=info.world_size,
                   batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
@@ -143,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             for name, tensor in zip(FEATURE_FILES, (train, train_labels, test, test_labels)):
                 torch.save(tensor.cpu(), Path(args.save_features) / name)
             logger.info("saved features to %s", args.save_features)
+    if dry_run:
+        preflight.passed(args, classes=classes, features=f"train {tuple(train.shape)}, test {tuple(test.shape)}")
     results = knn_results(train, train_labels, test, test_labels, args, classes)
     pool = "mean patch token + fc_norm" if args.global_pool else "cls token after norm"
     for key, value in results.items():

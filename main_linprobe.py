@@ -26,7 +26,7 @@ from engine.train import NonFiniteLossError
 from engine.knn import embed
 from models.backbone import build_backbone
 from models.heads import LinearProbe
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError, load_checkpoint
 from util.data.decode import DeviceInput, collate, use_eval_decode
 from util.data.transfer import class_names, labelled_splits
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Probe as ``argv`` says; returns the best head's metrics at the last epoch plus ``best_acc1``."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_linprobe",
@@ -81,9 +82,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                              eval_transform=eval_transform(args.input_size))
         names = class_names(val_set)
         use_eval_decode(args.decode, args.input_size, train_set, val_set)
-        train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
-            backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
-            num_workers=args.num_workers, pin_memory=args.pin_mem, amp_dtype=amp_dtype))) for d in (train_set, val_set))
+        if not preflight.active(args):  # a dry run stops before any image is embedded
+            train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
+                backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
+                num_workers=args.num_workers, pin_memory=args.pin_mem, amp_dtype=amp_dtype))) for d in (train_set,
+                                                                                                  val_set))
     else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
         train_set, val_set, classes = splits(train_transform=linprobe_transform(args.input_size),
                                              eval_transform=eval_transform(args.input_size))

@@ -18,7 +18,7 @@ from engine.pretrain import mim_step, reconstruct
 from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.masking import check_mask_ratio
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError
 from util.data.decode import build_fast_input, use_fast_input
 from util.data.folder import build_pretrain_dataset
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Pretrain as ``argv`` says; returns the last epoch's training statistics."""
     args, result = parse_or_dispatch(build_parser(), argv, "main_pretrain",
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     writer = metric_writer(args, info)
     logger.info("model %s: %.2fM parameters; %d images, %d steps/epoch, %d epochs", args.model,
                 sum(p.numel() for p in model.parameters()) / 1e6, len(dataset), steps_per_epoch, args.epochs)
-    if info.is_main and args.freezeout:
+    if info.is_main and args.freezeout and not preflight.active(args):
         for line in schedule.describe(steps_per_epoch):
             logger.info("FreezeOut schedule: %s", line)
         from util.vis import save_schedule_png  # lazy: pictures are optional
@@ -120,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         return mim_step(freezer.module, batch, step, mask_ratio=args.mask_ratio, device=info.device,
                         num_frozen=freezer.num_frozen)
     vis_imgs = loader.prepare([dataset[i][0] for i in range(0, len(dataset), -(-len(dataset) // 8))]) \
-        if args.vis_every and info.is_main else None
+        if args.vis_every and info.is_main and not preflight.active(args) else None
 
     def end_epoch(epoch: int, stats: dict, metrics: None, run: Outcome) -> EpochEnd:
         vis_due = args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs)

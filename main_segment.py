@@ -30,7 +30,7 @@ from models.backbone import load_pyramid_backbone
 from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from models.registry import checkpoint_vs_model
-from util import args as cli_args
+from util import args as cli_args, preflight
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
 from util.data.ade20k import ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval
 from util.data.loaders import build_train_loader
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@preflight.entry_point
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train (or ``--eval``) as ``argv`` says. Returns the last evaluation's ``mIoU``, ``mAcc``, ``aAcc``
     (percent), ``best_mIoU`` / ``best_step`` and the final ``step``; with ``--eval`` the metrics, per-class ``IoU`` /
@@ -75,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.benchmark = False
     seed_everything(args.seed + info.rank)
     device, amp_dtype, output_dir = info.device, resolve_amp(args.amp, info.device), Path(args.output_dir)
-    data_path = args.data_path if args.data_path != "demo" else demo_scenes(output_dir, args.input_size,
-                                                                            is_main=info.is_main)
+    data_path = args.data_path if args.data_path != "demo" else demo_scenes(
+        preflight.scratch_dir(output_dir), args.input_size, is_main=info.is_main)
     crop, stride = args.input_size, args.slide_stride or max(1, (2 * args.input_size) // 3)
     val_set = ADE20KDataset(data_path, "val", SegEvalTransform(crop), num_classes=args.nb_classes,
                             reduce_zero_label=args.reduce_zero_label, strict_data=args.strict_data)
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             raise ValueError("--eval needs --resume CKPT (or --auto_resume with a checkpoint in --output_dir)")
         load_model_state(model, load_checkpoint(resume)["model"], source=f"checkpoint {resume}",
                          describe=checkpoint_vs_model)
+        if preflight.active(args):
+            preflight.passed(args, model, evaluate=f"{resume} on {len(val_set)} images")
         return report_segmentation(evaluate(), output_dir, info.is_main, step=-1)
 
     train_set = ADE20KDataset(data_path, "train", SegTrainTransform(crop, tuple(args.ratio_range), args.cat_max_ratio),

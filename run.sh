@@ -212,18 +212,19 @@ command_of() {  # sets args (the entry script's arguments) and cmd (how to launc
     fi
 }
 
-# Resolve every task (recipe, flags, effective batch on this many processes) before starting any, so that a
-# chain does not stop at its third task after two have run. A --dry_run chain starts nothing and is itself that
-# check, so it resolves each task once instead of twice.
+# Pre-flight every task (recipe, flags, effective batch on this many processes, datasets, model, checkpoint:
+# the scripts' --dry_run) before starting any, so that a chain does not stop at its third task after two have run.
+# A --dry_run chain starts nothing and is itself that check, so it checks each task once instead of twice.
 world=$(( NGPUS > 0 ? NGPUS * $NNODES : 1 ))
 dry_run=0
-for arg in "${EXTRA[@]}"; do [[ $arg == --dry_run ]] && dry_run=1; done
+for arg in "${EXTRA[@]}"; do [[ $arg == --dry_run || $arg == --dry_run=* ]] && dry_run=1; done
 checking=1  # a checkpoint the chain writes is not there yet: the check leaves it out
 for task in "${TASK_LIST[@]}"; do
     (( dry_run )) && break
     command_of "$task"
-    if ! errors=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1 >/dev/null); then
-        printf '%s\n' "$errors" | grep -E '^([^ ].*)?error: ' >&2 || printf '%s\n' "$errors" >&2  # not the usage
+    if ! said=$(RANK=0 WORLD_SIZE=$world python "${SCRIPT[$task]}" "${args[@]}" --dry_run 2>&1); then
+        # the one-line error (argparse's "error: ...", or the run's "<time> ERROR <Type>: ..."), not the usage
+        printf '%s\n' "$said" | grep -E '^([^ ].*)?error: | ERROR ' >&2 || printf '%s\n' "$said" | tail -n 20 >&2
         echo "error: task '$task' does not resolve on $world process(es); nothing was started" >&2; exit 2
     fi
 done

@@ -29,6 +29,7 @@ from util.checkpoint import LAST_NAME, RunCheckpoints, training_state
 from util.distributed import barrier, DistInfo
 from engine.preemption import Preemption
 from util.logging import MetricWriter
+from util import preflight
 from util.runtime import write_run_record
 
 logger = logging.getLogger("vitfreeze")
@@ -120,7 +121,8 @@ def metric_writer(args: argparse.Namespace, info: DistInfo, output_dir: str | Pa
                   log_dir: str | Path | None = None) -> MetricWriter:
     """The run's ``log.txt`` and TensorBoard writer (rank 0): ``--log_dir`` or ``<output_dir>/tensorboard``."""
     output_dir = Path(output_dir or args.output_dir)
-    return MetricWriter(output_dir, log_dir or args.log_dir or output_dir / "tensorboard", enabled=info.is_main)
+    return MetricWriter(output_dir, log_dir or args.log_dir or output_dir / "tensorboard",
+                        enabled=info.is_main and not preflight.active(args))  # a dry run writes nothing
 
 
 def fit(task: Task, args: argparse.Namespace, info: DistInfo, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -157,11 +159,17 @@ def fit(task: Task, args: argparse.Namespace, info: DistInfo, *, model: nn.Modul
     epochs = args.epochs if epochs is None else epochs
     total_steps = epochs * steps_per_epoch if total_steps is None else total_steps
     output_dir = Path(output_dir or args.output_dir)
-    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main,
+    dry_run = preflight.active(args)
+    ckpts = RunCheckpoints(output_dir, epochs=epochs, save_every=args.save_every, enabled=info.is_main and not dry_run,
                            log_epoch=writer.log_epoch)
     checkpoint = ckpts.resume(args.resume, auto=args.auto_resume, model=model, optimizer=optimizer, scaler=scaler,
                               sync=sync, steps_per_epoch=steps_per_epoch, required=required, hint=hint,
                               describe=checkpoint_vs_model)
+    if dry_run:  # everything is built and the checkpoint fits: where training would start
+        start = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
+        preflight.passed(args, model, **{k: _said(v) for k, v in record.items() if k not in DRY_RUN_QUIET},
+                         steps=f"{total_steps} ({epochs} epochs of {steps_per_epoch})" + (
+                             f", resuming at epoch {start}" if checkpoint else ""))
     best = task.best and dict(checkpoint.get("best", task.best.initial) if checkpoint else task.best.initial)
     run = Outcome(stats=checkpoint.get("train_stats", {}) if checkpoint else {},
                   metrics=checkpoint.get("metrics", {}) if checkpoint else {}, best=best,
@@ -214,6 +222,18 @@ def fit(task: Task, args: argparse.Namespace, info: DistInfo, *, model: nn.Modul
                 preemption.exit(f"at the end of epoch {epoch}; saved {saved}")
     writer.close()
     return run
+
+
+DRY_RUN_QUIET = ("steps_per_epoch", "total_steps", "epochs")  # said in the dry run's ``steps``
+
+
+def _said(value: Any) -> Any:
+    """A run-record value as the ``dry run OK`` line says it (lrs in scientific notation, class lists counted)."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (list, tuple)):
+        return f"{len(value)}" if len(value) > 4 else ", ".join(str(_said(v)) for v in value)
+    return value
 
 
 def mid_epoch_state(state: Callable[..., dict], progress: EpochProgress) -> dict:

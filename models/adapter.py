@@ -318,7 +318,8 @@ class ViTAdapter(nn.Module):
                              f"{len(own)} ViT keys are missing ({_short(missing)})")
         logger.info("loaded %s (%s checkpoint) into the ViT-Adapter: %d ViT keys; the adapter's own %d tensors "
                     "start initialised; unexpected (not used by the adapter): %s", what, source, len(own),
-                    len(self.state_dict()) - len(own), _short(unexpected) if unexpected else "none")
+                    len(self.state_dict()) - len(own), _short(unexpected) if unexpected else "none",
+                    extra={"preflight": "checkpoint"})
         return missing, unexpected
 
     # ---- forward --------------------------------------------------------------------------------------------------

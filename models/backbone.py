@@ -92,7 +92,8 @@ def load_pyramid_backbone(backbone: nn.Module, checkpoint: Mapping[str, Any], *,
     if missing or unusable:
         raise ValueError(f"{name} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
                          f"{unusable[:8]}")
-    logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", name, source, unexpected or "none")
+    logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", name, source, unexpected or "none",
+                extra={"preflight": "checkpoint"})
     return missing, unexpected
 
 
@@ -139,6 +140,6 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
                          f"({describe_keys(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
     logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unexpected (ignored): %s", source,
                 len(own) - len(missing), describe_keys(missing) if missing else "none",
-                describe_keys(unexpected) if unexpected else "none")
+                describe_keys(unexpected) if unexpected else "none", extra={"preflight": "checkpoint"})
     return missing, unexpected
 

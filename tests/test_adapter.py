@@ -386,7 +386,7 @@ def test_run_sh_runs_the_adapter_recipes_with_the_seeds_overrides(tmp_path):
         ckpt.write_bytes(b"")  # --dry_run checks that the checkpoint and the data exist
         res = subprocess.run(["bash", str(ROOT / "run.sh"), job, "mask_rcnn_dinov2_adapter_small_fpn_3x_coco", "base",
                               "0", str(ckpt), f"data_path={tmp_path}",
-                              "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run"],
+                              "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run=config"],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         import yaml

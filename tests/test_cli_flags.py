@@ -145,7 +145,7 @@ def test_dry_run_checks_paths_and_model(script, argv, words, capsys, monkeypatch
 
 def test_dry_run_passes_when_everything_exists_and_prints_once(capsys, monkeypatch, tmp_path):
     (tmp_path / "pre.pth").write_bytes(b"")
-    argv = ["--data_path", str(tmp_path), "--finetune", str(tmp_path / "pre.pth"), "--dry_run"]
+    argv = ["--data_path", str(tmp_path), "--finetune", str(tmp_path / "pre.pth"), "--dry_run=config"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main_finetune.main(argv) == {} and capsys.readouterr().out == ""  # rank 1 stays quiet

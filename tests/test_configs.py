@@ -22,7 +22,7 @@ RECIPES = sorted((ROOT / "configs").glob("*/*.yaml"))
 def dry_run(script, argv: list[str], capsys) -> dict:
     """The resolved configuration; recipes name no data (the user's), so a folder that exists stands in for it."""
     data = [] if "--data_path" in argv else ["--data_path", str(ROOT)]
-    assert script.main(argv + data + ["--dry_run"]) == {}
+    assert script.main(argv + data + ["--dry_run=config"]) == {}
     return yaml.safe_load(capsys.readouterr().out)
 
 
@@ -99,7 +99,8 @@ def test_a_stale_world_size_flag_is_reported(capsys, monkeypatch):
     """ViTFreeze's published commands carry --world_size; the process count torchrun started is the one that counts."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert main_pretrain.main(["--world_size", "4", "--accum_iter", "2", "--data_path", "demo", "--dry_run"]) == {}
+    assert main_pretrain.main(["--world_size", "4", "--accum_iter", "2", "--data_path", "demo",
+                               "--dry_run=config"]) == {}
     assert "--world_size 4 ignored: this run has 8 process(es)" in capsys.readouterr().err
-    assert main_pretrain.main(["--world_size", "8", "--data_path", "demo", "--dry_run"]) == {}
+    assert main_pretrain.main(["--world_size", "8", "--data_path", "demo", "--dry_run=config"]) == {}
     assert "ignored" not in capsys.readouterr().err

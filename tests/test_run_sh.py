@@ -54,7 +54,7 @@ def test_refusals(run_sh, checkout, job):
 
 
 def test_pretrain_dry_run_maps_arguments(run_sh, job):
-    res = run_sh(job, "pretrain_demo", "small", "0", "epochs=3", "--dry_run")
+    res = run_sh(job, "pretrain_demo", "small", "0", "epochs=3", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])  # first line echoes the command
     assert resolved["model"] == "MIM_vit_small_patch16"  # the demo recipe is LocalMIM
@@ -66,7 +66,7 @@ def test_pretrain_dry_run_maps_arguments(run_sh, job):
 def test_checkpoint_goes_to_finetune_for_transfer_tasks(run_sh, job, tmp_path):
     (tmp_path / "ckpt.pth").write_bytes(b"")  # --dry_run checks that it exists
     res = run_sh(job, "linprobe", "vit_tiny_patch16", "0", str(tmp_path / "ckpt.pth"), f"data_path={tmp_path}",
-                 "--dry_run")
+                 "--dry_run=config")
     assert res.returncode == 0, res.stderr
     assert f"--finetune {tmp_path / 'ckpt.pth'}" in res.stdout.splitlines()[0]
 
@@ -89,7 +89,7 @@ def test_a_chain_is_checked_before_anything_starts(run_sh, checkout, job):
 
 
 def test_each_task_is_recorded(run_sh, checkout, job):
-    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
+    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     (record,) = (checkout / "output" / job / "knn" / "records").iterdir()
     command = (record / "command.txt").read_text()
@@ -112,7 +112,8 @@ def test_record_sh_keeps_command_output_and_exit_status(tmp_path):
 
 @pytest.mark.parametrize("extra, env", [(["launcher=slurm", "--partition", "p"], {}), ([], {"NNODES": "2"})])
 def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env, tmp_path):
-    res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--data_path", str(tmp_path), "--dry_run", env=env)
+    res = run_sh(job, "imagenet_finetune", "base", "4", *extra, "--data_path", str(tmp_path), "--dry_run=config",
+                 env=env)
     assert res.returncode == 0, res.stderr
     command = res.stdout.splitlines()[0]
     assert command.startswith("[run.sh] python main_finetune.py") and "torchrun" not in command
@@ -123,7 +124,7 @@ def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env, tmp_p
 
 
 def test_nothing_is_written_into_the_real_checkout(run_sh, checkout, job):
-    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run")
+    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     assert (checkout / "output" / job / "knn" / "records").is_dir() and not (ROOT / "output" / job).exists()
 
@@ -135,7 +136,7 @@ def test_dbot_detection_seed_maps_mm_overrides(run_sh, job, tmp_path):
     ckpt.write_bytes(b"")  # --dry_run checks that it exists
     res = run_sh(job, "cascade_coco_det", "vit_base", "0", str(ckpt), f"data_path={tmp_path}",
                  "data.samples_per_gpu=2", "lr_config.step=8,11", "runner.max_epochs=12",
-                 "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run")
+                 "optimizer.paramwise_cfg.layer_decay_rate=0.75", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
     assert resolved["model"] == "vit_base_patch16" and resolved["detector"] == "cascade_mask_rcnn"
@@ -147,7 +148,8 @@ def test_dbot_detection_seed_maps_mm_overrides(run_sh, job, tmp_path):
 
 def test_segmentation_style_overrides_and_model_forms(run_sh, job, tmp_path):
     res = run_sh(job, "mask_rcnn_coco_det", "large", "0", "optimizer_config.use_fp16=True", "optimizer.lr=3e-5",
-                 "model.backbone.drop_path_rate=0.2", "--deterministic", f"data_path={tmp_path}", "--dry_run")
+                 "model.backbone.drop_path_rate=0.2", "--deterministic", f"data_path={tmp_path}",
+                 "--dry_run=config")
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
     assert resolved["model"] == "vit_large_patch16" and resolved["amp"] == "fp16"
@@ -169,7 +171,7 @@ def test_dbot_segmentation_seed_as_written(run_sh, job, tmp_path, model, lr, dec
     # NGPUS 0 instead of dBOT's 8: plain python instead of eight torchrun processes on this CPU
     res = run_sh(job, "ade20k_seg", model, "0", str(ckpt), "optimizer_config.use_fp16=True", f"optimizer.lr={lr}",
                  f"optimizer.paramwise_cfg.layer_decay_rate={decay}", "model.backbone.drop_path_rate=0.2",
-                 "--deterministic", f"data_path={tmp_path}", "--dry_run")
+                 "--deterministic", f"data_path={tmp_path}", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     resolved = yaml.safe_load(res.stdout[res.stdout.index("\n") + 1:])
     assert (resolved["model"], resolved["amp"], resolved["lr"], resolved["layer_decay"], resolved["drop_path"]) == \

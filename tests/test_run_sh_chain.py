@@ -30,7 +30,7 @@ def test_each_task_of_a_chain_gets_its_own_data_path(run_sh, job, tmp_path):
     (tmp_path / "cifar10").mkdir()
     (tmp_path / "cars").mkdir()
     res = run_sh(job, "cifar10_cls+cars_cls", "vit_base", "0", str(ckpt), f"cifar10_cls:data_path={tmp_path}/cifar10",
-                 f"cars_cls:data_path={tmp_path}/cars", "cars_cls:epochs=7", "--dry_run")
+                 f"cars_cls:data_path={tmp_path}/cars", "cars_cls:epochs=7", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     tasks = resolved_tasks(res.stdout)
     assert tasks["cifar10_cls"]["data_path"] == f"{tmp_path}/cifar10" and tasks["cifar10_cls"]["data_set"] == "cifar10"
@@ -40,7 +40,7 @@ def test_each_task_of_a_chain_gets_its_own_data_path(run_sh, job, tmp_path):
 
 
 def test_a_probe_after_pretraining_uses_the_pretrainings_checkpoint(run_sh, job):
-    res = run_sh(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo", "--dry_run")
+    res = run_sh(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     wanted = f"output/{job}/pretrain_demo/checkpoint-last.pth"
     assert f"[run.sh] linprobe: --finetune {wanted} once the chain's pretraining has written it" in res.stdout
@@ -51,7 +51,7 @@ def test_a_probe_after_pretraining_uses_the_pretrainings_checkpoint(run_sh, job)
 def test_an_explicit_finetune_wins_over_the_chain(run_sh, job, tmp_path):
     (tmp_path / "mine.pth").write_bytes(b"")
     res = run_sh(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo",
-                 f"linprobe:finetune={tmp_path}/mine.pth", "--dry_run")
+                 f"linprobe:finetune={tmp_path}/mine.pth", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     assert resolved_tasks(res.stdout)["linprobe"]["finetune"] == f"{tmp_path}/mine.pth"
     assert "once the chain's pretraining" not in res.stdout

@@ -106,7 +106,7 @@ def seed_id(command: str) -> str:
 def test_seed_command_dry_runs(command, places, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # relative output folders stay in tmp_path
     script, argv, nproc = entry_point(shell_words(command), places)
-    config = resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=nproc))
+    config = resolved(run_script(script, [*argv, "--dry_run=config"], monkeypatch, capsys, world=nproc))
     assert config["data_path"] == places["data"]
     assert config["freezeout"] is ("--how_scale" in command) if "freezeout" in config else True
     if "--all_stages" in command:
@@ -212,9 +212,9 @@ def test_hyperkvasir_script_finds_the_official_split(tmp_path, monkeypatch, caps
     command = MAE_MEDICAL[1].replace("${DATA_PATH}", str(tmp_path / "labeled-images"))
     script, argv, _ = entry_point(shell_words(command), {"data": str(tmp_path / "labeled-images"),
                                                          "ckpt": str(split), "out": str(tmp_path / "out")})
-    config = resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=1))
+    config = resolved(run_script(script, [*argv, "--dry_run=config"], monkeypatch, capsys, world=1))
     assert config["split_file"] == str(split) and config["nb_classes"] == 23
     elsewhere = tmp_path / "a" / "b" / "c"  # no official split within two parents
     elsewhere.mkdir(parents=True)
     argv = [str(elsewhere) if a == str(tmp_path / "labeled-images") else a for a in argv]
-    assert resolved(run_script(script, [*argv, "--dry_run"], monkeypatch, capsys, world=1))["split_file"] is None
+    assert resolved(run_script(script, [*argv, "--dry_run=config"], monkeypatch, capsys, world=1))["split_file"] is None

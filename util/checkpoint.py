@@ -233,7 +233,7 @@ def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         scaler.load_state_dict(checkpoint["scaler"])
     where = (f"epoch {checkpoint['epoch']} done, {checkpoint['position']['update']} updates into epoch "
              f"{checkpoint['position']['epoch']}" if "position" in checkpoint else f"epoch {checkpoint['epoch']} done")
-    logger.info("resumed from %s (%s)", path, where)
+    logger.info("resumed from %s (%s)", path, where, extra={"preflight": "checkpoint"})
     return checkpoint
 
 

@@ -90,7 +90,7 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     """Wrap in DistributedDataParallel when distributed; the module itself otherwise."""
-    if not info.distributed:
+    if not info.distributed or info.device.type == "meta":  # a --dry_run joins no process group
         return model
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     # buffers (fixed sin-cos tables) never change, so there is nothing to sync every step; torch >= 2.10 renames

@@ -156,13 +156,14 @@ def submit(module: str, argv: Sequence[str], args: argparse.Namespace) -> Any:
 def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | None, module: str, *,
                       models: Sequence[str] = ()) -> tuple[argparse.Namespace, dict | None]:
     """The start of every entry script: parse (recipe + command line), check the launch options, then either
-    handle the run here (``--dry_run`` prints the resolved configuration; ``--launcher`` submits a job) or not.
-    ``--dry_run`` also checks that the data, split file and checkpoints exist and that ``--model`` is one of
-    ``models`` (``util.args.run_problems``), and prints on rank 0 only.
+    handle the run here (``--dry_run config`` prints the resolved configuration; ``--launcher`` submits a job) or
+    not. A dry run also checks that the data, split file and checkpoints exist and that ``--model`` is one of
+    ``models`` (``util.args.run_problems``), and prints on rank 0 only; ``--dry_run`` (the pre-flight,
+    ``util.preflight``) then goes on in this process, building everything without training.
 
     Returns:
-        ``(args, result)``: ``result`` is what ``main`` should return at once ({} after a dry run, the job id
-        after a submission), or None when the run goes on in this process.
+        ``(args, result)``: ``result`` is what ``main`` should return at once ({} after ``--dry_run config``, the
+        job id after a submission), or None when the run (or the pre-flight) goes on in this process.
     """
     args = parse_args(parser, argv)
     check_launch_args(args, parser)
@@ -177,11 +178,11 @@ def parse_or_dispatch(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     problems = run_problems(args, models=models, check_files=args.dry_run)
     if problems:
         command_line_error("; ".join(problems))
-    if args.dry_run:
+    if args.dry_run == "config":
         if (env_rank_and_world() or (0, 1))[0] == 0:  # once per job, not once per rank
             print(dump_args(args), end="")
         return args, {}
-    if args.launcher != "none":
+    if args.launcher != "none" and not args.dry_run:
         try:
             importlib.import_module("submitit")  # a dependency, but a trimmed environment may lack it
         except ImportError:

@@ -64,6 +64,8 @@ def setup_run(args: argparse.Namespace) -> DistInfo:
             run this one would silently replace.
     """
     global _run_folder
+    if getattr(args, "dry_run", None):
+        return start_dry_run(args)
     info = init_distributed(dist_url=args.dist_url, local_rank=args.local_rank, device=args.device)
     if info.is_main:  # before the first log line goes into the folder: a second run must not append to ours
         _run_folder = Path(args.output_dir)
@@ -75,6 +77,26 @@ def setup_run(args: argparse.Namespace) -> DistInfo:
     set_backend_flags()
     choose_threads(args, info)
     return info
+
+
+def start_dry_run(args: argparse.Namespace) -> DistInfo:
+    """``setup_run`` of a ``--dry_run`` pre-flight (``util.preflight``): this process's place in the job from
+    torchrun's variables without joining a process group, the meta device, console logging only, and the checks
+    of the output folder that need no write (a file in its place; another run's checkpoints)."""
+    from util import preflight
+    from util.distributed import env_rank_and_world
+    from util.launch import planned_world_size
+
+    rank, world = (env_rank_and_world() or (0, 1))[0], planned_world_size(args)  # a job to submit: its size
+    setup_logging(None, rank)
+    path = Path(args.output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
+    refuse_fresh_over_checkpoints(path, fresh=not (getattr(args, "resume", "") or getattr(args, "auto_resume", False)),
+                                  overwrite=getattr(args, "overwrite", False))
+    preflight.begin(args)
+    return DistInfo(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                    device=preflight.META)
 
 
 # ------------------------------------------------------------------------------------------------ run-folder lock

@@ -58,7 +58,7 @@ def run_problems(args: argparse.Namespace, *, models: Sequence[str] = (), check_
     if not check_files:
         return problems
     downloading = data_set in _DOWNLOADABLE and getattr(args, "download", False)
-    if getattr(args, "data_path", "") not in ("", "demo", None) and data_set != "demo" and not downloading \
+    if getattr(args, "data_path", "") not in ("", "demo", "scenes", None) and data_set != "demo" and not downloading \
             and not Path(args.data_path).expanduser().exists():
         problems.append(f"--data_path {args.data_path} does not exist")
     split_file = getattr(args, "split_file", None)

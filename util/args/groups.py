@@ -94,7 +94,10 @@ def add_run_folder_args(group: Container, *, trains: bool) -> None:
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe")
     group.add_argument("--config", default=None, help="YAML recipe whose keys are flag names (CLI overrides it)")
-    group.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
+    group.add_argument("--dry_run", nargs="?", const="preflight", default=None, choices=("preflight", "config"),
+                       help="check the run without training or writing anything: build its datasets, model (on the "
+                            "meta device), checkpoint and schedule, and end with a 'dry run OK' line ('--dry_run "
+                            "config': print the resolved configuration and check that its paths exist, nothing more)")
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, default_model: str) -> None:

@@ -200,6 +200,8 @@ class ADE20KDataset(Dataset):
                            len(pairs) - len(self.samples), len(pairs), ", ".join(sorted(self.bad_paths)[:3]))
         if not self.samples:
             raise ValueError(f"{root} ({split}): no readable image / label pair")
+        logger.info("dataset %s (%s): %d images, %d classes", root, split, len(self.samples), num_classes,
+                    extra={"preflight": "data"})
 
     def _check_headers(self, image: str, label: str) -> bool:
         """Whether both files of a pair open; refuses (ValueError) what no decode should be tried on."""

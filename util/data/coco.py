@@ -163,6 +163,8 @@ class CocoInstances(Dataset):
         if not ids:
             raise ValueError(f"{self.ann_file}: no image with a usable annotation")
         self.image_ids = ids
+        logger.info("dataset %s: %d images, %d categories", self.ann_file, len(ids), len(self.classes),
+                    extra={"preflight": "data"})
 
     def _readable(self, ids: list[int]) -> list[int]:
         """``ids`` less the images whose header cannot be read (a counted warning; ``strict_data``: an error); an

@@ -178,7 +178,8 @@ def build_folder_dataset(root: str, transform: Callable | None, *, strict_data: 
         samples = _debug_subset(samples)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         logger.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated files will load as partly grey")
-    logger.info("dataset %s: %d images, %d classes%s", root, len(samples), len(classes), " (debug subset)" * debug)
+    logger.info("dataset %s: %d images, %d classes%s", root, len(samples), len(classes), " (debug subset)" * debug,
+                extra={"preflight": "data"})
     return ImageFileDataset(samples, classes, transform, strict=strict_data)
 
 
@@ -200,7 +201,11 @@ def build_pretrain_dataset(data_path: str, transform: Callable | None, *, strict
         ValueError: no image files were found.
     """
     if data_path == "demo":
-        return DemoDataset(per_class=8 if debug else 64, size=demo_size, seed=DEMO_SEEDS["train"], transform=transform)
+        dataset = DemoDataset(per_class=8 if debug else 64, size=demo_size, seed=DEMO_SEEDS["train"],
+                              transform=transform)
+        logger.info("dataset demo: %d images of %d px (generated in memory)", len(dataset), demo_size,
+                    extra={"preflight": "data"})
+        return dataset
     root = os.path.expanduser(data_path)
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")

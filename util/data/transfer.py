@@ -95,7 +95,7 @@ def build_dataset(name: str, root: str, split: str, transform: Callable | None, 
     if name not in ("folder", "imagenet") or split_file is not None:  # build_folder_dataset logged the folder's
         where = "generated in memory" if name == "demo" else root
         logger.info("dataset %s/%s: %d images, %d classes (%s)", name, split, len(dataset), num_classes(dataset),
-                    where)
+                    where, extra={"preflight": "data"})
     return dataset
 
 
@@ -207,8 +207,8 @@ def _cifar(name: str, root: str, split: str, transform: Callable | None, downloa
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     folder = Path(root) / cls.base_folder
     if not download and not folder.is_dir():
-        raise FileNotFoundError(f"{name} folder not found: {folder} (python-batch layout; pass download=True "
-                                "to fetch it)")
+        raise FileNotFoundError(f"{name} folder not found: {folder} (torchvision's python-batch layout; "
+                                "add --download to fetch it)")
     try:
         return cls(root, train=split == "train", transform=transform, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted" (a file is missing or its md5 differs)
