@@ -64,6 +64,7 @@ from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
 from models.registry import register_model
 from models.vit import unit_of as vit_unit_of
+from util.keys import describe_keys
 
 __all__ = ["ViTAdapter", "PyramidFPN", "SpatialPriorModule", "Injector", "Extractor", "InteractionBlock",
            "ADAPTER_MODELS", "create_adapter", "default_interaction_indexes"]
@@ -315,10 +316,10 @@ class ViTAdapter(nn.Module):
         missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
         if missing:
             raise ValueError(f"{what} ({source}) did not load the ViT-Adapter's backbone: {len(missing)} of "
-                             f"{len(own)} ViT keys are missing ({_short(missing)})")
+                             f"{len(own)} ViT keys are missing ({describe_keys(missing)})")
         logger.info("loaded %s (%s checkpoint) into the ViT-Adapter: %d ViT keys; the adapter's own %d tensors "
                     "start initialised; unexpected (not used by the adapter): %s", what, source, len(own),
-                    len(self.state_dict()) - len(own), _short(unexpected) if unexpected else "none")
+                    len(self.state_dict()) - len(own), describe_keys(unexpected) if unexpected else "none")
         return missing, unexpected
 
     # ---- forward --------------------------------------------------------------------------------------------------
@@ -426,10 +427,6 @@ class PyramidFPN(nn.Module):
 
     def load_backbone(self, checkpoint: Mapping[str, Any], **kwargs: Any) -> tuple[list[str], list[str]]:
         return self.body.load_backbone(checkpoint, **kwargs)
-
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _partition(patches: Tensor, hw: tuple[int, int], ws: int) -> tuple[Tensor, Tensor | None, tuple[int, int]]:

@@ -2,8 +2,8 @@
 with MAE's exact missing-key check; plus the layer id that FreezeOut and layer-wise lr decay share.
 
 Moved here from the entry scripts (``main_finetune.py``, ``main_knn.py``; ``load_pretrained`` from
-``util/checkpoint.py``, so that model-side loaders can use it: ``models`` imports torch and timm only). No file
-I/O: callers read the file (``util.checkpoint.load_checkpoint``) and pass the checkpoint dict; key maps are in
+``util/checkpoint.py``, so that model-side loaders can use it: ``models`` imports torch, timm and the
+standard-library ``util/keys.py`` only). No file I/O: callers read the file (``util.checkpoint.load_checkpoint``) and pass the checkpoint dict; key maps are in
 ``models/convert.py``. After MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``main_finetune.py``,
 ``main_linprobe.py``, ``util/lr_decay.py``).
 """
@@ -17,9 +17,10 @@ from typing import Any
 import torch.nn as nn
 from torch import Tensor
 
-from models.convert import backbone_state, describe_keys, to_timm_vit
+from models.convert import backbone_state, to_timm_vit
 from models.registry import checkpoint_vs_model, create_model
 from models.vit import init_head, unit_of as vit_layer_of
+from util.keys import describe_keys, shape_problems
 
 logger = logging.getLogger("vitfreeze")
 
@@ -127,8 +128,7 @@ def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
         ValueError: a key outside ``expected_missing`` is missing, or a shape differs.
     """
     own = model.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = shape_problems(state_dict, own)
     if shapes:
         raise ValueError(f"{source}: shapes differ from the model: {checkpoint_vs_model(state_dict, own, shapes)}")
     result = model.load_state_dict(state_dict, strict=False)

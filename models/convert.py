@@ -36,8 +36,9 @@ from timm.layers import GluMlp
 from torch import Tensor
 
 from models.pos_embed import resample_pos_embed
+from util.keys import describe_keys
 
-__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "describe_keys", "detect_source", "to_timm_vit",
+__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit",
            "backbone_state", "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit",
            "dinov2_14to16"]
 
@@ -65,12 +66,6 @@ def _strip_prefixes(key: str) -> str:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix):], True
     return key
-
-
-def describe_keys(keys: Any, limit: int = 8) -> str:
-    """Up to ``limit`` of ``keys``, sorted, and how many more: the key lists of every loading message."""
-    keys = sorted(map(str, keys))
-    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
