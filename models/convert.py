@@ -320,8 +320,9 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
     (state dict, source).
 
     Raises:
-        ValueError: the checkpoint has register tokens the model lacks (or a different number), SwiGLU for a GELU
-            model, or block parameters the model does not have (never ignored: they would change the features).
+        ValueError: the checkpoint has register tokens the model lacks (or a different number), or SwiGLU for a
+            GELU model. Block parameters the model does not have are refused at load
+            (``models.backbone.load_pretrained``, the one loading policy).
     """
     own = model.state_dict()
     keep = any(re.search(r"\.ls[12]\.gamma$", k) for k in own)
@@ -337,10 +338,6 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
         raise ValueError(f"the checkpoint has {regs} register tokens and the model {model_regs}: build the model with "
                          f"reg_tokens={regs} (e.g. the ViT-Adapter's adapter_dinov2_*_reg4); dropping or inventing "
                          "register tokens changes the features")
-    extra = [k for k in state if k.startswith("blocks.") and k not in own]
-    if extra:
-        raise ValueError(f"{source} checkpoint has block parameters the model lacks: {describe_keys(extra)}; "
-                         "they would be ignored and change the features (LayerScale, SwiGLU or another architecture?)")
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     return adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
                           num_prefix_tokens=prefix), source
