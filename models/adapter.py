@@ -60,6 +60,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from models.backbone import DENSE_UNUSED, load_pretrained
 from models.convert import backbone_state
 from models.deform_attn import MSDeformAttn, reference_points
 from models.registry import register_model
@@ -282,7 +283,8 @@ class ViTAdapter(nn.Module):
 
     def load_backbone(self, checkpoint: Mapping[str, Any], *, source: str = "auto",
                       what: str = "checkpoint") -> tuple[list[str], list[str]]:
-        """Load a ViT checkpoint into ``vit.*`` (the contract of ``ViTFeaturePyramid.load_backbone``).
+        """Load a ViT checkpoint into ``vit.*`` (the contract of ``ViTFeaturePyramid.load_backbone``), under the one
+        policy of ``models.backbone.load_pretrained``.
 
         Accepts any layout ``models/convert`` reads, as loaded (DINOv2 raw, *_reg4, ViT-Adapter's 14->16 file,
         DeiT, MAE, ours, timm) or already converted by ``to_timm_vit``. Patch kernel and position grid are fitted to
@@ -293,7 +295,8 @@ class ViTAdapter(nn.Module):
 
         Returns:
             ``(missing, unexpected)`` ViT keys, without the ``vit.`` prefix, sorted: missing is empty (a missing
-            ViT key raises), unexpected are the checkpoint's keys the adapter does not use (``norm.*``, a head).
+            ViT key raises), unexpected are the checkpoint's keys the adapter does not use (``norm.*``, which
+            :data:`models.backbone.DENSE_UNUSED` expects; any other is ignored with a warning).
 
         Raises:
             ValueError: a ViT key is missing, shapes differ, or the checkpoint has parts this model lacks
@@ -307,19 +310,9 @@ class ViTAdapter(nn.Module):
                            "trained with it): they start at 1, which leaves the checkpoint's function unchanged",
                            what, len(unset_gammas))
             state.update({k: torch.ones_like(own[k]) for k in unset_gammas})
-        shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
-                  if k in own and v.shape != own[k].shape]
-        if shapes:
-            raise ValueError(f"{what}: shapes differ from the ViT-Adapter's ViT:\n  " + "\n  ".join(shapes))
-        result = self.vit.load_state_dict(state, strict=False)
-        missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-        if missing:
-            raise ValueError(f"{what} ({source}) did not load the ViT-Adapter's backbone: {len(missing)} of "
-                             f"{len(own)} ViT keys are missing ({_short(missing)})")
-        logger.info("loaded %s (%s checkpoint) into the ViT-Adapter: %d ViT keys; the adapter's own %d tensors "
-                    "start initialised; unexpected (not used by the adapter): %s", what, source, len(own),
-                    len(self.state_dict()) - len(own), _short(unexpected) if unexpected else "none",
-                    extra={"preflight": "checkpoint"})
+        missing, unexpected = load_pretrained(self.vit, state, expected_unused=DENSE_UNUSED,
+                                              source=f"{what} ({source} checkpoint into the ViT-Adapter's ViT)")
+        logger.info("the ViT-Adapter's own %d tensors start initialised", len(self.state_dict()) - len(own))
         return missing, unexpected
 
     # ---- forward --------------------------------------------------------------------------------------------------
@@ -427,10 +420,6 @@ class PyramidFPN(nn.Module):
 
     def load_backbone(self, checkpoint: Mapping[str, Any], **kwargs: Any) -> tuple[list[str], list[str]]:
         return self.body.load_backbone(checkpoint, **kwargs)
-
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def _partition(patches: Tensor, hw: tuple[int, int], ws: int) -> tuple[Tensor, Tensor | None, tuple[int, int]]:

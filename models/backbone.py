@@ -1,9 +1,10 @@
-"""Backbones from checkpoints: build a timm ViT by name and load pretrained weights of any supported layout into it,
-with MAE's exact missing-key check; plus the layer id that FreezeOut and layer-wise lr decay share.
+"""Backbones from checkpoints: build a timm ViT by name and load pretrained weights of any supported layout into it
+under the one loading policy of every task (:func:`load_pretrained`: MAE's exact missing-key check, unused keys a
+warning as in mmcv / detectron2); plus the layer id that FreezeOut and layer-wise lr decay share.
 
 Moved here from the entry scripts (``main_finetune.py``, ``main_knn.py``; ``load_pretrained`` from
-``util/checkpoint.py``, so that model-side loaders can use it: ``models`` imports torch and timm only). No file
-I/O: callers read the file (``util.checkpoint.load_checkpoint``) and pass the checkpoint dict; key maps are in
+``util/checkpoint.py``, so that model-side loaders can use it: ``models`` imports torch, timm and the
+standard-library ``util/keys.py`` only). No file I/O: callers read the file (``util.checkpoint.load_checkpoint``) and pass the checkpoint dict; key maps are in
 ``models/convert.py``. After MAE (He et al., CVPR 2022; github.com/facebookresearch/mae ``main_finetune.py``,
 ``main_linprobe.py``, ``util/lr_decay.py``).
 """
@@ -11,19 +12,22 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch.nn as nn
 from torch import Tensor
 
-from models.convert import backbone_state, describe_keys, to_timm_vit
+from models.convert import backbone_state, to_timm_vit
 from models.registry import checkpoint_vs_model, create_model
 from models.vit import init_head, unit_of as vit_layer_of
+from util.keys import describe_keys, shape_problems
 
 logger = logging.getLogger("vitfreeze")
 
-__all__ = ["build_backbone", "freeze_unit", "load_finetune_weights", "load_pretrained", "load_pyramid_backbone"]
+__all__ = ["DENSE_UNUSED", "build_backbone", "freeze_unit", "load_finetune_weights", "load_pretrained",
+           "load_pyramid_backbone"]
 
 
 def build_backbone(model: str, *, img_size: int, global_pool: bool, checkpoint: Mapping[str, Any] | None,
@@ -46,7 +50,7 @@ def build_backbone(model: str, *, img_size: int, global_pool: bool, checkpoint: 
         state, source = backbone_state(checkpoint, backbone, source=checkpoint_source)
         # global pooling uses a fresh fc_norm (identity affine) unless the checkpoint has one (MAE main_finetune.py / main_linprobe.py)
         load_pretrained(backbone, state, expected_missing=("fc_norm.*",) if global_pool else (),
-                        source=f"{name} ({source})")
+                        expected_unused=_unused_by(global_pool), source=f"{name} ({source})")
     else:
         logger.warning("no --finetune checkpoint: the backbone is randomly initialised (a baseline)")
     return backbone.requires_grad_(False).eval()
@@ -63,38 +67,36 @@ def load_finetune_weights(model: nn.Module, checkpoint: Mapping[str, Any], *, so
     """
     state, source = backbone_state(checkpoint, model, source=source)  # MAE re-initialises the head
     load_pretrained(model, state, expected_missing=("head.*", "fc_norm.*") if global_pool else ("head.*",),
-                    source=f"{name} ({source} checkpoint into {what})")
+                    expected_unused=_unused_by(global_pool), source=f"{name} ({source} checkpoint into {what})")
     init_head(model.head, std=head_init_std)
 
 
-# the ViT keys a feature pyramid has no use for: the final norm (its levels take the blocks' outputs), fc_norm, and
-# the class token of a windowed ViT without one
-PYRAMID_UNUSED = frozenset({"norm.weight", "norm.bias", "fc_norm.weight", "fc_norm.bias", "cls_token"})
+def _unused_by(global_pool: bool) -> tuple[str, ...]:
+    """The norm a timm ViT classifier replaces by ``Identity``: ``norm`` under global pooling (MAE's ``fc_norm``
+    after the mean token), ``fc_norm`` under the cls token."""
+    return ("norm.*",) if global_pool else ("fc_norm.*",)
+
+
+# the ViT keys a dense model (feature pyramid, ViT-Adapter) has no use for: the final norm (its levels take the blocks'
+# outputs) and fc_norm; a checkpoint that has them loads without a warning
+DENSE_UNUSED = ("norm.*", "fc_norm.*")
 
 
 def load_pyramid_backbone(backbone: nn.Module, checkpoint: Mapping[str, Any], *, source: str = "auto",
                           name: str = "checkpoint") -> tuple[list[str], list[str]]:
     """A ViT checkpoint of any supported layout (``models.convert.to_timm_vit``) into a dense model's ViT
-    (``ViTFeaturePyramid.load_backbone``: patch kernel and position grid resampled, LayerScale folded), the one
-    policy of segmentation and detection: the classifier head is dropped, every ViT key must load, and a checkpoint
-    key the pyramid cannot use (a deeper ViT's blocks, say) is refused rather than silently dropped; only
-    :data:`PYRAMID_UNUSED` may stay unused.
+    (``ViTFeaturePyramid.load_backbone``: patch kernel and position grid resampled, LayerScale folded), under the
+    one policy of :func:`load_pretrained`; the classifier head is dropped.
 
     Returns:
-        ``(missing, unexpected)`` from ``load_backbone`` (missing empty; unexpected within :data:`PYRAMID_UNUSED`).
+        ``(missing, unexpected)`` from ``load_backbone`` (missing empty).
 
     Raises:
-        ValueError: keys missing, or keys the pyramid cannot use.
+        ValueError: shapes differ, ViT keys are missing, or the checkpoint has encoder parameters the ViT lacks.
     """
     state, source = to_timm_vit(checkpoint, source=source)
-    missing, unexpected = backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")})
-    unusable = sorted(set(unexpected) - PYRAMID_UNUSED)
-    if missing or unusable:
-        raise ValueError(f"{name} ({source}) does not fit the backbone: missing {missing[:8]}, unexpected "
-                         f"{unusable[:8]}")
-    logger.info("loaded backbone from %s (%s checkpoint); ignored: %s", name, source, unexpected or "none",
-                extra={"preflight": "checkpoint"})
-    return missing, unexpected
+    return backbone.load_backbone({k: v for k, v in state.items() if not k.startswith("head.")},
+                                  what=f"{name} ({source} checkpoint)")
 
 
 def freeze_unit(name: str, *, depth: int) -> int | None:
@@ -104,42 +106,70 @@ def freeze_unit(name: str, *, depth: int) -> int | None:
     return None if layer > depth else layer
 
 
-def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
-                    expected_missing: tuple[str, ...] | list[str] | set[str] = (),
-                    source: str = "checkpoint") -> tuple[list[str], list[str]]:
-    """Non-strict load of a backbone that fails loudly when the backbone did not really load.
+# keys on the encoder's path up to its last block: a checkpoint's key here that the model lacks (a deeper ViT's blocks,
+# LayerScale or SwiGLU parameters, register tokens, a pre-norm) would be dropped and change what the encoder computes
+ENCODER_KEY = re.compile(r"^(cls_token|reg_token|pos_embed|patch_embed\.|norm_pre\.|blocks\.)")
 
-    MAE's ``main_finetune.py`` / ``main_linprobe.py`` assert the exact missing set after ``strict=False``
-    (``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling); here any missing key
-    outside ``expected_missing`` raises, unexpected keys (decoders, ``mask_token``, a head we do not use, ``norm.*``
-    under global pooling) are reported, and a shape mismatch raises instead of crashing inside ``load_state_dict``.
+
+def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *,
+                    expected_missing: Collection[str] = (), expected_unused: Collection[str] = (),
+                    source: str = "checkpoint") -> tuple[list[str], list[str]]:
+    """The one backbone-loading policy (classification, k-NN / linear probe, feature pyramid, ViT-Adapter):
+    a non-strict load that fails loudly, in one line, when the backbone did not really load.
+
+    After MAE's ``main_finetune.py`` / ``main_linprobe.py`` (``strict=False``, print the result, assert the
+    missing set is the new head: ``{'head.weight', 'head.bias'}`` plus ``fc_norm.*`` with global pooling) and
+    mmcv's / detectron2's ``load_checkpoint`` (unused checkpoint keys are a warning, not an error):
+
+    - a shape that differs raises (:func:`models.registry.checkpoint_vs_model` names the ViT each side holds);
+    - a missing key outside ``expected_missing`` raises: every backbone weight must come from the checkpoint;
+    - a checkpoint key on the encoder's path that the model lacks (:data:`ENCODER_KEY`: blocks of a deeper ViT,
+      LayerScale, register tokens) raises: it is another architecture, as a shape mismatch is;
+    - any other unexpected key (a final norm, ``fc_norm``, ``attn_pool`` or a head the model does not use) is
+      ignored: a warning lists it unless it matches ``expected_unused``, and loading goes on.
 
     Args:
         model: the module to load into.
         state_dict: weights under the model's key names (e.g. from ``models.convert.to_timm_vit``).
         expected_missing: ``fnmatch`` patterns of keys that may stay at their initial values
             (e.g. ``'fc_norm.*'``, ``'head.*'``).
+        expected_unused: ``fnmatch`` patterns of checkpoint keys the model is known not to use (e.g. ``'norm.*'``
+            under global pooling); they are listed at INFO level instead of in a warning.
         source: name used in messages (e.g. the file path).
 
     Returns:
         ``(missing, unexpected)`` key lists, sorted.
 
     Raises:
-        ValueError: a key outside ``expected_missing`` is missing, or a shape differs.
+        ValueError: a shape differs, a key outside ``expected_missing`` is missing, or the checkpoint has
+            encoder parameters the model lacks.
     """
     own = model.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state_dict.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = shape_problems(state_dict, own)
     if shapes:
         raise ValueError(f"{source}: shapes differ from the model: {checkpoint_vs_model(state_dict, own, shapes)}")
-    result = model.load_state_dict(state_dict, strict=False)
-    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
-    bad = [k for k in missing if not any(fnmatch.fnmatchcase(k, p) for p in expected_missing)]
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad = [k for k in missing if not _matches(k, expected_missing)]
     if bad:
+        allowed = f"only {describe_keys(expected_missing)} may be" if expected_missing else "no key may be"
         raise ValueError(f"{source} did not load the backbone: {len(bad)} of {len(own)} model keys are missing "
-                         f"({describe_keys(bad)}); only {sorted(expected_missing) or 'none'} may be missing")
-    logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unexpected (ignored): %s", source,
+                         f"({describe_keys(bad)}); {allowed} missing")
+    extra = [k for k in unexpected if ENCODER_KEY.match(k)]
+    if extra:
+        raise ValueError(f"{source} has {len(extra)} encoder parameters the model lacks ({describe_keys(extra)}): "
+                         "ignoring them would change the features (another depth, LayerScale, SwiGLU or register "
+                         "tokens?)")
+    model.load_state_dict(state_dict, strict=False)
+    ignored = [k for k in unexpected if not _matches(k, expected_unused)]
+    if ignored:
+        logger.warning("%s: %d checkpoint keys are not used by the model and are ignored: %s", source, len(ignored),
+                       describe_keys(ignored))
+    logger.info("loaded %s: %d keys; missing (kept initial, expected): %s; unused (ignored): %s", source,
                 len(own) - len(missing), describe_keys(missing) if missing else "none",
                 describe_keys(unexpected) if unexpected else "none", extra={"preflight": "checkpoint"})
     return missing, unexpected
 
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)

@@ -36,8 +36,9 @@ from timm.layers import GluMlp
 from torch import Tensor
 
 from models.pos_embed import resample_pos_embed
+from util.keys import describe_keys
 
-__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "describe_keys", "detect_source", "to_timm_vit",
+__all__ = ["SOURCES", "TIMM_VIT_PREFIXES", "unwrap_checkpoint", "detect_source", "to_timm_vit",
            "backbone_state", "fold_layer_scale", "resize_patch_embed", "adapt_to_model", "moco_to_deit",
            "dinov2_14to16"]
 
@@ -65,12 +66,6 @@ def _strip_prefixes(key: str) -> str:
             if key.startswith(prefix):
                 key, stripped = key[len(prefix):], True
     return key
-
-
-def describe_keys(keys: Any, limit: int = 8) -> str:
-    """Up to ``limit`` of ``keys``, sorted, and how many more: the key lists of every loading message."""
-    keys = sorted(map(str, keys))
-    return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
@@ -325,8 +320,9 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
     (state dict, source).
 
     Raises:
-        ValueError: the checkpoint has register tokens the model lacks (or a different number), SwiGLU for a GELU
-            model, or block parameters the model does not have (never ignored: they would change the features).
+        ValueError: the checkpoint has register tokens the model lacks (or a different number), or SwiGLU for a
+            GELU model. Block parameters the model does not have are refused at load
+            (``models.backbone.load_pretrained``, the one loading policy).
     """
     own = model.state_dict()
     keep = any(re.search(r"\.ls[12]\.gamma$", k) for k in own)
@@ -342,10 +338,6 @@ def backbone_state(checkpoint: Mapping[str, Any], model: nn.Module, *,
         raise ValueError(f"the checkpoint has {regs} register tokens and the model {model_regs}: build the model with "
                          f"reg_tokens={regs} (e.g. the ViT-Adapter's adapter_dinov2_*_reg4); dropping or inventing "
                          "register tokens changes the features")
-    extra = [k for k in state if k.startswith("blocks.") and k not in own]
-    if extra:
-        raise ValueError(f"{source} checkpoint has block parameters the model lacks: {describe_keys(extra)}; "
-                         "they would be ignored and change the features (LayerScale, SwiGLU or another architecture?)")
     prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
     return adapt_to_model(state, patch_size=model.patch_embed.patch_size[0], grid_size=model.patch_embed.grid_size[0],
                           num_prefix_tokens=prefix), source

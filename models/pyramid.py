@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from models.backbone import DENSE_UNUSED, load_pretrained
 from models.convert import adapt_to_model, fold_layer_scale
 from models.registry import create_model
 from models.vit import unit_of as vit_unit_of
@@ -331,23 +332,32 @@ class ViTFeaturePyramid(nn.Module):
         """Names (relative to this module) that never decay: tokens and position embedding, as timm's ViT."""
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
 
-    def load_backbone(self, state_dict: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
-        """Load a timm-keyed ViT state dict (``models.convert.to_timm_vit``) into the encoder.
+    def load_backbone(self, state_dict: Mapping[str, Tensor], *,
+                      what: str = "checkpoint") -> tuple[list[str], list[str]]:
+        """Load a timm-keyed ViT state dict (``models.convert.to_timm_vit``) into the encoder, under the one policy
+        of ``models.backbone.load_pretrained``.
 
         The patch kernel and the position embedding are resampled to this model (``adapt_to_model``); without a
         class token (window attention) the checkpoint's cls row of ``pos_embed`` and its ``cls_token`` are dropped.
         LayerScale in ViT-Adapter's format (``blocks.N.gamma1`` / ``gamma2``, written by ``tools/convert_14to16.py``)
         is folded into ``attn.proj`` / ``mlp.fc2`` like DINOv2's ``ls1.gamma`` (``models.convert.fold_layer_scale``).
-        ``head.*``, ``fc_norm.*`` and ``norm.*`` are ignored (reported as unexpected). Parameters the dense options
-        add (relative position tables, LayerScale gammas: ``NEUTRAL_INIT_KEYS``) that the checkpoint lacks keep
-        their neutral initialisation (zero tables, gammas at ``layer_scale_init_value``); one log line lists them.
+        ``fc_norm.*`` and ``norm.*`` are not used (:data:`models.backbone.DENSE_UNUSED`); other unused keys (a head,
+        ``attn_pool``) are ignored with a warning. Parameters the dense options add (relative position tables,
+        LayerScale gammas: ``NEUTRAL_INIT_KEYS``) that the checkpoint lacks keep their neutral initialisation (zero
+        tables, gammas at ``layer_scale_init_value``); one log line lists them.
+
+        Args:
+            state_dict: timm keys.
+            what: the checkpoint, for messages.
 
         Returns:
-            ``(missing, unexpected)`` encoder keys, sorted (keys without the ``vit.`` prefix); the neutral-init keys
-            above are not counted as missing.
+            ``(missing, unexpected)`` encoder keys, sorted (keys without the ``vit.`` prefix): missing is empty (a
+            missing key raises; the neutral-init keys above are not counted), unexpected are the checkpoint's keys
+            the encoder does not use.
 
         Raises:
-            ValueError: a shape differs after resampling.
+            ValueError: a shape differs after resampling, a ViT key is missing, or the checkpoint has encoder
+                parameters this ViT lacks (a deeper ViT's blocks, say).
         """
         sd = dict(state_dict)
         if any(re.search(r"^blocks\.\d+\.gamma[12]$", k) for k in sd):
@@ -366,15 +376,11 @@ class ViTFeaturePyramid(nn.Module):
             sd.pop("cls_token", None)
         sd = adapt_to_model(sd, patch_size=self.patch_size, grid_size=self.vit.patch_embed.grid_size[0],
                             num_prefix_tokens=ckpt_prefix)
-        own = self.vit.state_dict()
-        shapes = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in sd.items()
-                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if shapes:
-            raise ValueError("backbone shapes differ from the pyramid's ViT:\n  " + "\n  ".join(shapes))
-        result = self.vit.load_state_dict(sd, strict=False)
-        neutral = [k for k in result.missing_keys if NEUTRAL_INIT_KEYS.match(k)]
+        neutral = [k for k in self.vit.state_dict() if k not in sd and NEUTRAL_INIT_KEYS.match(k)]
+        missing, unexpected = load_pretrained(self.vit, sd, expected_missing=neutral, expected_unused=DENSE_UNUSED,
+                                              source=f"{what} into the pyramid's ViT")
         if neutral:
             names = sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", k) for k in neutral})
             logger.info("not in the checkpoint, kept at their neutral initialisation (%d tensors): %s", len(neutral),
                         ", ".join(names))
-        return sorted(set(result.missing_keys) - set(neutral)), sorted(result.unexpected_keys)
+        return sorted(set(missing) - set(neutral)), unexpected

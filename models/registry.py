@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import torch.nn as nn
 
+from util.keys import describe_keys, describe_problems
+
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 FactoryT = TypeVar("FactoryT", bound=Callable[..., nn.Module])
@@ -62,7 +64,7 @@ def describe_checkpoint(state_dict: Mapping[str, Any]) -> str:
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
     kernel = state.get("patch_embed.proj.weight")
     if not blocks and kernel is None:
-        return f"no ViT (keys: {', '.join(sorted(state)[:4]) or 'none'}{', ...' if len(state) > 4 else ''})"
+        return f"no ViT (keys: {describe_keys(state, 4) or 'none'})"
     depth = max(blocks) + 1 if blocks else None
     width = int(kernel.shape[0]) if kernel is not None else _width_of(state)
     patch = int(kernel.shape[-1]) if kernel is not None else None
@@ -97,7 +99,7 @@ def checkpoint_vs_model(state_dict: Mapping[str, Any], model_state: Mapping[str,
     """One line for a checkpoint that does not fit a model: which ViT each holds (:func:`describe_checkpoint`),
     when they differ, then at most ``limit`` of ``problems`` (the differing keys or shapes) and how many more."""
     held, wanted = describe_checkpoint(state_dict), describe_checkpoint(model_state)
-    shown = "; ".join(problems[:limit]) + (f"; ... (+{len(problems) - limit} more)" if len(problems) > limit else "")
+    shown = describe_problems(state_dict, model_state, problems, limit=limit)
     if held == wanted or held.startswith("no ViT") or wanted.startswith("no ViT"):
         return shown
     return f"the checkpoint holds {held}, the model is {wanted}; e.g. {shown}"

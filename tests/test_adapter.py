@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import GluMlp
 
 from models.adapter import ADAPTER_MODELS, PyramidFPN, ViTAdapter, create_adapter, default_interaction_indexes
+from models.backbone import load_pretrained
 from models.convert import backbone_state, detect_source
 from util.param_groups import param_groups
 
@@ -283,9 +284,10 @@ def test_vit_adapter_14to16_file_loads_into_the_classifier_with_layer_scale_fold
     with torch.no_grad():
         torch.testing.assert_close(classifier(x), patch16_reference(dinov2, "vit_small_patch14_dinov2", 64,
                                                                     depth=4)(x), rtol=1e-4, atol=1e-4)
+    # a block parameter the classifier lacks is refused at load (models.backbone.load_pretrained), never ignored
     stray = dict(converted, **{"blocks.0.attn.extra.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match="block parameters the model lacks"):
-        backbone_state(stray, classifier)
+    with pytest.raises(ValueError, match=r"1 encoder parameters the model lacks \(blocks\.0\.attn\.extra\.weight\)"):
+        load_pretrained(classifier, backbone_state(stray, classifier)[0])
 
 
 def test_a_state_already_folded_by_to_timm_vit_loads_with_gammas_at_one():

@@ -1,5 +1,6 @@
 """House rules that a reader relies on: import direction between packages, no grab-bag module names."""
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -7,6 +8,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # engine's step functions call pure model-side functions (e.g. models.masking.keyed_noise)
 ALLOWED = {"models": set(), "util": set(), "engine": {"util", "models"}}
 PROJECT = {"models", "engine", "util"}
+# leaf modules any package may import: they import the standard library only, so a model-side loader that words its
+# messages with util/keys.py (the key lists and state-dict problems util/checkpoint.py words alike) brings in no
+# file I/O, process group or training code; models/ still may not import the rest of util/
+SHARED_LEAVES = {"util.keys"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -21,7 +26,17 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def imported_packages(path: Path) -> set[str]:
-    return imported_modules(path) & PROJECT
+    """Project packages ``path`` imports, not counting imports of :data:`SHARED_LEAVES` (``from util.keys import
+    x``, ``import util.keys``, ``from util import keys``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names if alias.name not in SHARED_LEAVES}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module not in SHARED_LEAVES and not all(f"{node.module}.{alias.name}" in SHARED_LEAVES
+                                                            for alias in node.names):
+                found.add(node.module.split(".")[0])
+    return found & PROJECT
 
 
 def test_dependency_direction():
@@ -32,6 +47,25 @@ def test_dependency_direction():
             if extra:
                 bad.append(f"{path.relative_to(ROOT)} imports {sorted(extra)}")
     assert not bad, bad
+
+
+def test_shared_leaves_import_the_standard_library_only():
+    for module in SHARED_LEAVES:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        outside = imported_modules(path) - set(sys.stdlib_module_names) - {"__future__"}
+        assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_dependency_check_lets_only_the_shared_leaves_through(tmp_path):
+    """The exception above can fail: a model-side file importing another util module is still caught."""
+    path = tmp_path / "m.py"
+    for source in ("from util.keys import describe_keys\n", "import util.keys\n", "from util import keys\n"):
+        path.write_text(source)
+        assert imported_packages(path) == set(), source
+    for source in ("from util.checkpoint import load_checkpoint\n", "from util import keys, checkpoint\n",
+                   "import util.keys, util.logging\n", "def f():\n    from util.distributed import DistInfo\n"):
+        path.write_text(source)
+        assert imported_packages(path) == {"util"}, source
 
 
 def test_no_grab_bag_modules():

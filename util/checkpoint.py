@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from util.keys import describe_keys, describe_problems, key_problems, shortlist
+
 logger = logging.getLogger("vitfreeze")
 
 LAST_NAME = "checkpoint-last.pth"
@@ -157,29 +159,12 @@ def load_latest(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Human-readable differences between ``model``'s state dict and ``state_dict`` (empty if they match)."""
-    own = model.state_dict()
-    problems = []
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-    for key in sorted(set(own) & set(state_dict)):
-        if tuple(own[key].shape) != tuple(state_dict[key].shape):
-            problems.append(f"shape of {key}: checkpoint {tuple(state_dict[key].shape)}, "
-                            f"model {tuple(own[key].shape)}")
-    return problems
+    """Human-readable differences between ``model``'s state dict and ``state_dict`` (empty if they match;
+    ``util.keys.key_problems``)."""
+    return key_problems(state_dict, model.state_dict())
 
 
 MismatchDescriber = Callable[[dict, dict, list], str]
-
-
-def describe_problems(state_dict: dict, model_state: dict, problems: list[str], *, limit: int = 3) -> str:
-    """One line of at most ``limit`` of ``problems`` and how many more (the default of :func:`load_model_state`;
-    ``models.registry.checkpoint_vs_model`` also names the ViT each side holds)."""
-    return "; ".join(problems[:limit]) + (f"; ... (+{len(problems) - limit} more)" if len(problems) > limit else "")
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str = "checkpoint",
@@ -221,7 +206,7 @@ def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     missing = [key for key in required if key not in checkpoint]
     if missing:
         raise ValueError(f"{path} is not a training checkpoint of this script (no {missing}; keys: "
-                         f"{sorted(checkpoint)[:8]}){'; ' + hint if hint else ''}")
+                         f"{describe_keys(checkpoint)}){'; ' + hint if hint else ''}")
     load_model_state(model, checkpoint["model"], source=f"checkpoint {path}", describe=describe)
     # the optimizer groups as they were at the last update done (a mid-epoch checkpoint stores its step)
     sync(max(checkpoint.get("step", (checkpoint["epoch"] + 1) * steps_per_epoch) - 1, 0))
@@ -235,11 +220,6 @@ def resume_training(path: str | Path, model: nn.Module, optimizer: torch.optim.O
              f"{checkpoint['position']['epoch']}" if "position" in checkpoint else f"epoch {checkpoint['epoch']} done")
     logger.info("resumed from %s (%s)", path, where, extra={"preflight": "checkpoint"})
     return checkpoint
-
-
-def _short(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 
@@ -425,7 +405,7 @@ class RunCheckpoints:
         if bad:
             raise NonFiniteStateError(
                 f"{where}: {len(bad)} tensor(s) of the weights or optimizer state are NaN or infinite "
-                f"({_short(bad, 4)}); nothing is saved. {self._last_good()}")
+                f"({shortlist(bad, 4)}); nothing is saved. {self._last_good()}")
         # weights can blow up to huge finite values (--lr 1e30) whose outputs overflow: the validation metrics
         # the epoch is judged by are then NaN, and such an epoch is neither saved nor ever the best
         bad = non_finite_numbers({key: state[key] for key in ("metrics", "best") if key in state})
@@ -433,7 +413,7 @@ class RunCheckpoints:
             largest = max((float(v.detach().abs().max()) for v in state["model"].values()
                            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()), default=0.0)
             raise NonFiniteStateError(
-                f"{where}: the validation metric(s) {_short(bad, 4)} are NaN or infinite: the run has blown up "
+                f"{where}: the validation metric(s) {shortlist(bad, 4)} are NaN or infinite: the run has blown up "
                 f"(largest weight magnitude {largest:.3g}); nothing is saved. {self._last_good()}")
 
     def end_epoch(self, epoch: int, state: dict[str, Any], *, log: dict[str, Any], is_best: bool = False,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from util.distributed import DistInfo, init_distributed
+from util.keys import shortlist
 from util.logging import format_eta, setup_logging
 from util.outputs import disk_full_message, replace_link, write_text
 import yaml
@@ -202,8 +203,7 @@ def refuse_fresh_over_checkpoints(output_dir: str | Path, *, fresh: bool, overwr
     found = sorted(path.glob("checkpoint-*.pth")) + sorted(path.glob("fold_*/checkpoint-*.pth"))
     if not fresh or not found:
         return
-    names = ", ".join(str(p.relative_to(path)) for p in found[:4]) + (f" (+{len(found) - 4} more)"
-                                                                      if len(found) > 4 else "")
+    names = shortlist((p.relative_to(path) for p in found), 4)
     if not overwrite:
         raise ValueError(f"--output_dir {path} already holds checkpoints ({names}): add --auto_resume to continue "
                          "that run, --resume CKPT to start from one, --overwrite to replace them, or choose another "
