@@ -60,15 +60,17 @@ def error_of(script, argv) -> str:
 
 # --------------------------------------------------------------------------------- classification: the four cases
 @pytest.mark.parametrize("task", CLASSIFIERS)
-@pytest.mark.parametrize("case, argv, words", [
-    ("no train/", ["--data_path", "{root}"], "{root}/train' does not exist"),
-    ("more classes than the data", ["--data_path", "{root}/data", "--nb_classes", "1000"],
-     "--nb_classes 1000 does not match the data"),
-    ("checkpoint of another ViT", ["--data_path", "{root}/data", "--finetune", "{root}/vit_small_patch16.pth"],
-     "shapes differ from the model: the checkpoint holds a ViT of depth 12, width 384"),
-    ("empty CIFAR folder", ["--data_set", "cifar10", "--data_path", "{root}/empty"], "cifar10 folder not found"),
+@pytest.mark.parametrize("argv, words", [
+    pytest.param(["--data_path", "{root}"], "{root}/train' does not exist", id="no train folder"),
+    pytest.param(["--data_path", "{root}/data", "--nb_classes", "1000"], "--nb_classes 1000 does not match the data",
+                 id="more classes than the data"),
+    pytest.param(["--data_path", "{root}/data", "--finetune", "{root}/vit_small_patch16.pth"],
+                 "shapes differ from the model: the checkpoint holds a ViT of depth 12, width 384",
+                 id="checkpoint of another ViT"),
+    pytest.param(["--data_set", "cifar10", "--data_path", "{root}/empty"], "cifar10 folder not found",
+                 id="empty CIFAR folder"),
 ])
-def test_a_classification_dry_run_fails_as_the_run_fails(places, task, case, argv, words, one_thread):
+def test_a_classification_dry_run_fails_as_the_run_fails(places, task, argv, words, one_thread):
     out = outputs(places)
     argv = [a.replace("{root}", str(places)) for a in argv] + TINY[task] + [
         "--model", "vit_tiny_patch16", "--output_dir", str(out)]
@@ -153,7 +155,8 @@ def detect_argv(places: Path, data: Path, *extra: str) -> list[str]:
 @pytest.mark.parametrize("script, argv, data", [(main_segment, segment_argv, "ade"), (main_detect, detect_argv, "coco")])
 def test_a_dense_dry_run_checks_layout_and_checkpoint(places, script, argv, data, one_thread):
     missing = error_of(script, argv(places, places / "empty", "--dry_run"))
-    assert ("images/training" in missing) if script is main_segment else ("instances_train2017.json" in missing)
+    assert ("expected the ADE20K layout" in missing) if script is main_segment else \
+        ("instances_train2017.json" in missing)
     tiny = places / "vit_tiny_patch16.pth"
     wrong = error_of(script, argv(places, places / data, "--finetune", str(places / "vit_small_patch16.pth"),
                                   "--dry_run"))

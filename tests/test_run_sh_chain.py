@@ -1,5 +1,6 @@
 """run.sh chains: each task its own data (TASK:key=value), a pretraining's checkpoint handed to the tasks after it,
 and a command written for more nodes refused with the NNODES that fits."""
+import json
 import os
 import subprocess
 
@@ -97,3 +98,86 @@ def test_a_pretrain_then_probe_chain_runs_end_to_end(checkout, job):
     assert f"--finetune output/{job}/pretrain_demo/checkpoint-last.pth" in command.read_text()
     log = (checkout / "output" / job / "linprobe" / "cli_logs.txt").read_text()
     assert f"output/{job}/pretrain_demo/checkpoint-last.pth" in log
+
+
+# ------------------------------------------------------------------------------ dBOT's six-task transfer chain
+def transfer_stand_ins(root):
+    """Demo-sized stand-ins of the six transfer sets in their published layouts, with their real class counts
+    (CIFAR-10/100 python batches, Stanford Cars' devkit, Flowers-102's .mat files, iNaturalist 2018/2019 JSON):
+    a few 8-px images each."""
+    import json
+
+    import numpy as np
+    sio = pytest.importorskip("scipy.io")
+    from test_transfer_datasets import write_cifar, write_flowers, write_image
+
+    places = {}
+    for name in ("cifar10", "cifar100"):
+        write_cifar(root / name, name)
+        places[name] = root / name
+    cars = root / "cars" / "stanford_cars"
+    (cars / "devkit").mkdir(parents=True)
+    record = [("fname", "O"), ("class", "O")]
+    for folder, annos in (("cars_train", cars / "devkit" / "cars_train_annos.mat"),
+                          ("cars_test", cars / "cars_test_annos_withlabels.mat")):
+        names = [f"{i:05d}.jpg" for i in range(1, 5)]
+        for i, n in enumerate(names):
+            write_image(cars / folder / n, 40 * i)
+        sio.savemat(annos, {"annotations": np.array([(n, 1 + 50 * i) for i, n in enumerate(names)], dtype=record)})
+    sio.savemat(cars / "devkit" / "cars_meta.mat",
+                {"class_names": np.array([f"car {i}" for i in range(196)], dtype=object)})
+    places["cars"] = root / "cars"
+    write_flowers(root / "flowers")
+    places["flowers"] = root / "flowers"
+    for year, classes in ((2018, 8142), (2019, 1010)):
+        folder = root / f"inat{year}"
+        files = [f"train_val{year}/c/{i}.jpg" for i in range(4)]
+        for i, f in enumerate(files):
+            write_image(folder / f, 50 * i)
+        cats = [{"id": i, "name": f"species {i}"} for i in range(classes)]
+        for split, ids in (("train", range(4)), ("val", range(2))):
+            (folder / f"{split}{year}.json").write_text(json.dumps({
+                "images": [{"id": i, "file_name": files[i]} for i in ids],
+                "annotations": [{"id": i, "image_id": i, "category_id": 7 * i} for i in ids], "categories": cats}))
+        places[f"inat{year % 100}"] = folder
+    return places
+
+
+@pytest.mark.slow
+def test_dbots_transfer_chain_runs_end_to_end(checkout, job, tmp_path):
+    """dBOT's transfer command (six fine-tunings in one call, from one pretrained checkpoint) through run.sh on one
+    CPU: each task its stand-in data (TASK:data_path=...), tiny sizes for every task (key=value), the checkpoint for
+    all. The stand-in CIFAR files cannot match torchvision's md5 sums of the real ones: a sitecustomize module on
+    PYTHONPATH turns that check off in the chain's processes, and nothing else."""
+    import torch
+
+    import models
+
+    places = transfer_stand_ins(tmp_path / "data")
+    custom = tmp_path / "site"
+    custom.mkdir()
+    (custom / "sitecustomize.py").write_text(
+        "import torchvision.datasets.cifar as cifar\ncifar.CIFAR10._check_integrity = lambda self: True\n"
+        "cifar.check_integrity = lambda *args, **kwargs: True\n")
+    vit = models.create_model("vit_tiny_patch16", img_size=32, num_classes=0)
+    ckpt = tmp_path / "checkpoint-1600.pth"
+    torch.save({"model": vit.state_dict()}, ckpt)
+    tasks = {"cifar10_cls": "cifar10", "cifar_cls": "cifar100", "cars_cls": "cars", "flwrs_cls": "flowers",
+             "inat_cls": "inat18", "inat19_cls": "inat19"}
+    res = subprocess.run(
+        ["bash", str(checkout / "run.sh"), job, "+".join(tasks), "tiny", "0", str(ckpt),
+         *(f"{task}:data_path={places[data]}" for task, data in tasks.items()),
+         "input_size=32", "batch_size=2", "eff_batch_size=2", "epochs=1", "warmup_epochs=0", "num_workers=0",
+         "print_freq=1"],
+        capture_output=True, text=True, timeout=1200, cwd=checkout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(custom)})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    classes = {"cifar10": 10, "cifar100": 100, "cars": 196, "flowers": 102, "inat18": 8142, "inat19": 1010}
+    for task, data in tasks.items():
+        out = checkout / "output" / job / task
+        results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None
+        assert results is not None and "acc1" in results, task
+        head = torch.load(out / "checkpoint-last.pth", weights_only=False)["model"]["head.weight"]
+        assert head.shape == (classes[data], 192), task
+        log = (out / "cli_logs.txt").read_text()
+        assert f"loaded {ckpt}" in log, task  # every task starts from the pretrained checkpoint

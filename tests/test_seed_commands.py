@@ -165,8 +165,8 @@ def test_dbot_commands_through_run_sh(places, tmp_path, monkeypatch, capsys):
     calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c.strip("\0")]
     checks = [c for c in calls if c[-1] == "--dry_run"]  # run.sh resolves every task before starting any
     assert len(checks) == 4 + 6
-    configs = [resolved(run_script(script, argv, monkeypatch, capsys, world=int(world)))
-               for name, world, script, *argv in checks]
+    configs = [resolved(run_script(script, [*argv[:-1], "--dry_run=config"], monkeypatch, capsys, world=int(world)))
+               for name, world, script, *argv in checks]  # the flags as resolved (the stand-in data has 2 classes)
     assert [c["model"] for c in configs] == ["vit_base_patch16", "vit_large_patch16"] + ["vit_huge_patch14"] * 2 + \
         ["vit_base_patch16"] * 6  # MODEL vit_base completed from the transfer recipes
     assert [c["data_set"] for c in configs[4:]] == ["cifar10", "cifar100", "cars", "flowers", "inat18", "inat19"]
