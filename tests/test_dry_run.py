@@ -114,7 +114,7 @@ def test_the_models_are_built_on_the_meta_device(places, monkeypatch, one_thread
     width, depth, patch, tokens = 1280, 32, 14, (224 // 14) ** 2 + 1  # ViT-H/14 (Dosovitskiy et al., 2021)
     block = 4 * width * width + 4 * width + 2 * (4 * width * width) + 4 * width + width + 4 * width  # attn, MLP, norms
     params = depth * block + 3 * patch * patch * width + width + width + tokens * width + 2 * width + 3 * width + 3
-    assert facts["model"] == f"vit_huge_patch14 ({params / 1e6:.2f}M parameters)"
+    assert facts["model"] == f"vit_huge_patch14 ({params / 1e6:.2f}M parameters trained)"
     assert {p.device.type for p in seen[0].parameters()} == {"meta"}
     assert torch.empty(1).device.type == "cpu"  # the default device is back
 

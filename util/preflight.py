@@ -98,11 +98,13 @@ def scratch_dir(output_dir: str | Path) -> Path:
     return Path(_state["scratch"])
 
 
-def passed(args: argparse.Namespace, model: torch.nn.Module | None = None, **facts: Any) -> NoReturn:
+def passed(args: argparse.Namespace, model: torch.nn.Module | None = None, *, trained: bool = False,
+           **facts: Any) -> NoReturn:
     """Stop the pre-flight where training (or evaluation) would start.
 
     Args:
         model: what the run trains or evaluates (its parameter count is reported).
+        trained: ``model`` is what the optimizer updates (a linear probe's heads), said as such.
         facts: the run's essentials (steps, lr, effective batch, ...), in the order they are said.
     """
     said = _state["facts"].lines if _state else {}
@@ -111,7 +113,8 @@ def passed(args: argparse.Namespace, model: torch.nn.Module | None = None, **fac
         line["data"] = " | ".join(text.removeprefix("dataset ") for text in said["data"])
     if getattr(args, "model", None):
         params = sum(p.numel() for p in model.parameters()) if model is not None else None
-        line["model"] = args.model + (f" ({params / 1e6:.2f}M parameters)" if params is not None else "")
+        line["model"] = args.model + (f" ({params / 1e6:.2f}M parameters{' trained' * trained})"
+                                      if params is not None else "")
     if said.get("checkpoint"):
         line["checkpoint"] = " | ".join(text.removeprefix("loaded ") for text in said["checkpoint"])
     line.update({k: v for k, v in facts.items() if v is not None})
