@@ -165,3 +165,12 @@ def test_a_dense_dry_run_checks_layout_and_checkpoint(places, script, argv, data
     facts = script.main(argv(places, places / data, "--finetune", str(tiny), "--dry_run"))
     assert str(tiny) in facts["checkpoint"] and not (places / "out").exists()
     assert facts["data"].count("images") == 2  # both splits
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_run_on_a_machine_without_cuda_is_one_line_and_its_dry_run_warns(places, caplog, one_thread):
+    argv = pretrain_argv(places, "--data_path", str(places / "data"), "--device", "cuda")
+    assert error_of(main_pretrain, argv).startswith("--device cuda: this machine has no usable CUDA device")
+    facts = main_pretrain.main([*argv, "--dry_run"])  # a login node checks a GPU job: the rest is still checked
+    assert facts["steps"] == "6 (2 epochs of 3)"
+    assert any("the run needs one" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

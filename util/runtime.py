@@ -21,7 +21,7 @@ from typing import Any, Callable, NoReturn
 import numpy as np
 import torch
 
-from util.distributed import DistInfo, init_distributed
+from util.distributed import DistInfo, init_distributed, resolve_device
 from util.keys import shortlist
 from util.logging import format_eta, setup_logging
 from util.outputs import disk_full_message, replace_link, write_text
@@ -95,6 +95,10 @@ def start_dry_run(args: argparse.Namespace) -> DistInfo:
         raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
     refuse_fresh_over_checkpoints(path, fresh=not (getattr(args, "resume", "") or getattr(args, "auto_resume", False)),
                                   overwrite=getattr(args, "overwrite", False))
+    try:
+        resolve_device(getattr(args, "device", "auto"), 0)
+    except ValueError as err:  # a pre-flight on a login node checks a GPU job: the device is the run's concern
+        logger.warning("%s (the run needs one; this dry run goes on without)", err)
     preflight.begin(args)
     return DistInfo(rank=rank, world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                     device=preflight.META)
