@@ -76,6 +76,25 @@ def make_demo_folder(tmp_path_factory):
     return build
 
 
+# ---- tiny command lines of the end-to-end tests; argparse keeps a flag's last value, so a test's own flags after
+# these override them
+def tiny_pretrain(*extra: str, model: str = "mae_vit_tiny_patch16") -> list[str]:
+    """main_pretrain on the demo subset (--debug: 64 images, batch 16: 4 updates an epoch) at 32 px, no workers."""
+    return ["--model", model, "--input_size", "32", "--batch_size", "16", "--num_workers", "0", "--data_path", "demo",
+            "--debug", *extra]
+
+
+def tiny_finetune(data, out, *extra: str) -> list[str]:
+    """main_finetune of ViT-Ti/16 at 32 px on the ImageFolder tree ``data`` (``make_demo_folder``), no workers."""
+    return ["--model", "vit_tiny_patch16", "--data_path", str(data), "--input_size", "32", "--num_workers", "0",
+            "--output_dir", str(out), *extra]
+
+
+def tiny_demo_eval(*extra: str) -> list[str]:
+    """main_knn / main_linprobe of ViT-Ti/16 at 32 px on ``--data_set demo`` (``small_demo``), no workers."""
+    return ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", *extra]
+
+
 @pytest.fixture(scope="module")
 def ft_folder(make_demo_folder) -> Path:
     """Fine-tuning data of tests/script_runs.py: 4 train and 2 val demo images per class (32 and 16)."""

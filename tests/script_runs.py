@@ -12,6 +12,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import main_segment
+from conftest import tiny_demo_eval, tiny_finetune, tiny_pretrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,26 +30,23 @@ class Script:
 def pretrain_argv(data, out, *extra):
     # demo --debug: 64 images, batch 16 -> 4 steps an epoch, 4 epochs; FreezeOut (linear t_0 0.5): units freeze
     # from step 10 on, so the epoch-3 cuts resume mid-freezing
-    return ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-            "--epochs", "4", "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--seed", "3",
-            "--print_freq", "1", "--freezeout", "--how_scale", "linear", "--t_0", "0.5", "--output_dir", str(out),
-            *extra]
+    return tiny_pretrain("--epochs", "4", "--warmup_epochs", "1", "--blr", "1e-2", "--seed", "3", "--print_freq", "1",
+                         "--freezeout", "--how_scale", "linear", "--t_0", "0.5", "--output_dir", str(out), *extra,
+                         model="MIM_vit_tiny_patch16")
 
 
 def finetune_argv(data, out, *extra):
     # 32 train images, batch 8 -> 4 steps an epoch; 3 epochs; numbered checkpoints every 2 epochs and at the end;
     # mixup / cutmix and drop path draw from the per-rank random state
-    return ["--model", "vit_tiny_patch16", "--data_path", str(data), "--input_size", "32", "--batch_size", "8",
-            "--num_workers", "0", "--print_freq", "1", "--warmup_epochs", "1", "--epochs", "3", "--save_every", "2",
-            "--blr", "5e-3", "--seed", "1", "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1",
-            "--output_dir", str(out), *extra]
+    return tiny_finetune(data, out, "--batch_size", "8", "--print_freq", "1", "--warmup_epochs", "1", "--epochs", "3",
+                         "--save_every", "2", "--blr", "5e-3", "--seed", "1", "--mixup", "0.8", "--cutmix", "1.0",
+                         "--drop_path", "0.1", *extra)
 
 
 def linprobe_argv(data, out, *extra):
     # the demo set at 32 px (small_demo: 128 images), batch 32 -> 4 steps an epoch; cached features
-    return ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-            "--batch_size", "32", "--epochs", "3", "--warmup_epochs", "1", "--print_freq", "1", "--cache_features",
-            "--save_every", "1", "--output_dir", str(out), *extra]
+    return tiny_demo_eval("--batch_size", "32", "--epochs", "3", "--warmup_epochs", "1", "--print_freq", "1",
+                          "--cache_features", "--save_every", "1", "--output_dir", str(out), *extra)
 
 
 def segment_argv(data, out, *extra):

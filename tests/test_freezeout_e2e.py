@@ -8,11 +8,11 @@ import torch
 import main_pretrain
 from util.checkpoint import load_checkpoint
 from spawn_ranks import main_of, spawn
+from conftest import tiny_pretrain
 
 # demo --debug: 64 images, batch 16 -> 4 steps/epoch, 16 steps; linear t_0 0.5: units freeze from step 10 on
-BASE = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--epochs", "4", "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--seed", "3",
-        "--save_every", "1", "--print_freq", "1"]
+BASE = tiny_pretrain("--epochs", "4", "--warmup_epochs", "1", "--blr", "1e-2", "--seed", "3", "--save_every", "1",
+                     "--print_freq", "1", model="MIM_vit_tiny_patch16")
 FREEZE = ["--freezeout", "--how_scale", "linear", "--t_0", "0.5"]
 
 
@@ -27,8 +27,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_t0_one_matches_baseline_step_for_step(tmp_path):
-    main_pretrain.main([*BASE, "--output_dir", str(tmp_path / "plain")])
-    main_pretrain.main([*BASE, "--freezeout", "--t_0", "1", "--output_dir", str(tmp_path / "t1")])
+    short = [*BASE, "--epochs", "2"]  # 8 updates, warmup and decay included
+    main_pretrain.main([*short, "--output_dir", str(tmp_path / "plain")])
+    main_pretrain.main([*short, "--freezeout", "--t_0", "1", "--output_dir", str(tmp_path / "t1")])
     assert_same(final_model(tmp_path / "plain"), final_model(tmp_path / "t1"))
 
 

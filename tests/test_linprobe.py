@@ -15,10 +15,10 @@ from models.heads import LinearProbe
 from util.data.demo import DemoDataset
 from util.data.transforms import eval_transform
 from util.param_groups import lars_groups
+from conftest import tiny_demo_eval
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-        "--batch_size", "32", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "100"]
+TINY = tiny_demo_eval("--batch_size", "32", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "100")
 
 
 def moco_v3_lars_step(params, state, *, lr, weight_decay, momentum=0.9, eta=0.001):

@@ -19,11 +19,11 @@ import main_pretrain
 from util.checkpoint import (LAST_NAME, NonFiniteStateError, RunCheckpoints, load_checkpoint, load_latest,
                              save_checkpoint, training_state)
 from util.logging import dumps_json
+from conftest import tiny_demo_eval, tiny_pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 # --debug demo: 64 images, batch 16 -> 4 steps an epoch
-TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--print_freq", "1", "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--seed", "0"]
+TINY = tiny_pretrain("--print_freq", "1", "--warmup_epochs", "1", "--blr", "1e-2", "--seed", "0")
 
 
 @pytest.fixture(autouse=True)
@@ -181,9 +181,8 @@ def test_the_three_scripts_share_the_save_rules_and_the_probe_resumes_with_key_c
     """Numbered checkpoints every --save_every epochs and after the last epoch for pretraining, fine-tuning and
     the probe alike; the probe resumes through resume_training, so a checkpoint of another kind is refused."""
     import main_linprobe
-    probe = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-             "--batch_size", "32", "--epochs", "3", "--warmup_epochs", "1", "--print_freq", "100", "--cache_features",
-             "--save_every", "2"]
+    probe = tiny_demo_eval("--batch_size", "32", "--epochs", "3", "--warmup_epochs", "1", "--print_freq", "100",
+                           "--cache_features", "--save_every", "2")
     main_linprobe.main([*probe, "--output_dir", str(tmp_path / "probe")])
     assert sorted(p.name for p in (tmp_path / "probe").glob("checkpoint-*.pth")) == [
         "checkpoint-1.pth", "checkpoint-2.pth", "checkpoint-best.pth", "checkpoint-last.pth"]
