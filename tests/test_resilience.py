@@ -68,7 +68,7 @@ def test_non_finite_state_is_never_saved_and_names_the_good_checkpoint(tmp_path)
 
 def test_huge_lr_exits_non_zero_and_keeps_the_good_checkpoint(tmp_path, caplog):
     """A real blow-up: a good epoch, then a resume with --blr 1e6 (loss finite, then gradients NaN): the
-    command line exits 1 with one line naming the good checkpoint, which stays as it was (real blow-up here; the
+    command line exits 1 with one line naming the good checkpoint, which stays as it was (the
     same stop for every script with a NaN loss or NaN weights: tests/test_non_finite_runs.py)."""
     out = tmp_path / "run"
     argv = [*TINY, "--epochs", "1", "--output_dir", str(out)]
