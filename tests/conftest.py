@@ -76,6 +76,52 @@ def make_demo_folder(tmp_path_factory):
     return build
 
 
+# ---- tiny command lines of the end-to-end tests; argparse keeps a flag's last value, so a test's own flags after
+# these override them
+def tiny_pretrain(*extra: str, model: str = "mae_vit_tiny_patch16") -> list[str]:
+    """main_pretrain on the demo subset (--debug: 64 images, batch 16: 4 updates an epoch) at 32 px, no workers."""
+    return ["--model", model, "--input_size", "32", "--batch_size", "16", "--num_workers", "0", "--data_path", "demo",
+            "--debug", *extra]
+
+
+def tiny_finetune(data, out, *extra: str) -> list[str]:
+    """main_finetune of ViT-Ti/16 at 32 px on the ImageFolder tree ``data`` (``make_demo_folder``), no workers."""
+    return ["--model", "vit_tiny_patch16", "--data_path", str(data), "--input_size", "32", "--num_workers", "0",
+            "--output_dir", str(out), *extra]
+
+
+def tiny_demo_eval(*extra: str) -> list[str]:
+    """main_knn / main_linprobe of ViT-Ti/16 at 32 px on ``--data_set demo`` (``small_demo``), no workers."""
+    return ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def ft_folder(make_demo_folder) -> Path:
+    """Fine-tuning data of tests/script_runs.py: 4 train and 2 val demo images per class (32 and 16)."""
+    return make_demo_folder(4, 2)
+
+
+@pytest.fixture(scope="module")
+def seg_scenes(tmp_path_factory) -> Path:
+    """Segmentation data of tests/script_runs.py: 16 train and 2 val synthetic ADE20K scenes of 64 px."""
+    from util.data.scenes import write_ade20k
+    root = tmp_path_factory.mktemp("seg_scenes")
+    write_ade20k(root, 16, 2, 64, seed=0, class_colours=True)
+    return root
+
+
+@pytest.fixture
+def script_data(request, monkeypatch):
+    """``script_data(script)``: the data of a tests/script_runs.py script (its fixture; linear probing reads the
+    small demo set, ``small_demo``), in the repository root, where the configs/ paths of its argv resolve."""
+    def get(script):
+        monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+        if script.name == "main_linprobe":
+            request.getfixturevalue("small_demo")
+        return request.getfixturevalue(script.data) if script.data else ""
+    return get
+
+
 @pytest.fixture(scope="session")
 def demo_pretraining(tmp_path_factory) -> tuple[Path, dict]:
     """The demo pretraining recipe, unchanged (configs/pretrain/demo.yaml, seed 0, ~45 s on one thread), run once and

@@ -15,6 +15,7 @@ from models.convert import adapt_to_model
 from util import runtime
 from util.checkpoint import NonFiniteStateError, RunCheckpoints, training_state
 from util.runtime import release_output_lock
+from conftest import tiny_finetune
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +31,8 @@ def tiny_folder(make_demo_folder) -> Path:
 
 def test_a_blown_up_fine_tuning_stops_in_one_line_and_keeps_no_best(tiny_folder, tmp_path, one_thread, caplog):
     out = tmp_path / "out"
-    argv = ["--model", "vit_tiny_patch16", "--data_path", str(tiny_folder), "--input_size", "32", "--batch_size",
-            "16", "--num_workers", "0", "--print_freq", "100", "--warmup_epochs", "0", "--epochs", "2", "--lr", "1e20",
-            "--output_dir", str(out)]
+    argv = tiny_finetune(tiny_folder, out, "--batch_size", "16", "--print_freq", "100", "--warmup_epochs", "0", "--epochs",
+                         "2", "--lr", "1e20")
     with caplog.at_level(logging.ERROR, logger="vitfreeze"), pytest.raises(SystemExit) as exc:
         runtime.run_cli(lambda: main_finetune.main(argv))
     assert exc.value.code == 1

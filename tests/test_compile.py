@@ -9,15 +9,15 @@ import main_pretrain
 import models
 from util.checkpoint import load_checkpoint
 from util.compute import adamw_kwargs, non_sdpa_attention
+from conftest import tiny_pretrain
 
 # A 2-block MAE (3 units: patch embedding, blocks.0, blocks.1) keeps the CPU compile short; aot_eager traces
 # forward and backward through dynamo + AOTAutograd without generating C++.
 ARCH = dict(depth=2, embed_dim=32, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
 # demo --debug: 64 images, batch 16 -> 4 steps/epoch, 8 steps; linear t_0 0.25: units freeze at steps 2, 5, 8
-ARGV = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--epochs", "2", "--warmup_epochs", "0", "--data_path", "demo", "--debug", "--blr", "1e-2", "--seed", "1",
-        "--save_every", "1", "--print_freq", "1", "--freezeout", "--how_scale", "linear", "--t_0", "0.25",
-        "--compile", "--compile_backend", "aot_eager"]
+ARGV = tiny_pretrain("--epochs", "2", "--warmup_epochs", "0", "--blr", "1e-2", "--seed", "1", "--save_every", "1",
+                     "--print_freq", "1", "--freezeout", "--how_scale", "linear", "--t_0", "0.25", "--compile",
+                     "--compile_backend", "aot_eager")
 
 
 @pytest.fixture

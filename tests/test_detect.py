@@ -328,24 +328,3 @@ def test_step_lr_is_mmdets_step_policy():
     assert lr(0) == pytest.approx(1e-7)  # warmup_ratio 0.001
     assert lr(5) == pytest.approx(1e-4 * (0.001 + 0.999 * 0.5))
     assert [lr(s) for s in (10, 79, 80, 109, 110, 200)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6])
-
-
-def test_non_finite_weights_never_reach_a_checkpoint(tmp_path, monkeypatch):
-    """Detection shares the epoch-end writes of the other scripts: weights that turned NaN in epoch 1 stop the run
-    with the error naming the last good checkpoint, which stays as epoch 0 wrote it."""
-    from util.checkpoint import NonFiniteStateError
-    monkeypatch.chdir(main_detect.Path(main_detect.__file__).parent)
-    out = tmp_path / "run"
-    real = main_detect._step
-
-    def poisons_in_epoch_1(model, batch, step, *, device):
-        result = real(model, batch, step, device=device)
-        if step >= 4:  # 8 scenes / batch 2: steps 4-7 are epoch 1; NaN written after the forward
-            with torch.no_grad():
-                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
-        return result
-    monkeypatch.setattr(main_detect, "_step", poisons_in_epoch_1)
-    with pytest.raises(NonFiniteStateError, match="checkpoint-last.pth.*left as it was"):
-        main_detect.main(_argv(out, "--epochs", "2", "--eval_every", "5", "--max_skipped_steps", "100"))
-    from util.checkpoint import load_checkpoint
-    assert load_checkpoint(out / "checkpoint-last.pth")["epoch"] == 0

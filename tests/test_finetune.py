@@ -15,6 +15,7 @@ from engine.train import NonFiniteLossError
 from models.backbone import freeze_unit
 from util.checkpoint import load_checkpoint
 from engine.freezeout import FreezeOutSchedule
+from conftest import tiny_finetune, tiny_pretrain
 
 IMAGENETTE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenette"
 CLASSES = 8  # DemoDataset's default
@@ -27,9 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread_module")  # tests/conftest.py: 
 def pretrained(tmp_path_factory) -> Path:
     """A demo MAE ViT-Ti/16 pretraining checkpoint (64 images, 4 steps)."""
     out = tmp_path_factory.mktemp("pretrain")
-    main_pretrain.main(["--model", "mae_vit_tiny_patch16", "--data_path", "demo", "--debug", "--input_size", "32",
-                        "--batch_size", "16", "--epochs", "1", "--warmup_epochs", "0",
-                        "--num_workers", "0", "--print_freq", "100", "--output_dir", str(out)])
+    main_pretrain.main(tiny_pretrain("--epochs", "1", "--warmup_epochs", "0", "--print_freq", "100", "--output_dir",
+                                     str(out)))
     return out / "checkpoint-last.pth"
 
 
@@ -40,8 +40,7 @@ def demo_folder(make_demo_folder) -> Path:
 
 
 def ft_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", "vit_tiny_patch16", "--data_path", str(data), "--input_size", "32", "--batch_size", "16",
-            "--num_workers", "0", "--print_freq", "100", "--warmup_epochs", "1", "--output_dir", str(out), *extra]
+    return tiny_finetune(data, out, "--batch_size", "16", "--print_freq", "100", "--warmup_epochs", "1", *extra)
 
 
 def test_finetune_beats_chance_and_eval_reproduces_the_checkpoints(pretrained, demo_folder, tmp_path):

@@ -13,9 +13,9 @@ from models.backbone import load_pretrained
 from models.registry import checkpoint_vs_model, describe_checkpoint
 from util import runtime
 from util.checkpoint import load_model_state
+from conftest import tiny_pretrain
 
-TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--data_path", "demo", "--debug"]
+TINY = tiny_pretrain()
 
 
 def exit_of(fn, capsys) -> tuple[int, list[str]]:

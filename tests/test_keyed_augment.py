@@ -12,6 +12,7 @@ from util.checkpoint import load_checkpoint
 from util.data.demo import DemoDataset
 from util.data.loaders import KeyedSamples, build_train_loader, set_loader_epoch
 from util.data.transforms import finetune_transform
+from conftest import tiny_finetune
 
 LAST_NAME = "checkpoint-last.pth"
 
@@ -93,10 +94,9 @@ def folder(tmp_path_factory) -> Path:
 
 def ft_argv(folder: Path, out: Path, workers: str, *extra: str) -> list[str]:
     """16 images, batch 8: 2 steps an epoch, 2 epochs; RandAugment, mixup/cutmix and random erasing on."""
-    return ["--model", "vit_tiny_patch16", "--data_path", str(folder), "--input_size", "32", "--batch_size", "8",
-            "--num_workers", workers, "--print_freq", "100", "--warmup_epochs", "1", "--epochs", "2", "--blr", "5e-3",
-            "--seed", "1", "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
-            "--output_dir", str(out), *extra]
+    return tiny_finetune(folder, out, "--batch_size", "8", "--num_workers", workers, "--print_freq", "100",
+                         "--warmup_epochs", "1", "--epochs", "2", "--blr", "5e-3", "--seed", "1", "--aa",
+                         "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", *extra)
 
 
 @pytest.fixture(scope="module")

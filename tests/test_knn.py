@@ -14,6 +14,7 @@ from engine.evaluate import eval_shard, evaluate
 from engine.knn import extract_features, knn_classify
 from util.data.subsets import few_shot_indices, IndexedDataset
 from spawn_ranks import spawn
+from conftest import tiny_demo_eval
 
 
 def clustered(n, dim, classes, seed, spread=1.0):
@@ -150,8 +151,7 @@ def test_two_processes_equal_one_on_an_uneven_split(tmp_path):
         assert run["metrics"] == {k: v for k, v in metrics.items() if k not in ("loss", "confusion")}
 
 
-KNN = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-       "--batch_size", "64", "--nb_knn", "5", "20"]
+KNN = tiny_demo_eval("--batch_size", "64", "--nb_knn", "5", "20")
 
 
 def test_main_knn_saved_features_give_the_same_results(small_demo, tmp_path):

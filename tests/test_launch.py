@@ -11,9 +11,9 @@ import main_pretrain
 from util.checkpoint import load_checkpoint
 from util import launch
 from util.launch import strip_launch_args
+from conftest import tiny_pretrain
 
-ARGS = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--epochs", "3", "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--seed", "5", "--blr", "1e-2"]
+ARGS = tiny_pretrain("--epochs", "3", "--warmup_epochs", "1", "--seed", "5", "--blr", "1e-2")
 
 
 def test_slurm_option_without_launcher_is_rejected(capsys):

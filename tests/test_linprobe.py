@@ -1,5 +1,6 @@
-"""main_linprobe.py: LARS = MoCo v3's, frozen backbone, head-only optimizer, cached features, lr grid, resume; and
-end to end on the demo data: the demo pretraining beats a random backbone in k-NN and linear-probe accuracy."""
+"""main_linprobe.py: LARS = MoCo v3's, frozen backbone, head-only optimizer, cached features, lr grid; and
+end to end on the demo data: the demo pretraining beats a random backbone in k-NN and linear-probe accuracy
+(resume: tests/test_resume_equivalence.py)."""
 import json
 from pathlib import Path
 
@@ -14,10 +15,10 @@ from models.heads import LinearProbe
 from util.data.demo import DemoDataset
 from util.data.transforms import eval_transform
 from util.param_groups import lars_groups
+from conftest import tiny_demo_eval
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--data_set", "demo", "--model", "vit_tiny_patch16", "--input_size", "32", "--num_workers", "0",
-        "--batch_size", "32", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "100"]
+TINY = tiny_demo_eval("--batch_size", "32", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "100")
 
 
 def moco_v3_lars_step(params, state, *, lr, weight_decay, momentum=0.9, eta=0.001):
@@ -116,23 +117,6 @@ def test_lr_grid_head_equals_a_single_run(small_demo, tmp_path):
     assert (tmp_path / "grid" / "confusion_val.png").stat().st_size > 0
     with pytest.raises(ValueError, match="cache_features"):
         main_linprobe.main([*TINY, "--lr_grid", "0.1", "1", "--output_dir", str(tmp_path / "bad")])
-
-
-def test_probe_resumes_to_the_same_heads(small_demo, tmp_path):
-    cached = [*TINY, "--cache_features", "--epochs", "3", "--save_every", "1"]
-    main_linprobe.main([*cached, "--output_dir", str(tmp_path / "full")])
-    main_linprobe.main([*cached, "--output_dir", str(tmp_path / "resumed"),
-                        "--resume", str(tmp_path / "full" / "checkpoint-0.pth")])
-    full = torch.load(tmp_path / "full" / "checkpoint-last.pth", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=True)
-    assert full["epoch"] == resumed["epoch"] == 2
-    for key in full["model"]:
-        assert torch.equal(full["model"][key], resumed["model"][key]), key
-    # the resumed run started after epoch 0 (a run that ignored --resume would train the same heads from epoch 0)
-    logged = [json.loads(line)["epoch"] for line in (tmp_path / "resumed" / "log.txt").read_text().splitlines()]
-    assert logged == [1, 2]
-    start = torch.load(tmp_path / "full" / "checkpoint-0.pth", weights_only=True)["model"]
-    assert not torch.equal(start["0.1.weight"], full["model"]["0.1.weight"])  # epochs 1-2 changed the head
 
 
 @pytest.mark.slow

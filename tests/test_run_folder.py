@@ -15,10 +15,10 @@ import main_pretrain
 from util import runtime
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.runtime import LOCK_NAME, lock_output_dir, refuse_fresh_over_checkpoints, release_output_lock
+from conftest import tiny_pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--print_freq", "100", "--warmup_epochs", "0", "--data_path", "demo", "--debug", "--seed", "0"]
+TINY = tiny_pretrain("--print_freq", "100", "--warmup_epochs", "0", "--seed", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -17,10 +17,9 @@ from util.checkpoint import LAST_NAME, RunCheckpoints
 from util.logging import write_results
 from util.outputs import disk_full_message, write_text
 from util.runtime import LOCK_NAME, release_output_lock
+from conftest import tiny_pretrain
 
-TINY = ["--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
-        "--print_freq", "100", "--warmup_epochs", "0", "--data_path", "demo", "--debug", "--seed", "0",
-        "--vis_every", "0"]
+TINY = tiny_pretrain("--print_freq", "100", "--warmup_epochs", "0", "--seed", "0", "--vis_every", "0")
 
 
 @pytest.fixture(autouse=True)

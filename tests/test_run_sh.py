@@ -10,11 +10,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def checkout(tmp_path) -> Path:
-    """The checkout seen through symlinks in tmp_path: run.sh works from its own folder (``cd $(dirname $0)``), so
-    its ``output/`` lands here instead of in the real checkout."""
-    mirror = tmp_path / "checkout"
+def mirror_checkout(folder: Path) -> Path:
+    """The checkout seen through symlinks in ``folder``: run.sh works from its own folder (``cd $(dirname $0)``), so
+    its ``output/`` lands there instead of in the real checkout."""
+    mirror = folder / "checkout"
     mirror.mkdir()
     for entry in ROOT.iterdir():
         if entry.name not in ("output", ".git"):
@@ -22,12 +21,21 @@ def checkout(tmp_path) -> Path:
     return mirror
 
 
-@pytest.fixture
-def run_sh(checkout):
+def runner(checkout: Path):
     def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(checkout / "run.sh"), *args], capture_output=True, text=True, timeout=120,
                               env={**os.environ, **(env or {})})
     return run
+
+
+@pytest.fixture
+def checkout(tmp_path) -> Path:
+    return mirror_checkout(tmp_path)
+
+
+@pytest.fixture
+def run_sh(checkout):
+    return runner(checkout)
 
 
 @pytest.fixture
@@ -88,8 +96,17 @@ def test_a_chain_is_checked_before_anything_starts(run_sh, checkout, job):
     assert not (checkout / "output" / job).exists()
 
 
-def test_each_task_is_recorded(run_sh, checkout, job):
-    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run=config")
+@pytest.fixture(scope="module")
+def knn_dry_run(tmp_path_factory):
+    """One ``run.sh JOB knn vit_tiny_patch16 0 --data_set demo --dry_run=config`` in a mirror of the checkout, shared
+    by the tests of what it writes: (checkout, job, result)."""
+    mirror, job = mirror_checkout(tmp_path_factory.mktemp("knn_dry_run")), f"test_{uuid.uuid4().hex[:8]}"
+    return mirror, job, runner(mirror)(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo",
+                                       "--dry_run=config")
+
+
+def test_each_task_is_recorded(knn_dry_run):
+    checkout, job, res = knn_dry_run
     assert res.returncode == 0, res.stderr
     (record,) = (checkout / "output" / job / "knn" / "records").iterdir()
     command = (record / "command.txt").read_text()
@@ -123,8 +140,8 @@ def test_slurm_goes_through_submitit_not_torchrun(run_sh, job, extra, env, tmp_p
     assert resolved["accum_iter"] == 1024 // (32 * 4 * nodes)  # the recipe's effective batch on nodes x 4 GPUs
 
 
-def test_nothing_is_written_into_the_real_checkout(run_sh, checkout, job):
-    res = run_sh(job, "knn", "vit_tiny_patch16", "0", "--data_set", "demo", "--dry_run=config")
+def test_nothing_is_written_into_the_real_checkout(knn_dry_run):
+    checkout, job, res = knn_dry_run
     assert res.returncode == 0, res.stderr
     assert (checkout / "output" / job / "knn" / "records").is_dir() and not (ROOT / "output" / job).exists()
 

@@ -17,6 +17,7 @@ from models.pyramid import ViTFeaturePyramid
 from models.seg_heads import UperNetSegmentor
 from util.data.ade20k import (ADE20KDataset, SegEvalTransform, SegTrainTransform, collate_eval, random_crop_box,
                               rescale_size)
+from util.data.loaders import build_train_loader, set_loader_epoch
 from util.data.scenes import write_ade20k
 from util.lr_sched import poly_lr
 from engine.metrics import segmentation_confusion, segmentation_metrics
@@ -130,6 +131,23 @@ def test_train_transform_keeps_image_and_label_aligned():
 def tiny_segmentor(classes: int = 3, size: int = 32) -> UperNetSegmentor:
     return UperNetSegmentor(ViTFeaturePyramid("vit_tiny_patch16", img_size=size, depth=2, tap_blocks=(0, 0, 1, 1),
                                               neck="beit"), classes, channels=16, aux_channels=8)
+
+
+def test_segmentation_augmentation_follows_the_epoch_in_persistent_workers(tmp_path, one_thread):
+    """A worker process keeps its copy of the dataset across epochs: the epoch travels with the index, so epoch 1
+    draws epoch 1's crops (as ``dataset.set_epoch(1); dataset[i]`` in this process), not epoch 0's again."""
+    write_ade20k(tmp_path, 4, 1, 32, seed=0)
+    ds = ADE20KDataset(tmp_path, "train", SegTrainTransform(32, (0.5, 2.0), 0.75), num_classes=5, seed=0)
+    loader = build_train_loader(ds, batch_size=4, num_workers=1, pin_memory=False, rank=0, world_size=1, seed=0,
+                                keyed=False, epoch_indices=True)
+    for epoch in (0, 1, 2):
+        set_loader_epoch(loader, seed=0, epoch=epoch, rank=0)
+        images, _, indices = next(iter(loader))
+        ds.set_epoch(epoch)
+        expected = torch.stack([ds[int(i)][0] for i in indices])
+        assert torch.equal(images, expected), epoch
+    ds.set_epoch(0)
+    assert not torch.equal(ds[0][0], ds[(1, 0)][0])  # the epochs do differ
 
 
 def test_upernet_shapes_and_every_parameter_trains():

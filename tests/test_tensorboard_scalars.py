@@ -4,10 +4,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main_pretrain
+from conftest import tiny_pretrain
 
-ARGS = ["--model", "MIM_vit_tiny_patch16", "--input_size", "32", "--num_workers", "0", "--epochs", "2",
-        "--warmup_epochs", "1", "--data_path", "demo", "--debug", "--blr", "1e-2", "--print_freq", "1", "--batch_size", "16",
-        "--vis_every", "0"]
+ARGS = tiny_pretrain("--epochs", "2", "--warmup_epochs", "1", "--blr", "1e-2", "--print_freq", "1", "--vis_every", "0",
+                     model="MIM_vit_tiny_patch16")
 
 
 def scalars(out) -> dict[str, list[tuple[int, float]]]:
