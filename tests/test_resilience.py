@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import engine.finetune
 import main_finetune
 import main_pretrain
 import util.checkpoint
@@ -190,7 +191,7 @@ def test_crash_between_epoch_end_writes_then_auto_resume_gives_every_output(poin
     monkeypatch.setattr(util.checkpoint, "save_checkpoint", save)
     monkeypatch.setattr(util.logging.MetricWriter, "log_epoch", log_epoch)
     if point == "results":
-        monkeypatch.setattr(main_finetune, "write_results", write_results)
+        monkeypatch.setattr(engine.finetune, "write_results", write_results)
     out = tmp_path / "run"
     with pytest.raises(Crash):
         main_finetune.main(ft_argv(demo_folder, out))
@@ -245,14 +246,14 @@ def test_mid_epoch_checkpoints_resume_finetuning_with_the_same_mixup_and_drop_pa
     random state saved with the position), the same samples and crops (keyed), and ends bit-identical."""
     extra = ["--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--save_every_steps", "2", "--epochs", "2"]
     main_finetune.main(ft_argv(demo_folder, tmp_path / "full", *extra))
-    real = main_finetune.classify_step
+    real = engine.finetune.classify_step
 
     def killed_at_step_7(model, batch, step, **kwargs):
         if step == 7:  # epoch 1, update 3: the last save was after update 2
             raise KeyboardInterrupt("kill -9")
         return real(model, batch, step, **kwargs)
 
-    monkeypatch.setattr(main_finetune, "classify_step", killed_at_step_7)
+    monkeypatch.setattr(engine.finetune, "classify_step", killed_at_step_7)
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         main_finetune.main(ft_argv(demo_folder, out, *extra))
