@@ -14,23 +14,19 @@ from typing import Sequence
 import torch
 
 import models
-from engine.pretrain import build_model, mim_step, partial_describe, save_reconstruction
+from engine.pretrain import build_data, build_model, mim_step, partial_describe, save_reconstruction
 from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.masking import check_mask_ratio
 from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError
-from util.data.decode import build_fast_input, use_fast_input
-from util.data.folder import build_pretrain_dataset
 from engine.freezeout import Freezer, FreezeOutSchedule
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
-from util.data.loaders import build_train_loader
 from util.lr_sched import training_budget
 from util.compute import adamw_kwargs, compile_model
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
-from util.data.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
 
@@ -62,13 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     info = setup_run(args)
     seed_everything(args.seed + info.rank)
 
-    dataset = use_fast_input(build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
-                                                    strict_data=args.strict_data, debug=args.debug,
-                                                    demo_size=args.input_size),
-                             build_fast_input(args.decode, args.input_size))
-    loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
-                                device=info.device, strict_data=args.strict_data)
+    dataset, loader = build_data(args, info)
     steps_per_epoch, eff_batch, lr = training_budget(
         num_samples=len(dataset), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)

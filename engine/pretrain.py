@@ -2,8 +2,9 @@
 of ``main_pretrain.py``.
 
 The model computes its own targets and loss (pixel or HOG); ``mim_step`` only adapts a batch to the model's forward
-and picks the scalars worth logging. ``build_model`` reads MAE's / LocalMIM's flags (MAE ``main_pretrain.py``,
-LocalMIM ``run_pretrain.py``); ``save_reconstruction`` draws MAE's visualisation of a fixed mask.
+and picks the scalars worth logging. ``build_data`` and ``build_model`` read MAE's / LocalMIM's flags (MAE
+``main_pretrain.py``, LocalMIM ``run_pretrain.py``); ``save_reconstruction`` draws MAE's visualisation of a fixed
+mask.
 """
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
 
 import models
-from util.distributed import unwrap
+from util.data.decode import build_fast_input, DeviceInput, use_fast_input
+from util.data.folder import build_pretrain_dataset
+from util.data.loaders import build_train_loader
+from util.data.transforms import pretrain_transform
+from util.distributed import DistInfo, unwrap
 from models.masking import keyed_noise
 
 logger = logging.getLogger("vitfreeze")
@@ -60,6 +66,19 @@ def reconstruct(model: nn.Module, imgs: torch.Tensor, *, mask_ratio: float, seed
         return model(imgs, mask_ratio=mask_ratio, generator=generator)
     finally:
         model.train(was_training)
+
+
+def build_data(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, DataLoader | DeviceInput]:
+    """The pretraining set (``--data_path``: MAE's ``train/`` or LocalMIM's flat folder, or ``demo``) under MAE's
+    pretraining augmentation, read through ``--decode``'s fast input when not ``pil``, and its training loader."""
+    dataset = use_fast_input(build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
+                                                    strict_data=args.strict_data, debug=args.debug,
+                                                    demo_size=args.input_size),
+                             build_fast_input(args.decode, args.input_size))
+    loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
+                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
+                                device=info.device, strict_data=args.strict_data)
+    return dataset, loader
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
