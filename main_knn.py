@@ -14,16 +14,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 import models
-from engine.knn import embed, knn_classify
+from engine.knn import embed, FEATURE_FILES, knn_results, load_features
 from models.backbone import build_backbone
 from util import args as cli_args, preflight
-from util.checkpoint import load_checkpoint, unreadable_reason
-from util.data.subsets import few_shot_indices
+from util.checkpoint import load_checkpoint
 from util.logging import MetricWriter
-from engine.metrics import mean_and_std
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run, write_run_record
 from util.data.decode import use_eval_decode
 from util.data.transfer import labelled_splits
@@ -33,7 +30,6 @@ from util.launch import add_launch_args, parse_or_dispatch
 from util.outputs import write_text
 
 logger = logging.getLogger("vitfreeze")
-FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,65 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_eval_output_args(parser)
     add_launch_args(parser)
     return parser
-
-
-def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                args: argparse.Namespace, classes: int) -> dict[str, float]:
-    """Top-1/top-5 per k over the whole bank, or mean and std over ``--n_tries`` few-shot banks."""
-    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
-    train = train.half() if args.fp16_bank else train
-    banks = [None] if not args.n_per_class else few_shot_indices(train_labels, n_per_class=args.n_per_class,
-                                                                   n_tries=args.n_tries, seed=args.seed)
-    runs = []
-    for bank in banks:
-        feats, labels = (train, train_labels) if bank is None else (train[bank.to(train.device)], train_labels[bank])
-        ks = [k for k in args.nb_knn if k <= len(labels)]
-        if len(ks) < len(args.nb_knn):
-            logger.warning("skipping k > %d (the bank size): %s", len(labels), sorted(set(args.nb_knn) - set(ks)))
-        runs.append(knn_classify(feats, labels, test, test_labels, ks=ks, temperature=args.temperature,
-                                 num_classes=classes, chunk_size=args.knn_chunk_size))
-    flat = [{f"knn{k}_{name}": run[k][i] for k in run for i, name in enumerate(("top1", "top5"))} for run in runs]
-    return mean_and_std(flat) if args.n_per_class else flat[0]  # tries: mean and population std, as folds
-
-
-def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``--load_features``: train features [N, D], labels [N], test features [M, D], labels [M] (DINO's files).
-
-    Raises:
-        FileNotFoundError: the folder or one of its four files is missing.
-        ValueError: a file is not a tensor saved by torch.save, or the shapes / label types do not fit together.
-    """
-    folder, hint = Path(folder), f"pass the folder that --save_features wrote ({', '.join(FEATURE_FILES)})"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--load_features {folder} is not a folder; {hint}")
-    tensors = []
-    for name in FEATURE_FILES:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"--load_features {folder} has no {name}; {hint}")
-        try:
-            tensor = torch.load(path, map_location=device, weights_only=True)
-        except Exception as err:  # torch raises EOFError, KeyError, RuntimeError... for a bad file
-            raise ValueError(f"--load_features: {unreadable_reason(path, err, 'feature file')}") from None
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"--load_features: {path} holds a {type(tensor).__name__}, not a tensor; {hint}")
-        tensors.append(tensor)
-    train, train_labels, test, test_labels = tensors
-    for feats, labels, split in ((train, train_labels, "train"), (test, test_labels, "test")):
-        if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels) or not len(labels):
-            raise ValueError(f"--load_features {folder}: {split} features {tuple(feats.shape)} and labels "
-                             f"{tuple(labels.shape)} do not fit ([N, D] and [N], N > 0); {hint}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"--load_features {folder}: {split} labels are {labels.dtype}, not class indices")
-    samples = len(train_labels) + len(test_labels)
-    low, high = int(min(train_labels.min(), test_labels.min())), int(max(train_labels.max(), test_labels.max()))
-    if low < 0 or high >= samples:  # more classes than samples: not class indices (10**12 would allocate TBs)
-        raise ValueError(f"--load_features {folder}: labels range from {low} to {high} over {samples} samples; they "
-                         f"must be class indices 0..C-1 (C at most the number of samples)")
-    if train.shape[1] != test.shape[1]:
-        raise ValueError(f"--load_features {folder}: train features have {train.shape[1]} dims, test {test.shape[1]}"
-                         " (files of two different backbones?)")
-    return train, train_labels, test, test_labels
 
 
 @preflight.entry_point

@@ -16,28 +16,23 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 from timm.optim import Lars
-from torch.utils.data import DataLoader, TensorDataset
 
 import models
-from engine.evaluate import eval_shard, evaluate_heads
+from engine.evaluate import evaluate_heads
 from engine.finetune import classify_step
 from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
-from engine.knn import embed
+from engine.linprobe import build_data, build_loaders, check_args
 from models.backbone import build_backbone
 from models.heads import LinearProbe
 from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError, load_checkpoint
-from util.data.decode import DeviceInput, collate, use_eval_decode
-from util.data.transfer import class_names, labelled_splits
 from util.param_groups import lars_groups
 from util.distributed import broadcast_buffers, wrap_ddp
-from util.data.loaders import build_train_loader
 from engine.metrics import per_class_table
 from util.logging import write_results
 from util.lr_sched import apply_lr, cosine_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
-from util.data.transforms import eval_transform, linprobe_transform
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
 from util.outputs import write_text
@@ -68,37 +63,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                      models=[m for m in models.list_models() if m.startswith("vit_")])
     if result is not None:
         return result
-    if args.lr_grid and not args.cache_features:
-        raise ValueError("--lr_grid trains its heads on cached features: add --cache_features")
+    check_args(args)
     info = setup_run(args)
     seed_everything(args.seed)  # the same random backbone and heads on every rank; epochs reseed per rank
     amp_dtype, device = resolve_amp(args.amp, info.device), info.device
     backbone = build_backbone(args.model, img_size=args.input_size, global_pool=args.global_pool,
                               checkpoint=load_checkpoint(args.finetune) if args.finetune else None,
                               checkpoint_source=args.checkpoint_source, name=args.finetune).to(device)
-    splits = partial(labelled_splits, args.data_set, args.data_path, nb_classes=args.nb_classes)
-    if args.cache_features:  # no augmentation: embed once, then epochs over tensors (MAE's probe uses fresh crops)
-        train_set, val_set, classes = splits(train_transform=eval_transform(args.input_size),
-                                             eval_transform=eval_transform(args.input_size))
-        names = class_names(val_set)
-        use_eval_decode(args.decode, args.input_size, train_set, val_set)
-        if not preflight.active(args):  # a dry run stops before any image is embedded
-            train_set, val_set = (TensorDataset(*(t.cpu() for t in embed(
-                backbone, d, device=device, rank=info.rank, world_size=info.world_size, batch_size=args.batch_size,
-                num_workers=args.num_workers, pin_memory=args.pin_mem, amp_dtype=amp_dtype))) for d in (train_set,
-                                                                                                  val_set))
-    else:  # MAE's linear-probe augmentation: its TF-style RandomResizedCrop + flip; eval: resize + center crop
-        train_set, val_set, classes = splits(train_transform=linprobe_transform(args.input_size),
-                                             eval_transform=eval_transform(args.input_size))
-        names = class_names(val_set)
-        use_eval_decode(args.decode, args.input_size, val_set)
-    workers = 0 if args.cache_features else args.num_workers
-    loader = build_train_loader(train_set, batch_size=args.batch_size, num_workers=workers, pin_memory=args.pin_mem,
-                                rank=info.rank, world_size=info.world_size, seed=args.seed,
-                                keyed=not args.cache_features, device=device)
-    val_loader = DeviceInput(DataLoader(eval_shard(val_set, rank=info.rank, world_size=info.world_size),
-                                        batch_size=args.batch_size, num_workers=workers, shuffle=False,
-                                        collate_fn=collate), device)
+    train_set, val_set, classes, names = build_data(args, backbone, info, amp_dtype)
+    loader, val_loader = build_loaders(args, train_set, val_set, info)
     steps_per_epoch, eff_batch, lr = training_budget(
         num_samples=len(train_set), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)

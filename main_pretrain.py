@@ -14,23 +14,19 @@ from typing import Sequence
 import torch
 
 import models
-from engine.pretrain import mim_step, reconstruct
+from engine.pretrain import build_data, build_model, mim_step, partial_describe, save_reconstruction
 from engine.run import EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
 from models.masking import check_mask_ratio
 from util import args as cli_args, preflight
 from util.checkpoint import NonFiniteStateError
-from util.data.decode import build_fast_input, use_fast_input
-from util.data.folder import build_pretrain_dataset
 from engine.freezeout import Freezer, FreezeOutSchedule
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
-from util.data.loaders import build_train_loader
 from util.lr_sched import training_budget
 from util.compute import adamw_kwargs, compile_model
 from util.param_groups import param_groups
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
-from util.data.transforms import pretrain_transform
 
 logger = logging.getLogger("vitfreeze")
 
@@ -62,13 +58,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     info = setup_run(args)
     seed_everything(args.seed + info.rank)
 
-    dataset = use_fast_input(build_pretrain_dataset(args.data_path, pretrain_transform(args.input_size),
-                                                    strict_data=args.strict_data, debug=args.debug,
-                                                    demo_size=args.input_size),
-                             build_fast_input(args.decode, args.input_size))
-    loader = build_train_loader(dataset, batch_size=args.batch_size, num_workers=args.num_workers,
-                                pin_memory=args.pin_mem, rank=info.rank, world_size=info.world_size, seed=args.seed,
-                                device=info.device, strict_data=args.strict_data)
+    dataset, loader = build_data(args, info)
     steps_per_epoch, eff_batch, lr = training_budget(
         num_samples=len(dataset), num_batches=len(loader), batch_size=args.batch_size, accum_iter=args.accum_iter,
         world_size=info.world_size, blr=args.blr, lr=args.lr)
@@ -137,33 +127,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                steps_per_epoch=steps_per_epoch, images_per_update=eff_batch, amp_dtype=amp_dtype, sync=freezer.sync,
                record={"lr": lr, "effective_batch": eff_batch, "steps_per_epoch": steps_per_epoch,
                        "world_size": info.world_size}, script=Path(__file__).name, argv=argv).stats
-
-
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    kwargs = {}
-    if args.all_stages:  # ViTFreeze's 12 decoders, one after every block of a depth-12 model (ViTFreeze's all-stage LocalMIM)
-        if not args.model.startswith("MIM_"):
-            raise ValueError(f"--all_stages needs a LocalMIM model (MIM_*), got {args.model}")
-        kwargs = {"stage_blocks": list(range(12)), "scales": [8, 4, 4, 2, 2, 2, 2, 2, 2, 1, 1, 0.5]}
-    return models.create_model(args.model, img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                               hog_nbins=args.hog_nbins, hog_compat=args.hog_compat, target=args.target,
-                               freeze_patch_embed=not args.dont_freeze_pe, freeze_cls_token=not args.vitfreeze_compat,
-                               **kwargs)
-
-
-def partial_describe(model: torch.nn.Module):
-    """Names a unit for the freeze log line."""
-    first_block = int(model.freeze_patch_embed)
-    return lambda unit: (f"blocks.{unit - first_block} (unit {unit})" if unit >= first_block
-                         else "patch embedding + cls token (unit 0)")
-
-
-def save_reconstruction(model: torch.nn.Module, imgs: torch.Tensor, args: argparse.Namespace, path: Path) -> None:
-    from util.vis import save_reconstruction_png  # lazy: pictures are optional
-    out = reconstruct(model, imgs, mask_ratio=args.mask_ratio)
-    save_reconstruction_png(path, imgs, out, model.patch_size, norm_pix_loss=args.norm_pix_loss,
-                            target=model.target_kind)
-    logger.info("wrote %s", path)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

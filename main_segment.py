@@ -10,7 +10,6 @@ Example: ``python main_segment.py --config configs/segment/demo.yaml [--finetune
 from __future__ import annotations
 
 import argparse
-import logging
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -21,14 +20,10 @@ from torch.utils.data import DataLoader
 
 import models
 from engine.evaluate import eval_shard
-from engine.segment import (demo_scenes, evaluate_segmentation, iteration_budget, report_segmentation,
-                            segment_step)
+from engine.segment import (ARCH, build_model, build_optimizer, demo_scenes, evaluate_segmentation, iteration_budget,
+                            report_segmentation, segment_step)
 from engine.run import Best, EpochEnd, fit, metric_writer, Outcome, Task
 from engine.train import NonFiniteLossError
-from models.adapter import create_adapter
-from models.backbone import load_pyramid_backbone
-from models.pyramid import ViTFeaturePyramid
-from models.seg_heads import UperNetSegmentor
 from models.registry import checkpoint_vs_model
 from util import args as cli_args, preflight
 from util.checkpoint import find_latest, load_checkpoint, load_model_state, NonFiniteStateError
@@ -37,14 +32,8 @@ from util.data.loaders import build_train_loader
 from util.distributed import barrier, broadcast_buffers, wrap_ddp
 from util.cli_help import DefaultsHelpFormatter
 from util.launch import add_launch_args, parse_or_dispatch
-from util.param_groups import param_groups
 from util.lr_sched import apply_lr, poly_lr, training_budget
 from util.runtime import resolve_amp, run_cli, seed_everything, setup_run
-
-logger = logging.getLogger("vitfreeze")
-TAPS = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}  # BEiT's / MAE's out_indices for ViT-B and ViT-L
-ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_base_patch16",
-        "large": "vit_large_patch16", "huge": "vit_huge_patch14"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,11 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     total = args.max_iters or args.epochs * steps_per_epoch
     epochs = iteration_budget(total, steps_per_epoch)
     warmup = args.warmup_iters if args.warmup_iters is not None else args.warmup_epochs * steps_per_epoch
-    depth = model.depth
-    unit_of = lambda name: (lambda i: None if i > depth else i)(model.layer_id(name))  # noqa: E731
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,
-                                               no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
-                                               num_layers=depth + 1), lr=lr)
+    optimizer = build_optimizer(model, args, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     schedule = partial(poly_lr, base_lr=lr, total_steps=total, warmup_steps=warmup, power=args.poly_power)
     if info.distributed and device.type == "cuda":  # mmseg's SyncBN; torch's SyncBatchNorm has no CPU kernel
@@ -148,50 +133,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     barrier()
     return {**{k: run.metrics[k] for k in ("mIoU", "mAcc", "aAcc") if k in run.metrics},
             "best_mIoU": run.best["mIoU"], "best_step": run.best["step"], "step": run.step}
-
-
-def model_name(name: str) -> str:
-    """dBOT's model forms: ``base`` / ``vit_base`` -> ``vit_base_patch16`` (a registered name is kept)."""
-    short = name[4:] if name.startswith("vit_") and name[4:] in ARCH else name
-    return ARCH.get(short, name)
-
-
-def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSegmentor:
-    """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
-    if args.model.startswith("adapter_"):  # ViT-Adapter's four levels (its paper's ADE20K setting)
-        if args.use_rel_pos or args.rel_pos_bias or args.layer_scale_init_value is not None:
-            raise ValueError(f"--use_rel_pos / --rel_pos_bias / --layer_scale_init_value are options of the plain-ViT "
-                             f"pyramid, not of the ViT-Adapter --model {args.model}; drop them")
-        adapter = create_adapter(args.model, drop_path_rate=args.drop_path, window_size=args.window_size,
-                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
-                                 vit_feature_per_interaction=True)  # the reference's segmentation backbone
-        if finetune:  # as loaded: LayerScale stays a parameter, registers / SwiGLU map (models/adapter.py)
-            adapter.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
-        return UperNetSegmentor(adapter, args.nb_classes, channels=args.channels or adapter.embed_dim,
-                                aux_channels=args.aux_channels)
-    name = model_name(args.model)
-    width, depth = _arch(name)
-    taps = args.tap_blocks
-    if taps is None:
-        taps = TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
-    backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels,
-                                 drop_path_rate=args.drop_path, window_size=args.window_size,
-                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
-                                 tap_blocks=tuple(taps) or None, neck=args.neck, use_rel_pos=args.use_rel_pos,
-                                 rel_pos_bias=args.rel_pos_bias, layer_scale_init_value=args.layer_scale_init_value)
-    if finetune:
-        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
-    elif not (args.resume or args.auto_resume):
-        logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")
-    return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels or width,
-                            aux_channels=args.aux_channels)
-
-
-def _arch(name: str) -> tuple[int, int]:
-    """(embed_dim, depth) of a registered ViT, read from a meta-device instance (no memory, no init cost)."""
-    with torch.device("meta"):
-        vit = models.create_model(name, num_classes=0)
-    return vit.embed_dim, len(vit.blocks)
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -4,12 +4,16 @@ torchvision's detection models return their loss dict in train mode (RPN objectn
 classification and box regression per stage, mask); the step sums it, as mmdet and detectron2 do, and reports
 each term. Evaluation runs the model on this rank's shard of the validation images (``engine.evaluate.eval_shard``),
 turns detections into COCO results in the file's pixels and lets ``engine.coco_eval`` gather them on rank 0, so the
-numbers are those of one process.
+numbers are those of one process. ``build_model`` is ``main_detect.py``'s detector: the ``--detector`` heads
+(``models/detectors.py``) over ViTDet's simple feature pyramid (``build_pyramid``) or the ViT-Adapter
+(``build_adapter``).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -17,7 +21,16 @@ import torch
 import torch.nn as nn
 
 from engine.coco_eval import IOU_TYPES, distributed_coco_metrics, to_coco_results
-from util.distributed import all_reduce_sum, barrier
+from models.adapter import ADAPTER_MODELS, create_adapter
+from models.backbone import load_pyramid_backbone
+from models.detectors import BoxLoss, build_detector, detector_layer_id
+from models.pyramid import ViTFeaturePyramid
+from util import preflight
+from util.checkpoint import load_checkpoint
+from util.data.coco import CocoInstances
+from util.data.det_transforms import train_transform
+from util.distributed import all_reduce_sum, barrier, DistInfo, rank_and_world
+from util.param_groups import param_groups
 
 logger = logging.getLogger("vitfreeze")
 
@@ -115,3 +128,84 @@ def save_detections_png(model: nn.Module, dataset: Any, path: Path, *, device: t
         outputs = model([img.to(device) for img, _ in items])
     save_detection_png(path, [img for img, _ in items], [{k: v.cpu() for k, v in o.items()} for o in outputs],
                        dataset.classes, targets=[target for _, target in items])
+
+
+def build_model(args: argparse.Namespace, num_classes: int, *, finetune: str | None) -> nn.Module:
+    """Pyramid backbone (with the ``finetune`` checkpoint's ViT, if any) under the ``--detector`` heads."""
+    if args.model.startswith("adapter_"):
+        backbone = build_adapter(args, finetune=finetune)
+    else:
+        backbone = build_pyramid(args, finetune=finetune)
+    if not finetune and not (args.resume or args.auto_resume):
+        logger.warning("no --finetune checkpoint: the ViT starts from random initialisation (a baseline)")
+    model = build_detector(
+        args.detector, backbone, num_classes, img_size=args.input_size, anchor_sizes=args.anchor_sizes,
+        box_fc=args.box_fc, detections_per_img=args.max_dets, rois_per_image=args.rois_per_image,
+        proposals_per_image=args.proposals_per_image, test_size=args.test_size,
+        roi_align_aligned=args.roi_align == "aligned", rpn_smooth_l1_beta=args.rpn_smooth_l1_beta,
+        box_loss=BoxLoss(args.box_loss, args.box_smooth_l1_beta, args.box_loss_weight),
+        class_agnostic=not args.class_specific_cascade, box_head=args.box_head, box_head_norm=args.box_head_norm,
+        mask_head_norm=args.mask_head_norm, train_as_given=args.train_aug != "lsj",
+        pad_to_square=args.train_aug == "lsj")  # LSJ trains on img_size squares: test on that grid too
+    if args.box_head_norm == "bn" and rank_and_world()[1] > 1 and torch.cuda.is_available():
+        model.roi_heads = nn.SyncBatchNorm.convert_sync_batchnorm(model.roi_heads)  # dBOT's norm_cfg=SyncBN
+    return model
+
+
+def build_adapter(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:
+    """ViT-Adapter (``--model adapter_*``, models/adapter.py) + FPN neck to ``--out_channels`` with the stride-64
+    level, as ViT-Adapter's configs (mmdet FPN, num_outs 5). The checkpoint goes in as loaded, so DINOv2's
+    LayerScale stays a parameter and register tokens / SwiGLU map; its position grid is resampled on the fly."""
+    if args.use_rel_pos:
+        raise ValueError(f"--use_rel_pos is an option of the plain-ViT pyramid, not of the ViT-Adapter --model "
+                         f"{args.model}; drop it")
+    backbone = create_adapter(args.model, fpn_channels=args.out_channels, drop_path_rate=args.drop_path,
+                              window_size=args.window_size, global_blocks=args.global_blocks,
+                              grad_checkpointing=args.grad_checkpointing)
+    if finetune:
+        backbone.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
+    if rank_and_world()[1] > 1 and torch.cuda.is_available():  # the reference's SyncBN (CUDA only); heads use GN
+        backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+    return backbone
+
+
+def build_pyramid(args: argparse.Namespace, *, finetune: str | None) -> nn.Module:
+    """The plain-ViT simple feature pyramid (models/pyramid.py) with the ``finetune`` checkpoint's ViT."""
+    backbone = ViTFeaturePyramid(args.model, img_size=args.input_size, out_channels=args.out_channels,
+                                 extra_pool=True, drop_path_rate=args.drop_path, window_size=args.window_size,
+                                 global_blocks=args.global_blocks, grad_checkpointing=args.grad_checkpointing,
+                                 use_rel_pos=args.use_rel_pos)
+    if finetune:
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
+    return backbone
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject a ``--model`` that is no detection backbone, before anything is built (ValueError)."""
+    if not args.model.startswith(("vit_", "adapter_")):
+        raise ValueError(f"--model {args.model}: the detection backbone is a ViT (vit_base_patch16, ...) or a "
+                         f"ViT-Adapter ({', '.join(sorted(ADAPTER_MODELS))})")
+
+
+def build_data(args: argparse.Namespace, output_dir: Path, info: DistInfo) -> tuple[CocoInstances, CocoInstances]:
+    """The COCO training set (``--train_aug``) and validation set of ``--data_path`` (``scenes``: :func:`demo_coco`
+    first), their categories checked to agree."""
+    root = Path(args.data_path) if args.data_path != "scenes" else demo_coco(
+        preflight.scratch_dir(output_dir) / "scenes", n_train=args.scene_images[0], n_val=args.scene_images[1],
+        size=args.input_size, seed=args.seed, is_main=info.is_main)
+    train_set = CocoInstances(root, "train", train=True, strict_data=args.strict_data, transform=train_transform(
+        args.train_aug, size=args.input_size, scale_range=args.scale_range, crop=args.train_crop))
+    val_set = CocoInstances(root, "val", strict_data=args.strict_data)  # validated here, before any training
+    if train_set.category_ids != val_set.category_ids:
+        raise ValueError(f"train and val categories differ: {train_set.category_ids} vs {val_set.category_ids}")
+    return train_set, val_set
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.AdamW:
+    """AdamW with layer-wise lr decay (``--layer_decay``; BEiT, MAE ``util/lr_decay.py``) over the backbone's ViT
+    layers (``models.detectors.detector_layer_id``); the RPN and RoI heads keep the full ``lr``."""
+    backbone, depth = model.backbone, model.backbone.depth
+    return torch.optim.AdamW(param_groups(
+        model, weight_decay=args.weight_decay, unit_of=partial(detector_layer_id, backbone=backbone),
+        no_weight_decay={f"backbone.{n}" for n in backbone.no_weight_decay()}, layer_decay=args.layer_decay,
+        num_layers=depth + 1), lr=lr)

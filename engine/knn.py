@@ -14,6 +14,8 @@ github.com/facebookresearch/dino ``eval_knn.py``):
   test x train matrix, and the bank may be fp16. Under ``torch.distributed`` the chunks are dealt out to the
   ranks and the integer hit counts all-reduced, so every rank gets the single-process numbers.
 - Few-shot banks (N labelled samples per class per seeded try) are drawn by ``util.data.subsets.few_shot_indices``.
+- ``knn_results`` and ``load_features`` are ``main_knn.py``'s: the scores per k over the whole bank or the few-shot
+  banks, and DINO's ``--load_features`` files read back with their shapes checked.
 
 Deviations from DINO (same results up to float summation order): votes are summed with ``scatter_add_`` instead
 of a [B * k, C] one-hot product (less memory), and classes with equal scores are ranked by class index (stable
@@ -21,20 +23,29 @@ sort) instead of an unspecified order, which makes top-5 with fewer than 5 votin
 """
 from __future__ import annotations
 
+import argparse
+import logging
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from torch.utils.data import DataLoader, Dataset
 
 from engine.evaluate import eval_shard
+from engine.metrics import mean_and_std
+from util.checkpoint import unreadable_reason
 from util.data.decode import DeviceInput, collate
-from util.data.subsets import IndexedDataset
+from util.data.subsets import IndexedDataset, few_shot_indices
 from util.distributed import all_gather_cat, all_reduce_sum, rank_and_world
 
-__all__ = ["embed", "extract_features", "knn_classify"]
+__all__ = ["FEATURE_FILES", "embed", "extract_features", "knn_classify", "knn_results", "load_features"]
+
+logger = logging.getLogger("vitfreeze")
+FEATURE_FILES = ("trainfeat.pth", "trainlabels.pth", "testfeat.pth", "testlabels.pth")  # DINO's names
 
 
 def embed(backbone: nn.Module, dataset: Dataset, *, device: torch.device, rank: int = 0, world_size: int = 1,
@@ -161,3 +172,61 @@ def knn_classify(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, 
     total = max(test_feats.shape[0], 1)
     return {k: (100.0 * int(hits[i, 0]) / total, 100.0 * int(hits[i, 1]) / total) for i, k in enumerate(ks)}
 
+
+def knn_results(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                args: argparse.Namespace, classes: int) -> dict[str, float]:
+    """Top-1/top-5 per k over the whole bank, or mean and std over ``--n_tries`` few-shot banks."""
+    train, test = F.normalize(train, dim=1), F.normalize(test, dim=1)
+    train = train.half() if args.fp16_bank else train
+    banks = [None] if not args.n_per_class else few_shot_indices(train_labels, n_per_class=args.n_per_class,
+                                                                   n_tries=args.n_tries, seed=args.seed)
+    runs = []
+    for bank in banks:
+        feats, labels = (train, train_labels) if bank is None else (train[bank.to(train.device)], train_labels[bank])
+        ks = [k for k in args.nb_knn if k <= len(labels)]
+        if len(ks) < len(args.nb_knn):
+            logger.warning("skipping k > %d (the bank size): %s", len(labels), sorted(set(args.nb_knn) - set(ks)))
+        runs.append(knn_classify(feats, labels, test, test_labels, ks=ks, temperature=args.temperature,
+                                 num_classes=classes, chunk_size=args.knn_chunk_size))
+    flat = [{f"knn{k}_{name}": run[k][i] for k in run for i, name in enumerate(("top1", "top5"))} for run in runs]
+    return mean_and_std(flat) if args.n_per_class else flat[0]  # tries: mean and population std, as folds
+
+
+def load_features(folder: str | Path, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``--load_features``: train features [N, D], labels [N], test features [M, D], labels [M] (DINO's files).
+
+    Raises:
+        FileNotFoundError: the folder or one of its four files is missing.
+        ValueError: a file is not a tensor saved by torch.save, or the shapes / label types do not fit together.
+    """
+    folder, hint = Path(folder), f"pass the folder that --save_features wrote ({', '.join(FEATURE_FILES)})"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--load_features {folder} is not a folder; {hint}")
+    tensors = []
+    for name in FEATURE_FILES:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"--load_features {folder} has no {name}; {hint}")
+        try:
+            tensor = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # torch raises EOFError, KeyError, RuntimeError... for a bad file
+            raise ValueError(f"--load_features: {unreadable_reason(path, err, 'feature file')}") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"--load_features: {path} holds a {type(tensor).__name__}, not a tensor; {hint}")
+        tensors.append(tensor)
+    train, train_labels, test, test_labels = tensors
+    for feats, labels, split in ((train, train_labels, "train"), (test, test_labels, "test")):
+        if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels) or not len(labels):
+            raise ValueError(f"--load_features {folder}: {split} features {tuple(feats.shape)} and labels "
+                             f"{tuple(labels.shape)} do not fit ([N, D] and [N], N > 0); {hint}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"--load_features {folder}: {split} labels are {labels.dtype}, not class indices")
+    samples = len(train_labels) + len(test_labels)
+    low, high = int(min(train_labels.min(), test_labels.min())), int(max(train_labels.max(), test_labels.max()))
+    if low < 0 or high >= samples:  # more classes than samples: not class indices (10**12 would allocate TBs)
+        raise ValueError(f"--load_features {folder}: labels range from {low} to {high} over {samples} samples; they "
+                         f"must be class indices 0..C-1 (C at most the number of samples)")
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(f"--load_features {folder}: train features have {train.shape[1]} dims, test {test.shape[1]}"
+                         " (files of two different backbones?)")
+    return train, train_labels, test, test_labels

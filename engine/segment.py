@@ -1,4 +1,4 @@
-"""Semantic segmentation: the step function for the shared loop, sliding-window evaluation and its report.
+"""Semantic segmentation: the model, the step function for the shared loop, sliding-window evaluation and its report.
 
 After mmsegmentation's ``EncoderDecoder`` (``forward_train``: logits upsampled bilinearly to the label size, cross
 entropy with ignore index 255 averaged over every pixel of the batch, ignored ones included (``CrossEntropyLoss``
@@ -6,10 +6,13 @@ with ``avg_non_ignore=False``, its default and the only behaviour of the mmseg B
 x 0.4; ``slide_inference``: overlapping crops, logits summed and
 divided by the number of windows covering each pixel, then resized to the original label size) and
 ``eval_metrics`` (confusion matrix over labelled pixels). The confusion matrix of a rank's shard is all-reduced as
-int64, so a distributed evaluation gives exactly the single-process numbers.
+int64, so a distributed evaluation gives exactly the single-process numbers. ``build_model`` is ``main_segment.py``'s
+UperNet on the ViT feature pyramid (the ``out_indices`` of BEiT's ``semantic_segmentation`` configs) or on the
+ViT-Adapter.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -21,6 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import models
+from models.adapter import create_adapter
+from models.backbone import load_pyramid_backbone
+from models.pyramid import ViTFeaturePyramid
+from models.seg_heads import UperNetSegmentor
+from util.checkpoint import load_checkpoint
+from util.param_groups import param_groups
 from util.data.scenes import write_ade20k
 from util.distributed import all_reduce_sum, barrier
 from util.outputs import write_text
@@ -29,6 +39,9 @@ from engine.metrics import segmentation_confusion, segmentation_metrics, segment
 logger = logging.getLogger("vitfreeze")
 
 IGNORE_INDEX = 255
+TAPS = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}  # BEiT's / MAE's out_indices for ViT-B and ViT-L
+ARCH = {"tiny": "vit_tiny_patch16", "small": "vit_small_patch16", "base": "vit_base_patch16",
+        "large": "vit_large_patch16", "huge": "vit_huge_patch14"}
 
 
 def _up(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -169,3 +182,57 @@ def report_segmentation(metrics: dict[str, Any], output_dir: Path, is_main: bool
             save_segmentation_png(output_dir / (f"val_step{step}.png" if vis else "val_eval.png"), metrics["samples"],
                                   num_classes=len(metrics["IoU"]))
     return out
+
+
+def model_name(name: str) -> str:
+    """dBOT's model forms: ``base`` / ``vit_base`` -> ``vit_base_patch16`` (a registered name is kept)."""
+    short = name[4:] if name.startswith("vit_") and name[4:] in ARCH else name
+    return ARCH.get(short, name)
+
+
+def build_model(args: argparse.Namespace, *, finetune: str | None) -> UperNetSegmentor:
+    """Pyramid + UperNet; the backbone from ``finetune`` (any supported checkpoint) or random."""
+    if args.model.startswith("adapter_"):  # ViT-Adapter's four levels (its paper's ADE20K setting)
+        if args.use_rel_pos or args.rel_pos_bias or args.layer_scale_init_value is not None:
+            raise ValueError(f"--use_rel_pos / --rel_pos_bias / --layer_scale_init_value are options of the plain-ViT "
+                             f"pyramid, not of the ViT-Adapter --model {args.model}; drop them")
+        adapter = create_adapter(args.model, drop_path_rate=args.drop_path, window_size=args.window_size,
+                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
+                                 vit_feature_per_interaction=True)  # the reference's segmentation backbone
+        if finetune:  # as loaded: LayerScale stays a parameter, registers / SwiGLU map (models/adapter.py)
+            adapter.load_backbone(load_checkpoint(finetune), source=args.checkpoint_source, what=finetune)
+        return UperNetSegmentor(adapter, args.nb_classes, channels=args.channels or adapter.embed_dim,
+                                aux_channels=args.aux_channels)
+    name = model_name(args.model)
+    width, depth = _arch(name)
+    taps = args.tap_blocks
+    if taps is None:
+        taps = TAPS.get(depth, [depth * k // 4 - 1 for k in (1, 2, 3, 4)])
+    backbone = ViTFeaturePyramid(name, img_size=args.input_size, out_channels=args.out_channels,
+                                 drop_path_rate=args.drop_path, window_size=args.window_size,
+                                 global_blocks=tuple(args.global_blocks), grad_checkpointing=args.grad_checkpointing,
+                                 tap_blocks=tuple(taps) or None, neck=args.neck, use_rel_pos=args.use_rel_pos,
+                                 rel_pos_bias=args.rel_pos_bias, layer_scale_init_value=args.layer_scale_init_value)
+    if finetune:
+        load_pyramid_backbone(backbone, load_checkpoint(finetune), source=args.checkpoint_source, name=finetune)
+    elif not (args.resume or args.auto_resume):
+        logger.warning("no --finetune checkpoint: the backbone starts from random initialisation (a baseline)")
+    return UperNetSegmentor(backbone, args.nb_classes, channels=args.channels or width,
+                            aux_channels=args.aux_channels)
+
+
+def _arch(name: str) -> tuple[int, int]:
+    """(embed_dim, depth) of a registered ViT, read from a meta-device instance (no memory, no init cost)."""
+    with torch.device("meta"):
+        vit = models.create_model(name, num_classes=0)
+    return vit.embed_dim, len(vit.blocks)
+
+
+def build_optimizer(model: UperNetSegmentor, args: argparse.Namespace, lr: float) -> torch.optim.AdamW:
+    """AdamW with BEiT's layer-wise lr decay (``--layer_decay``; MAE ``util/lr_decay.py``): the ViT's layers by
+    ``model.layer_id``, the neck and heads (layer ``depth + 1``) at the full ``lr``."""
+    depth = model.depth
+    unit_of = lambda name: (lambda i: None if i > depth else i)(model.layer_id(name))  # noqa: E731
+    return torch.optim.AdamW(param_groups(model, weight_decay=args.weight_decay, unit_of=unit_of,
+                                          no_weight_decay=model.no_weight_decay(), layer_decay=args.layer_decay,
+                                          num_layers=depth + 1), lr=lr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import engine.finetune
 import engine.run
 import main_detect
 import main_finetune
@@ -21,6 +22,7 @@ class Script:
     steps_per_epoch: int
     argv: object  # argv(data, out, *extra)
     data: str = ""  # the fixture that makes its data, if any
+    runs_in: object = None  # the module whose ``fit`` the run calls, when not ``module`` (fine-tuning's folds)
 
     @property
     def name(self) -> str:
@@ -66,13 +68,11 @@ def detect_argv(data, out, *extra):
 
 SCRIPTS = {
     "pretrain": Script(main_pretrain, 4, pretrain_argv),
-    "finetune": Script(main_finetune, 4, finetune_argv, data="ft_folder"),
+    "finetune": Script(main_finetune, 4, finetune_argv, data="ft_folder", runs_in=engine.finetune),
     "linprobe": Script(main_linprobe, 4, linprobe_argv),
     "segment": Script(main_segment, 4, segment_argv, data="seg_scenes"),
     "detect": Script(main_detect, 4, detect_argv),
 }
-
-
 
 
 def at_step(monkeypatch, script: Script, step: int, action: Callable[..., Any]) -> None:
@@ -84,7 +84,7 @@ def at_step(monkeypatch, script: Script, step: int, action: Callable[..., Any]) 
                 action(kwargs["model"])
             return task.step(batch, index)
         return engine.run.fit(dataclasses.replace(task, step=wrapped), *args, **kwargs)
-    monkeypatch.setattr(script.module, "fit", fit)
+    monkeypatch.setattr(script.runs_in or script.module, "fit", fit)
 
 
 def after_step(monkeypatch, script: Script, first: int, change: Callable[..., Any]) -> None:
@@ -97,4 +97,4 @@ def after_step(monkeypatch, script: Script, first: int, change: Callable[..., An
                 change(kwargs["model"], output)
             return output
         return engine.run.fit(dataclasses.replace(task, step=wrapped), *args, **kwargs)
-    monkeypatch.setattr(script.module, "fit", fit)
+    monkeypatch.setattr(script.runs_in or script.module, "fit", fit)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import engine.finetune
 import main_detect
 import main_finetune
 import main_knn
@@ -106,8 +107,8 @@ def test_a_classification_dry_run_that_passes_says_what_the_run_would_do(places,
 def test_the_models_are_built_on_the_meta_device(places, monkeypatch, one_thread):
     """A ViT-H of 632M parameters costs nothing: the dry run builds on the meta device."""
     seen = []
-    real = main_finetune.build_model
-    monkeypatch.setattr(main_finetune, "build_model", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    real = engine.finetune.build_model
+    monkeypatch.setattr(engine.finetune, "build_model", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
     facts = main_finetune.main(["--data_path", str(places / "data"), "--model", "vit_huge_patch14",
                                 "--output_dir", str(outputs(places)), *TINY["finetune"], "--input_size", "224",
                                 "--dry_run"])

@@ -140,3 +140,16 @@ def test_the_check_sees_a_flag_defined_differently():
     assert any(line.startswith("--drop_path:") and "'type'" in line for line in bad)
     assert any(line.startswith("--eval:") and "_StoreAction" in line for line in bad)
     assert disagreements({"main_finetune": parser(segment=False), "main_knn": parser(segment=False)}) == []
+
+
+def test_detection_choices_are_the_models_choices(parsers):
+    """util/ does not import models/, so util/args writes the detector's choices out: they must be the ones
+    ``models.detectors.build_detector`` accepts (and ``util.data.det_transforms`` the augmentations)."""
+    from models import detectors
+    from util.data.det_transforms import TRAIN_AUGMENTATIONS
+    expected = {"--detector": detectors.DETECTORS, "--box_loss": detectors.BOX_LOSSES,
+                "--box_head": detectors.BOX_HEADS, "--box_head_norm": detectors.HEAD_NORMS,
+                "--mask_head_norm": detectors.MASK_HEAD_NORMS, "--train_aug": TRAIN_AUGMENTATIONS}
+    actions = flag_table({"main_detect": parsers["main_detect"]})
+    assert {flag: list(actions[flag]["main_detect"].choices) for flag in expected} == \
+           {flag: list(choices) for flag, choices in expected.items()}

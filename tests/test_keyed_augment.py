@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine.finetune
 import main_finetune
 from util.checkpoint import load_checkpoint
 from util.data.demo import DemoDataset
@@ -118,14 +119,14 @@ def test_finetuning_killed_mid_epoch_and_resumed_with_one_worker_ends_bit_identi
                                                                                    monkeypatch):
     """A kill after step 2 (epoch 1, update 0; the last save was after step 1), then --auto_resume: the resumed
     worker starts fresh, yet each sample's RandAugment ops come from its key."""
-    real = main_finetune.classify_step
+    real = engine.finetune.classify_step
 
     def killed_at_step_2(model, batch, step, **kwargs):
         if step == 2:
             raise KeyboardInterrupt("kill -9")
         return real(model, batch, step, **kwargs)
 
-    monkeypatch.setattr(main_finetune, "classify_step", killed_at_step_2)
+    monkeypatch.setattr(engine.finetune, "classify_step", killed_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         main_finetune.main(ft_argv(folder, tmp_path, "1", "--save_every_steps", "1"))
     monkeypatch.undo()

@@ -121,6 +121,27 @@ def test_layout_check_catches_an_entry_script_import(tmp_path):
     assert imported_modules(tmp_path / "main_x.py") & scripts == {"main_knn"}
 
 
+MAX_SCRIPT_LINES = 150
+
+
+def entry_scripts() -> list[Path]:
+    """The ``main_*.py`` that build their own parser; the aliases (``main_finetune_hyperkvasir.py``, ...) take
+    another script's ``main`` / ``cli``."""
+    return [p for p in sorted(ROOT.glob("main_*.py")) if any(
+        isinstance(node, ast.FunctionDef) and node.name == "build_parser" for node in ast.parse(p.read_text()).body)]
+
+
+def test_entry_scripts_read_as_recipes():
+    """An entry script is its parser, its ``main`` (the order of a run) and ``cli``, under 150 lines: the builders
+    and helpers of a task live in its engine module (``engine/pretrain.py``, ``engine/finetune.py``, ...) and its
+    flag groups in ``util/args``."""
+    scripts = entry_scripts()
+    assert {p.stem for p in scripts} == {"main_pretrain", "main_finetune", "main_linprobe", "main_knn",
+                                         "main_segment", "main_detect"}
+    long = {p.name: n for p in scripts if (n := len(p.read_text().splitlines())) >= MAX_SCRIPT_LINES}
+    assert not long, f"entry scripts of {MAX_SCRIPT_LINES} lines or more: {long}"
+
+
 def test_homes_of_the_method_and_the_loop_control():
     """FreezeOut, preemption, the run driver and evaluation metrics belong with the engine; util keeps generic
     helpers only."""

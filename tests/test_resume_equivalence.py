@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine.finetune
 import main_finetune
 import main_linprobe
 import util.checkpoint
@@ -217,7 +218,7 @@ def test_crash_between_epoch_end_writes_then_auto_resume_gives_every_output(poin
     monkeypatch.setattr(util.checkpoint, "save_checkpoint", save)
     monkeypatch.setattr(util.logging.MetricWriter, "log_epoch", log_epoch)
     if point == "results":
-        monkeypatch.setattr(main_finetune, "write_results", write_results)
+        monkeypatch.setattr(engine.finetune, "write_results", write_results)
     with pytest.raises(Crash):
         main_finetune.main(script.argv(data, out, "--auto_resume"))
     monkeypatch.undo()

@@ -20,18 +20,20 @@ from util.args.groups import (add_amp_arg, add_batch_size_arg, add_compute_args,
                               add_model_args, add_nb_classes_arg, add_optim_args, add_output_args,
                               add_pretrained_args, add_run_folder_args, add_seed_arg, add_tuning_args)
 from util.args.parse import explicit_dests, normalize_argv, parse_args
-from util.args.tasks import (add_backbone_args, add_detection_args, add_deterministic_arg, add_extraction_args,
-                             add_finetune_args, add_knn_args, add_labelled_data_args, add_linprobe_args,
-                             add_pyramid_args, add_segmentation_args, add_transfer_data_args, add_warmup_iters_arg)
+from util.args.tasks import (add_backbone_args, add_detection_args, add_detection_head_args, add_deterministic_arg,
+                             add_extraction_args, add_finetune_args, add_knn_args, add_labelled_data_args,
+                             add_linprobe_args, add_pyramid_args, add_segmentation_args, add_transfer_data_args,
+                             add_warmup_iters_arg)
 from util.args.types import (closed_fraction, half_open_fraction, non_negative_float, non_negative_int, open_fraction,
                              positive_float, positive_int)
 
 __all__ = [
     "DEIT_SPELLINGS", "DEMO_RECIPE", "FOREIGN_FLAGS", "FREEZEOUT_FLAGS", "IGNORED_FLAGS",
     "add_amp_arg", "add_backbone_args", "add_batch_size_arg", "add_compute_args", "add_config_args", "add_data_args",
-    "add_data_path_arg", "add_decode_args", "add_detection_args", "add_deterministic_arg", "add_dist_args",
-    "add_eval_only_arg", "add_eval_output_args", "add_extraction_args", "add_finetune_args", "add_freezeout_args",
-    "add_knn_args", "add_labelled_data_args", "add_linprobe_args", "add_loader_args", "add_mim_args",
+    "add_data_path_arg", "add_decode_args", "add_detection_args", "add_detection_head_args", "add_deterministic_arg",
+    "add_dist_args", "add_eval_only_arg", "add_eval_output_args", "add_extraction_args", "add_finetune_args",
+    "add_freezeout_args", "add_knn_args", "add_labelled_data_args", "add_linprobe_args", "add_loader_args",
+    "add_mim_args",
     "add_model_args", "add_nb_classes_arg", "add_optim_args", "add_output_args", "add_pretrained_args",
     "add_pyramid_args", "add_run_folder_args", "add_seed_arg", "add_segmentation_args", "add_transfer_data_args",
     "add_tuning_args", "add_warmup_iters_arg",

@@ -214,3 +214,41 @@ def add_detection_args(parser: argparse.ArgumentParser) -> None:
                       help="train / val images of the synthetic scenes (their side is --input_size)")
     add_loader_args(data, num_workers=4)
     add_strict_data_arg(data)
+
+
+def add_detection_head_args(parser: argparse.ArgumentParser) -> None:
+    """RoI pooling, losses, box / mask heads and training augmentation (models/detectors.py,
+    util/data/det_transforms.py); defaults are mmdet's / detectron2's, the recipes set their reference's. The choices
+    are those of ``models.detectors`` (``BOX_LOSSES``, ``BOX_HEADS``, ``HEAD_NORMS``, ``MASK_HEAD_NORMS``), written
+    out here because util/ does not import models/ (tests/test_flags_once.py checks that they agree)."""
+    from util.data.det_transforms import TRAIN_AUGMENTATIONS  # util -> util; the names live with the transforms
+    group = parser.add_argument_group("detection heads and augmentation")
+    group.add_argument("--train_aug", default="detr_ms", choices=TRAIN_AUGMENTATIONS,
+                       help="training augmentation: detr_ms = DETR's multi-scale resize and crop (mmdet configs of "
+                            "ViT-Adapter and dBOT, '3x+MS'); lsj = ViTDet's large-scale jitter onto --input_size")
+    group.add_argument("--train_crop", default=0, type=non_negative_int,
+                       help="detr_ms: final random crop of at most this side (ViT-Adapter 1024); 0: none (dBOT)")
+    group.add_argument("--test_size", default=None, type=positive_int, nargs=2, metavar=("SHORT", "LONG"),
+                       help="test images resized to fit SHORT x LONG (mmdet: 800 1333); default: --input_size on "
+                            "the longer side")
+    group.add_argument("--roi_align", default="aligned", choices=["aligned", "legacy"],
+                       help="aligned: RoIAlign with the half-pixel offset (mmcv, detectron2); legacy: "
+                            "torchvision's MultiScaleRoIAlign")
+    group.add_argument("--rpn_smooth_l1_beta", default=0.0, type=non_negative_float,
+                       help="RPN box loss: smooth L1 beta (0 = L1: mmdet Mask R-CNN, ViTDet; iBOT/dBOT 0.111)")
+    group.add_argument("--box_loss", default="smooth_l1", choices=["smooth_l1", "giou"],
+                       help="RoI box loss: smooth_l1 (with --box_smooth_l1_beta) or giou on decoded boxes (dBOT)")
+    group.add_argument("--box_smooth_l1_beta", default=0.0, type=non_negative_float,
+                       help="RoI box loss smooth L1 beta (0 = L1: mmdet Mask R-CNN, ViTDet)")
+    group.add_argument("--box_loss_weight", default=1.0, type=positive_float,
+                       help="RoI box loss weight (dBOT's GIoU: 10)")
+    group.add_argument("--class_specific_cascade", action="store_true",
+                       help="cascade stages regress one box per class (dBOT, reg_class_agnostic=False); default one "
+                            "box per RoI (ViTDet, mmdet cascade_mask_rcnn_r50_fpn)")
+    group.add_argument("--box_head", default="4conv1fc", choices=["4conv1fc", "2fc"],
+                       help="4conv1fc (ViTDet, dBOT) or 2fc (mmdet Shared2FCBBoxHead)")
+    group.add_argument("--box_head_norm", default="gn", choices=["gn", "ln", "bn", "none"],
+                       help="norm of the 4conv1fc box head: gn (GroupNorm 32), ln (LayerNorm, ViTDet), bn (SyncBN "
+                            "when distributed on CUDA: dBOT's norm_cfg=SyncBN), none")
+    group.add_argument("--mask_head_norm", default="gn", choices=["gn", "ln", "none"],
+                       help="norm of the mask head's 4 convolutions: gn, ln (ViTDet), none (mmdet FCNMaskHead)")
