@@ -167,7 +167,8 @@ def fit(task: Task, args: argparse.Namespace, info: DistInfo, *, model: nn.Modul
                               describe=checkpoint_vs_model)
     if dry_run:  # everything is built and the checkpoint fits: where training would start
         start = checkpoint["epoch"] + 1 if checkpoint else args.start_epoch
-        preflight.passed(args, model, trained=True, **{k: _said(v) for k, v in record.items() if k not in DRY_RUN_QUIET},
+        said = {k: _said(v) for k, v in record.items() if k not in DRY_RUN_QUIET}
+        preflight.passed(args, model, trained=True, **said,
                          steps=f"{total_steps} ({epochs} epochs of {steps_per_epoch})" + (
                              f", resuming at epoch {start}" if checkpoint else ""))
     best = task.best and dict(checkpoint.get("best", task.best.initial) if checkpoint else task.best.initial)

@@ -153,7 +153,8 @@ def detect_argv(places: Path, data: Path, *extra: str) -> list[str]:
             "--batch_size", "2", "--epochs", "2", "--num_workers", "0", "--output_dir", str(outputs(places)), *extra]
 
 
-@pytest.mark.parametrize("script, argv, data", [(main_segment, segment_argv, "ade"), (main_detect, detect_argv, "coco")])
+@pytest.mark.parametrize("script, argv, data", [(main_segment, segment_argv, "ade"),
+                                                (main_detect, detect_argv, "coco")])
 def test_a_dense_dry_run_checks_layout_and_checkpoint(places, script, argv, data, one_thread):
     missing = error_of(script, argv(places, places / "empty", "--dry_run"))
     assert ("expected the ADE20K layout" in missing) if script is main_segment else \
