@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import yaml
 
-from test_run_sh import checkout, job, run_sh  # noqa: F401 (fixtures)
+from test_run_sh import checkout, job, run_sh, run_sh_replayed  # noqa: F401 (fixtures)
 
 
 def resolved_tasks(stdout: str) -> dict[str, dict]:
@@ -24,14 +24,15 @@ def resolved_tasks(stdout: str) -> dict[str, dict]:
     return tasks
 
 
-def test_each_task_of_a_chain_gets_its_own_data_path(run_sh, job, tmp_path):
+def test_each_task_of_a_chain_gets_its_own_data_path(run_sh_replayed, job, tmp_path):
     """dBOT's transfer chain passes no --data_path; TASK:data_path=... gives each data set its folder."""
     ckpt = tmp_path / "checkpoint-1600.pth"
     ckpt.write_bytes(b"")
     (tmp_path / "cifar10").mkdir()
     (tmp_path / "cars").mkdir()
-    res = run_sh(job, "cifar10_cls+cars_cls", "vit_base", "0", str(ckpt), f"cifar10_cls:data_path={tmp_path}/cifar10",
-                 f"cars_cls:data_path={tmp_path}/cars", "cars_cls:epochs=7", "--dry_run=config")
+    res = run_sh_replayed(job, "cifar10_cls+cars_cls", "vit_base", "0", str(ckpt),
+                          f"cifar10_cls:data_path={tmp_path}/cifar10",
+                          f"cars_cls:data_path={tmp_path}/cars", "cars_cls:epochs=7", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     tasks = resolved_tasks(res.stdout)
     assert tasks["cifar10_cls"]["data_path"] == f"{tmp_path}/cifar10" and tasks["cifar10_cls"]["data_set"] == "cifar10"
@@ -40,8 +41,8 @@ def test_each_task_of_a_chain_gets_its_own_data_path(run_sh, job, tmp_path):
     assert tasks["cifar10_cls"]["finetune"] == tasks["cars_cls"]["finetune"] == str(ckpt)
 
 
-def test_a_probe_after_pretraining_uses_the_pretrainings_checkpoint(run_sh, job):
-    res = run_sh(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo", "--dry_run=config")
+def test_a_probe_after_pretraining_uses_the_pretrainings_checkpoint(run_sh_replayed, job):
+    res = run_sh_replayed(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     wanted = f"output/{job}/pretrain_demo/checkpoint-last.pth"
     assert f"[run.sh] linprobe: --finetune {wanted} once the chain's pretraining has written it" in res.stdout
@@ -49,10 +50,10 @@ def test_a_probe_after_pretraining_uses_the_pretrainings_checkpoint(run_sh, job)
     assert tasks["pretrain_demo"]["data_path"] == "demo" and tasks["linprobe"]["data_set"] == "demo"
 
 
-def test_an_explicit_finetune_wins_over_the_chain(run_sh, job, tmp_path):
+def test_an_explicit_finetune_wins_over_the_chain(run_sh_replayed, job, tmp_path):
     (tmp_path / "mine.pth").write_bytes(b"")
-    res = run_sh(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo",
-                 f"linprobe:finetune={tmp_path}/mine.pth", "--dry_run=config")
+    res = run_sh_replayed(job, "pretrain_demo+linprobe", "tiny", "0", "linprobe:data_set=demo",
+                          f"linprobe:finetune={tmp_path}/mine.pth", "--dry_run=config")
     assert res.returncode == 0, res.stderr
     assert resolved_tasks(res.stdout)["linprobe"]["finetune"] == f"{tmp_path}/mine.pth"
     assert "once the chain's pretraining" not in res.stdout
