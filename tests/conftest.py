@@ -1,6 +1,7 @@
 """Shared fixtures: one intra-op thread, a small demo dataset for end-to-end runs of the evaluation scripts, and the
 demo pretraining run once per session."""
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ import torch
 import util.data.transfer
 import main_pretrain
 from util.data.demo import DemoDataset
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): the cores this process may run on (its affinity mask: a container's or
+    taskset's share, not the host's count), at most 4; each worker imports torch and holds its own fixtures."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 def pytest_addoption(parser):
