@@ -74,13 +74,17 @@ def arm_args(task: str, data: Path, out: Path, seed: int, extra: list[str]) -> l
             *common, *extra]
 
 
-def run_pair(task: str, data: Path, out: Path, checkpoint: Path, seed: int, extra: list[str]) -> dict[str, float]:
-    """Both arms of one pair; returns their metrics (``pretrained_<m>``, ``random_<m>``)."""
+def run_pair(task: str, data: Path, out: Path, checkpoint: Path, seed: int, extra: list[str], *,
+             keep_checkpoints: bool = False) -> dict[str, float]:
+    """Both arms of one pair; returns their metrics (``pretrained_<m>``, ``random_<m>``). Each arm's checkpoints
+    (80 MB apiece for the ViT-Ti UperNet) are removed once its metrics are in, unless ``keep_checkpoints``."""
     script = main_segment if task == "segment" else main_detect
     record = {}
     for arm, more in (("pretrained", ["--finetune", str(checkpoint)]), ("random", [])):
         result = script.main(arm_args(task, data, out / arm, seed, extra + more))
         record.update({f"{arm}_{m}": round(float(result[m]), 2) for m in METRICS[task]})
+        for path in [] if keep_checkpoints else (out / arm).glob("checkpoint-*.pth"):
+            path.unlink()
     return record
 
 
@@ -95,6 +99,8 @@ def add_pair_args(parser: argparse.ArgumentParser, *, pairs: list[str]) -> None:
     parser.add_argument("--val_per_class", type=int, default=40, help="validation scenes per class")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="work folder (pretraining runs, scenes, task runs)")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="keep each task run's checkpoints (removed once its metrics are in, by default)")
     parser.add_argument("extra", nargs="*", help="more flags for both arms of every task run, after --")
 
 
@@ -127,7 +133,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             pretrain_seed, seed = (int(x) for x in pair.split(":"))
             checkpoint = (Path(args.checkpoint) if args.checkpoint
                           else pretrain(out, pretrain_seed, args.pretrain_epochs))
-            metrics = run_pair(task, data, out / f"{task}_{pair.replace(':', '_')}", checkpoint, seed, args.extra)
+            metrics = run_pair(task, data, out / f"{task}_{pair.replace(':', '_')}", checkpoint, seed, args.extra,
+                               keep_checkpoints=args.keep_checkpoints)
             main_metric = METRICS[task][0]
             gain = round(metrics[f"pretrained_{main_metric}"] - metrics[f"random_{main_metric}"], 2)
             gains.append(gain)

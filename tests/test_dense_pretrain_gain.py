@@ -91,6 +91,7 @@ def test_the_benchmark_pairs_the_arms_and_reports_their_difference(tmp_path, one
         assert pretrained["finetune"] == str(tmp_path / "ckpt.pth") and not random.get("finetune")
         same = ("data_path", "seed", "max_iters", "lr", "layer_decay", "batch_size")
         assert {k: pretrained[k] for k in same} == {k: random[k] for k in same}
+        assert not list(run.glob("*/checkpoint-*.pth")) and (run / "random" / "log.txt").is_file()  # metrics kept
     gains = [r["gain_mIoU"] for r in pairs]
     assert summary == {"record": "summary", "task": "segment", "metric": "mIoU", "pairs": 2,
                        "mean_gain": round(sum(gains) / 2, 2), "min_gain": min(gains),
