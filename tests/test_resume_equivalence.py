@@ -42,13 +42,20 @@ class Killed(BaseException):
 
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
-    """``unbroken(script, data)`` -> (run folder, main()'s result) of the uninterrupted run, made once."""
+    """``unbroken(script, data)`` -> (run folder, main()'s result) of the uninterrupted run, made once. It keeps the
+    checkpoints the tests compare with (all of fine-tuning's, the probe's first, everyone's last): five runs' worth
+    of checkpoints held for the module's life would take a gigabyte."""
     runs = {}
+    compared = {"main_finetune": ("*",), "main_linprobe": (LAST_NAME, "checkpoint-0.pth")}
 
     def get(script: Script, data) -> tuple[Path, dict]:
         if script.name not in runs:
             out = tmp_path_factory.mktemp(f"unbroken_{script.name}")
             runs[script.name] = out, script.module.main(script.argv(data, out))
+            keep = compared.get(script.name, (LAST_NAME,))
+            for path in out.glob("checkpoint-*.pth"):
+                if "*" not in keep and path.name not in keep:
+                    path.unlink()
         return runs[script.name]
     return get
 
