@@ -73,8 +73,7 @@ def setup_run(args: argparse.Namespace) -> DistInfo:
         lock_output_dir(args.output_dir)
     setup_logging(args.output_dir if info.is_main else None, info.rank)
     if info.is_main:
-        refuse_fresh_over_checkpoints(args.output_dir, fresh=not (getattr(args, "resume", "") or
-                                      getattr(args, "auto_resume", False)), overwrite=getattr(args, "overwrite", False))
+        refuse_fresh_run_over_checkpoints(args)
     set_backend_flags()
     choose_threads(args, info)
     return info
@@ -90,11 +89,8 @@ def start_dry_run(args: argparse.Namespace) -> DistInfo:
 
     rank, world = (env_rank_and_world() or (0, 1))[0], planned_world_size(args)  # a job to submit: its size
     setup_logging(None, rank)
-    path = Path(args.output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
-    refuse_fresh_over_checkpoints(path, fresh=not (getattr(args, "resume", "") or getattr(args, "auto_resume", False)),
-                                  overwrite=getattr(args, "overwrite", False))
+    refuse_file_as_output_dir(Path(args.output_dir))
+    refuse_fresh_run_over_checkpoints(args)
     try:
         resolve_device(getattr(args, "device", "auto"), 0)
     except ValueError as err:  # a pre-flight on a login node checks a GPU job: the device is the run's concern
@@ -127,8 +123,7 @@ def lock_output_dir(output_dir: str | Path) -> Path:
     """
     global _held_lock
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
+    refuse_file_as_output_dir(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -194,6 +189,19 @@ def release_output_lock() -> None:
     if _held_lock is not None:
         os.close(_held_lock[1])  # closing the only descriptor drops the flock
         _held_lock = None
+
+
+def refuse_file_as_output_dir(path: Path) -> None:
+    """ValueError when ``--output_dir`` names a file (the run's lock and the dry run's check)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {path} is a file, not a folder: choose another --output_dir")
+
+
+def refuse_fresh_run_over_checkpoints(args: argparse.Namespace) -> None:
+    """:func:`refuse_fresh_over_checkpoints` for the run ``args`` describe (fresh unless ``--resume`` /
+    ``--auto_resume``; ``--overwrite``), the run's and the dry run's check alike."""
+    refuse_fresh_over_checkpoints(args.output_dir, fresh=not (getattr(args, "resume", "") or
+                                  getattr(args, "auto_resume", False)), overwrite=getattr(args, "overwrite", False))
 
 
 def refuse_fresh_over_checkpoints(output_dir: str | Path, *, fresh: bool, overwrite: bool) -> None:
